@@ -1,0 +1,13 @@
+"""Exceptions the user sees. The CLI turns :class:`DiReInputError` into exit code 2 and one line."""
+from __future__ import annotations
+
+
+class DiReError(Exception):
+    """Base class of every error raised on purpose by dire-plugin."""
+
+
+class DiReInputError(DiReError, ValueError):
+    """Bad input: wrong path, unknown method, missing class, NaN embeddings, ...
+
+    Raised before anything is changed; the message is one line that says what to fix.
+    """
