@@ -1,0 +1,571 @@
+"""Per-class embedding stores: the real-image bank DiRe pulls towards, and the memory of
+finished synthetic images it pushes away from.
+
+:class:`RealEmbeddingBank` is built once per run (optionally cached on disk, keyed by everything
+that determines its content) and keeps a packed copy per device, so the loss never re-packs it.
+:class:`SyntheticMemory` keeps finished synthetic embeddings and the per-class unit sums that are
+all the loss needs of them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .errors import DiReInputError
+from .features import EmbeddingCapture, resolve_layer, unwrap_model
+from .grouped import ClassSums, PackedEmbeddings, check_embeddings
+from .pairwise import DEFAULT_EPS, class_row_sums, normalize_rows
+
+__all__ = ["RealEmbeddingBank", "SyntheticMemory", "CACHE_FORMAT"]
+
+logger = logging.getLogger("dire")
+
+#: Version of the on-disk bank layout; part of the cache key, so a new layout never reads an old file.
+CACHE_FORMAT = 1
+
+_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
+    t = t.detach()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.is_quantized:
+        t = t.dequantize()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.cpu().contiguous()
+    if t.numel():
+        h.update(_as_buffer(t))
+
+
+def _as_buffer(t: Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy and without numpy (any dtype)."""
+    import ctypes
+
+    nbytes = t.numel() * t.element_size()
+    # The caller keeps ``t`` alive while hashlib reads the buffer.
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+
+
+def _class_seed(seed: int, c: int) -> int:
+    # One generator per class, so a class's subset does not depend on which other classes exist.
+    return int.from_bytes(hashlib.sha256(f"{seed}:{c}".encode()).digest()[:8], "little") >> 1
+
+
+def _check_class(c: int, emb: Tensor, what: str) -> None:
+    check_embeddings(emb, f"{what} of class {c}")
+    if emb.shape[0] == 0:
+        raise DiReInputError(f"{what} of class {c} are empty")
+    if not bool(emb.abs().sum(1).gt(0).any()):
+        raise DiReInputError(f"{what} of class {c} are all zero: check the captured layer")
+
+
+def _sort_by_label(x: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(rows sorted by label (stable), classes, counts)``."""
+    labels = labels.reshape(-1).to(torch.long)
+    order = torch.sort(labels, stable=True).indices
+    classes, counts = torch.unique(labels, sorted=True, return_counts=True)
+    return x[order], classes, counts
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in unwrap_model(model).parameters():
+        return t.device
+    for t in unwrap_model(model).buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class RealEmbeddingBank(Mapping[int, Tensor]):
+    """Real-image embeddings grouped by class: a read-only ``Mapping[int, Tensor [M_c, D]]`` on CPU.
+
+    Build it with :meth:`build` (from a model and a labelled loader, optionally cached on disk),
+    :meth:`from_tensors` or :meth:`from_mapping`. Pass it to :class:`~dire_plugin.DiReLoss` as
+    ``real``; the loss uses :meth:`packed`, which is computed once per device.
+
+    Attributes:
+        cache_hit: whether :meth:`build` loaded the bank from its cache file.
+        fingerprint: hex sha256 identifying the bank (the cache key for :meth:`build`, a hash of
+            the contents otherwise).
+    """
+
+    def __init__(
+        self,
+        embeddings: Tensor,
+        classes: Tensor,
+        counts: Tensor,
+        *,
+        fingerprint: Optional[str] = None,
+        cache_hit: bool = False,
+        layer: Optional[str] = None,
+    ) -> None:
+        """Low-level constructor: ``embeddings [sum counts, D]`` sorted by class, ``classes`` sorted."""
+        classes = classes.reshape(-1).to(torch.long).cpu()
+        counts = counts.reshape(-1).to(torch.long).cpu()
+        if embeddings.dim() != 2 or len(classes) != len(counts) or int(counts.sum()) != embeddings.shape[0]:
+            raise DiReInputError(
+                f"bank layout mismatch: embeddings {tuple(embeddings.shape)}, {len(classes)} classes, "
+                f"{int(counts.sum())} counted rows"
+            )
+        if len(classes) == 0:
+            raise DiReInputError("real embeddings are empty: no class has any")
+        if len(classes) > 1 and not bool((classes[1:] > classes[:-1]).all()):
+            raise DiReInputError("bank classes must be sorted and unique")
+        self._flat = embeddings.detach().cpu()
+        self._classes = classes
+        self._counts = counts
+        # Per-class views into the flat tensor: no copy, and the flat layout is the cache layout.
+        self._rows: Dict[int, Tensor] = {
+            int(c): rows for c, rows in zip(classes.tolist(), torch.split(self._flat, counts.tolist()))
+        }
+        for c, rows in self._rows.items():
+            _check_class(c, rows, "real embeddings")
+        self._fingerprint = fingerprint
+        self.cache_hit = cache_hit
+        self.layer = layer
+        self._packed: Dict[torch.device, PackedEmbeddings] = {}
+
+    # ----- Mapping -----
+    def __getitem__(self, c: Any) -> Tensor:
+        try:
+            return self._rows[int(c)]
+        except (TypeError, ValueError):
+            raise KeyError(c) from None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    # ----- properties -----
+    @property
+    def classes(self) -> List[int]:
+        """Sorted class ids."""
+        return self._classes.tolist()
+
+    @property
+    def counts(self) -> Tensor:
+        """Embeddings per class, in :attr:`classes` order (LongTensor)."""
+        return self._counts.clone()
+
+    @property
+    def dim(self) -> int:
+        return int(self._flat.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._flat.dtype
+
+    @property
+    def num_embeddings(self) -> int:
+        return int(self._flat.shape[0])
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            h = hashlib.sha256(b"dire-bank-content")
+            for t in (self._classes, self._counts, self._flat):
+                _hash_tensor(h, t)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return (
+            f"RealEmbeddingBank(classes={len(self)}, embeddings={self.num_embeddings}, dim={self.dim}, "
+            f"dtype={self.dtype}, cache_hit={self.cache_hit}, fingerprint={self.fingerprint[:16]})"
+        )
+
+    def packed(self, device: Union[str, torch.device] = "cpu") -> PackedEmbeddings:
+        """The bank packed for the loss on ``device`` (computed on first use, then cached)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        packed = self._packed.get(device)
+        if packed is None:
+            labels = torch.repeat_interleave(self._classes, self._counts)
+            packed = PackedEmbeddings.from_rows(self._flat.to(device), labels.to(device), DEFAULT_EPS)
+            self._packed[device] = packed
+        return packed
+
+    # ----- constructors -----
+    @classmethod
+    def from_tensors(cls, embeddings: Tensor, labels: Tensor, dtype: torch.dtype = torch.float32) -> "RealEmbeddingBank":
+        """Bank from unsorted rows ``embeddings [N, D]`` with integer ``labels [N]``."""
+        _check_dtype(dtype)
+        labels = torch.as_tensor(labels).reshape(-1)
+        if embeddings.dim() != 2 or embeddings.shape[0] != labels.numel():
+            raise DiReInputError(f"{tuple(embeddings.shape)} embeddings do not match {labels.numel()} labels")
+        rows, classes, counts = _sort_by_label(embeddings.detach().cpu(), labels.cpu())
+        _check_finite_by_class(rows, classes, counts)
+        return cls(_to_storage(rows, dtype), classes, counts)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping, dtype: Optional[torch.dtype] = None) -> "RealEmbeddingBank":
+        """Bank from ``{class: [M_c, D]}``; ``dtype`` defaults to the tensors' common dtype."""
+        if len(mapping) == 0:
+            raise DiReInputError("real embeddings are empty: no class has any")
+        keys = sorted(mapping, key=int)
+        dims = {int(c): tuple(mapping[c].shape) for c in keys}
+        for c in keys:
+            if not isinstance(mapping[c], Tensor) or mapping[c].dim() != 2:
+                raise DiReInputError(f"real embeddings of class {c} must be a 2-D tensor [M, D]")
+        if len({s[1] for s in dims.values()}) > 1:
+            raise DiReInputError(f"real embeddings have different dimensions per class: {dims}")
+        flat = torch.cat([mapping[c].detach().cpu() for c in keys])
+        dtype = flat.dtype if dtype is None else dtype
+        _check_dtype(dtype)
+        classes = torch.tensor([int(c) for c in keys], dtype=torch.long)
+        counts = torch.tensor([mapping[c].shape[0] for c in keys], dtype=torch.long)
+        _check_finite_by_class(flat, classes, counts)
+        return cls(_to_storage(flat, dtype), classes, counts)
+
+    @staticmethod
+    def cache_key(
+        model: nn.Module,
+        layer: Optional[str] = None,
+        *,
+        dataset_id: str = "",
+        transform_id: str = "",
+        max_per_class: Optional[int] = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> str:
+        """Hex sha256 over the model's state dict (names, shapes, dtypes, bytes) and the settings.
+
+        ``dataset_id`` / ``transform_id`` stand for what the key cannot see (the loader): change
+        them whenever the data or its preprocessing changes.
+        """
+        h = hashlib.sha256()
+        settings = {
+            "format": CACHE_FORMAT,
+            "layer": resolve_layer(model, layer),
+            "dataset_id": dataset_id,
+            "transform_id": transform_id,
+            "max_per_class": max_per_class,
+            "seed": seed,
+            "dtype": str(dtype),
+        }
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        # The unwrapped model's state dict: wrapping in DataParallel does not change the bank.
+        for name, value in unwrap_model(model).state_dict().items():
+            h.update(b"\0" + name.encode() + b"\0")
+            if isinstance(value, Tensor):
+                _hash_tensor(h, value)
+            else:
+                h.update(repr(value).encode())
+        return h.hexdigest()
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        loader: Iterable,
+        *,
+        layer: Optional[str] = None,
+        max_per_class: Optional[int] = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[Union[str, torch.device]] = None,
+        cache_dir: Optional[PathLike] = None,
+        dataset_id: str = "",
+        transform_id: str = "",
+        progress: bool = True,
+    ) -> "RealEmbeddingBank":
+        """Embed every ``(images, labels)`` batch of ``loader`` and group the rows by true label.
+
+        The model runs in eval mode under ``torch.no_grad()``; every submodule's train/eval mode
+        is restored afterwards, so BatchNorm statistics are untouched.
+
+        Args:
+            model: the (pretrained) model; not moved — inputs are moved to ``device``.
+            loader: yields ``(images, labels, ...)``; any order (the rows are grouped by label).
+            layer: layer whose input is the embedding (default: the last ``nn.Linear``).
+            max_per_class: keep a random subset of this many rows per class (seeded by ``seed``;
+                reproducible for the same loader order).
+            dtype: storage dtype (``torch.float16`` halves the memory; sums stay float32).
+            device: where the images go (default: the model's parameters' device).
+            cache_dir: cache the bank in ``cache_dir/bank-<key>.pt`` (see :meth:`cache_key`).
+            dataset_id, transform_id: identify the data and preprocessing in the cache key.
+            progress: show a tqdm bar.
+        """
+        _check_dtype(dtype)
+        if max_per_class is not None and int(max_per_class) < 1:
+            raise DiReInputError(f"max_per_class must be at least 1, got {max_per_class}")
+        layer_name = resolve_layer(model, layer)
+        key = cls.cache_key(
+            model, layer_name, dataset_id=dataset_id, transform_id=transform_id,
+            max_per_class=max_per_class, seed=seed, dtype=dtype,
+        )
+        path = Path(cache_dir) / f"bank-{key[:16]}.pt" if cache_dir is not None else None
+        if path is not None and path.exists():
+            bank = _load_cached(path, key, dtype, layer_name)
+            if bank is not None:
+                return bank
+
+        rows, labels = _embed(model, loader, layer_name, device, progress)
+        rows, classes, counts = _sort_by_label(rows, labels)
+        if max_per_class is not None:
+            rows, counts = _subsample(rows, classes, counts, int(max_per_class), seed)
+        bank = cls(_to_storage(rows, dtype), classes, counts, fingerprint=key, layer=layer_name)
+        if path is not None:
+            _save_atomic(path, {
+                "format": CACHE_FORMAT, "key": key, "classes": bank._classes,
+                "counts": bank._counts, "embeddings": bank._flat,
+            })
+        return bank
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _STORAGE_DTYPES:
+        raise DiReInputError(f"bank dtype must be one of {[str(d) for d in _STORAGE_DTYPES]}, got {dtype}")
+
+
+def _check_finite_by_class(rows: Tensor, classes: Tensor, counts: Tensor) -> None:
+    bad = ~torch.isfinite(rows).all(1)
+    if bool(bad.any()):
+        labels = torch.repeat_interleave(classes, counts)
+        raise DiReInputError(f"real embeddings of class {int(labels[bad][0])} contain NaN or Inf values")
+
+
+def _to_storage(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    out = rows.to(dtype)
+    if out.dtype != rows.dtype and not bool(torch.isfinite(out).all()):
+        raise DiReInputError(f"real embeddings overflow {dtype} storage: use dtype=torch.float32")
+    return out
+
+
+def _embed(
+    model: nn.Module, loader: Iterable, layer: str, device: Optional[Union[str, torch.device]], progress: bool
+) -> Tuple[Tensor, Tensor]:
+    """All ``(embeddings, labels)`` of ``loader`` (CPU), model in eval mode and modes restored."""
+    device = _model_device(model) if device is None else torch.device(device)
+    modes = [(m, m.training) for m in model.modules()]
+    chunks: List[Tensor] = []
+    label_chunks: List[Tensor] = []
+    try:
+        model.eval()
+        with torch.no_grad(), EmbeddingCapture(model, layer, detach=True) as capture:
+            total = len(loader) if hasattr(loader, "__len__") else None
+            for batch in tqdm(loader, total=total, desc="real embeddings", disable=not progress, leave=False):
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise DiReInputError("the loader must yield (images, labels) batches")
+                images, labels = batch[0], torch.as_tensor(batch[1]).reshape(-1)
+                capture.clear()
+                model(images.to(device))
+                emb = capture.embeddings
+                if emb is None:
+                    raise DiReInputError(f"layer {layer!r} was not called in the model's forward")
+                if emb.shape[0] != labels.numel():
+                    raise DiReInputError(f"{emb.shape[0]} embeddings for a batch of {labels.numel()} labels")
+                emb = emb.float().cpu() if emb.dtype != torch.float64 else emb.cpu()
+                bad = ~torch.isfinite(emb).all(1)
+                if bool(bad.any()):
+                    raise DiReInputError(
+                        f"real embeddings of class {int(labels[bad][0])} contain NaN or Inf values"
+                    )
+                chunks.append(emb)
+                label_chunks.append(labels.to(torch.long).cpu())
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not chunks or sum(c.shape[0] for c in chunks) == 0:
+        raise DiReInputError("the loader yielded no data: cannot build the real embedding bank")
+    return torch.cat(chunks), torch.cat(label_chunks)
+
+
+def _subsample(rows: Tensor, classes: Tensor, counts: Tensor, k: int, seed: int) -> Tuple[Tensor, Tensor]:
+    keep = []
+    start = 0
+    for c, n in zip(classes.tolist(), counts.tolist()):
+        if n > k:
+            g = torch.Generator().manual_seed(_class_seed(seed, c))
+            # Sorted, so kept rows stay in loader order.
+            keep.append(start + torch.randperm(n, generator=g)[:k].sort().values)
+        else:
+            keep.append(torch.arange(start, start + n))
+        start += n
+    return rows[torch.cat(keep)], counts.clamp_max(k)
+
+
+def _load_cached(path: Path, key: str, dtype: torch.dtype, layer: str) -> Optional[RealEmbeddingBank]:
+    """The cached bank, or ``None`` (with a warning) when the file is unreadable or not this key's."""
+    try:
+        # weights_only: a cache file is data; never run pickled code from it.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        logger.warning("bank cache %s is unreadable (%s: %s); rebuilding", path, type(e).__name__, e)
+        return None
+    problem = _cache_problem(state, key, dtype)
+    if problem is None:
+        try:
+            return RealEmbeddingBank(
+                state["embeddings"], state["classes"], state["counts"], fingerprint=key, cache_hit=True, layer=layer
+            )
+        except DiReInputError as e:
+            problem = str(e)
+    logger.warning("bank cache %s is invalid (%s); rebuilding", path, problem)
+    return None
+
+
+def _cache_problem(state: Any, key: str, dtype: torch.dtype) -> Optional[str]:
+    if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
+        return "not a format-1 bank"
+    if state.get("key") != key:
+        return "stored key differs"
+    classes, counts, emb = state.get("classes"), state.get("counts"), state.get("embeddings")
+    if not all(isinstance(t, Tensor) for t in (classes, counts, emb)):
+        return "missing tensors"
+    if classes.dtype != torch.long or counts.dtype != torch.long or classes.dim() != 1 or counts.shape != classes.shape:
+        return "bad classes/counts"
+    if emb.dim() != 2 or emb.dtype != dtype or int(counts.sum()) != emb.shape[0] or bool((counts < 1).any()):
+        return "embeddings do not match counts or dtype"
+    return None
+
+
+def _save_atomic(path: Path, state: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory, so os.replace is a rename: readers see the old file or the new one, never half.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class SyntheticMemory:
+    """Finished synthetic embeddings per class (detached, on CPU) for the memory part of CD.
+
+    :class:`~dire_plugin.DiReLoss` calls :meth:`class_sums`, which is cached until the next
+    :meth:`add` / :meth:`clear`.
+
+    Args:
+        max_per_class: keep at most this many embeddings per class, the most recent ones.
+    """
+
+    def __init__(self, max_per_class: Optional[int] = None) -> None:
+        if max_per_class is not None and int(max_per_class) < 1:
+            raise DiReInputError(f"max_per_class must be at least 1, got {max_per_class}")
+        self.max_per_class = None if max_per_class is None else int(max_per_class)
+        self._rows: Dict[int, Tensor] = {}
+        self._dim: Optional[int] = None
+        self._sums: Optional[ClassSums] = None
+        self._sums_on: Dict[torch.device, ClassSums] = {}
+
+    def add(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Store ``embeddings [N, D]`` of finished images with their ``labels [N]`` (detached)."""
+        x = embeddings.detach()
+        check_embeddings(x, "memory embeddings")
+        labels = torch.as_tensor(labels).reshape(-1).to(torch.long).cpu()
+        if labels.numel() != x.shape[0]:
+            raise DiReInputError(f"{x.shape[0]} memory embeddings but {labels.numel()} labels")
+        if self._dim is not None and x.shape[1] != self._dim:
+            raise DiReInputError(f"memory embeddings have dimension {x.shape[1]}, stored ones {self._dim}")
+        x = x.cpu()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        self._dim = int(x.shape[1])
+        for c in labels.unique().tolist():
+            new = x[labels == c]
+            old = self._rows.get(c)
+            rows = new.clone() if old is None else torch.cat([old.to(torch.promote_types(old.dtype, new.dtype)), new])
+            if self.max_per_class is not None:
+                rows = rows[-self.max_per_class:]
+            self._rows[c] = rows
+        self._invalidate()
+
+    def get(self, c: int) -> Tensor:
+        """``[K_c, D]`` stored embeddings of class ``c`` (``[0, D]`` when there are none)."""
+        rows = self._rows.get(int(c))
+        return rows if rows is not None else torch.zeros(0, self._dim or 0)
+
+    def count(self, c: int) -> int:
+        return 0 if int(c) not in self._rows else int(self._rows[int(c)].shape[0])
+
+    @property
+    def classes(self) -> List[int]:
+        return sorted(self._rows)
+
+    def __len__(self) -> int:
+        """Total number of stored embeddings."""
+        return sum(int(r.shape[0]) for r in self._rows.values())
+
+    def __repr__(self) -> str:
+        return f"SyntheticMemory(classes={len(self._rows)}, embeddings={len(self)}, max_per_class={self.max_per_class})"
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._dim = None
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._sums = None
+        self._sums_on = {}
+
+    def class_sums(self, device: Union[str, torch.device] = "cpu") -> ClassSums:
+        """Per-class sums of unit rows (float32, float64 if stored so), counts, sorted classes."""
+        device = torch.device(device)
+        cached = self._sums_on.get(device)
+        if cached is not None:
+            return cached
+        if self._sums is None:
+            self._sums = self._compute_sums()
+        self._sums_on[device] = self._sums.to(device)
+        return self._sums_on[device]
+
+    def _compute_sums(self) -> ClassSums:
+        classes = sorted(self._rows)
+        dim = self._dim or 0
+        if not classes:
+            return ClassSums(torch.zeros(0, dtype=torch.long), torch.zeros(0, dim), torch.zeros(0, dtype=torch.long))
+        work = torch.float64 if any(r.dtype == torch.float64 for r in self._rows.values()) else torch.float32
+        rows = torch.cat([self._rows[c].to(work) for c in classes])
+        counts = torch.tensor([self._rows[c].shape[0] for c in classes], dtype=torch.long)
+        slot = torch.repeat_interleave(torch.arange(len(classes)), counts)
+        sums = class_row_sums(normalize_rows(rows, DEFAULT_EPS), slot, len(classes))
+        return ClassSums(torch.tensor(classes, dtype=torch.long), sums, counts)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain tensors (loadable with ``torch.load(..., weights_only=True)``) to resume a run."""
+        classes = sorted(self._rows)
+        dim = self._dim or 0
+        return {
+            "format": 1,
+            "dim": dim,
+            "classes": torch.tensor(classes, dtype=torch.long),
+            "counts": torch.tensor([self._rows[c].shape[0] for c in classes], dtype=torch.long),
+            "embeddings": torch.cat([self._rows[c] for c in classes]) if classes else torch.zeros(0, dim),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Replace the contents with a :meth:`state_dict` (this memory's ``max_per_class`` applies)."""
+        try:
+            classes, counts, emb = state["classes"], state["counts"], state["embeddings"]
+            if state.get("format") != 1 or int(counts.sum()) != emb.shape[0] or len(classes) != len(counts):
+                raise ValueError("layout mismatch")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DiReInputError(f"not a SyntheticMemory state dict ({e})") from None
+        self.clear()
+        self._dim = int(state.get("dim", emb.shape[1] if emb.dim() == 2 else 0))
+        if emb.shape[0]:
+            self.add(emb, torch.repeat_interleave(classes.to(torch.long), counts.to(torch.long)))
