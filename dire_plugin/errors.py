@@ -11,3 +11,11 @@ class DiReInputError(DiReError, ValueError):
 
     Raised before anything is changed; the message is one line that says what to fix.
     """
+
+
+class DiReHookError(DiReError, RuntimeError):
+    """A run that asked for DiRe cannot add it: a hook target moved, or a hook never fired.
+
+    Stops the run instead of letting it finish vanilla; the message names the file, the symbol
+    and the pinned upstream commit where it can.
+    """

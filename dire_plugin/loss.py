@@ -9,15 +9,10 @@ from torch import Tensor, nn
 from .functional import COMPONENTS, REDUCTIONS, check_components, dire_components, dire_loss
 from .errors import DiReInputError
 from .grouped import ClassSums, PackedEmbeddings, pack_mapping
+from .defaults import DEFAULT_R_C, DEFAULT_R_E
 from .pairwise import DEFAULT_CHUNK_ELEMENTS, DEFAULT_EPS
 
 __all__ = ["DiReLoss", "DEFAULT_R_C", "DEFAULT_R_E"]
-
-#: Defaults reproduce the weights of the paper's released SRe²L/CIFAR-100 code:
-#: ``multiplier · (r_cos·(CD + CDM) + r_euc·EDM)`` with multiplier 0.1, r_cos 1.0, r_euc 0.01,
-#: per-class means summed over classes, i.e. ``r_c = 0.1·1.0`` and ``r_e = 0.1·0.01``.
-DEFAULT_R_C = 0.1
-DEFAULT_R_E = 0.001
 
 RealInput = Union[Mapping[int, Tensor], PackedEmbeddings]
 MemoryInput = Union[ClassSums, Mapping[int, Tensor], None]
