@@ -1,0 +1,419 @@
+"""``dire-apply``: switch DiRe on for an upstream checkout, off again, and report.
+
+Applying writes ``<checkout>/.dire/config.json``, hides ``.dire/`` in ``.git/info/exclude`` and
+lists the checkout in the start-up ``.pth`` (see :mod:`dire_plugin.activation`); the upstream's
+files are never touched. Every check runs before the first write, so a refused command leaves
+everything as it was. Exit codes: 0 done, 1 ``--verify`` found drift (or a write failed),
+2 bad input (or a lock file that does not fit the patches).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import git
+
+import dire_plugin
+
+from .. import activation
+from ..checkout import (
+    CheckoutState,
+    hide_config_dir,
+    inspect_checkout,
+    open_repo,
+    survey_checkout,
+    unhide_config_dir,
+)
+from ..errors import DiReError, DiReInputError
+from ..lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
+from ..patching import METHODS, load_method
+
+__all__ = ["ENV_CLONE_URL", "build_parser", "main"]
+
+PROG = "dire-apply"
+#: Clone from here instead of the lock's repository with ``--clone`` (a mirror; tests use a
+#: local fixture repository).
+ENV_CLONE_URL = "DIRE_CLONE_URL"
+#: Options that only make sense when applying (``--verify --smoke`` reads them too).
+_APPLY_OPTIONS = ("real_data", "r_c", "r_e", "reduction", "cache_dir", "clone")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of ``dire-apply``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dire-apply``."""
+    p = _Parser(
+        prog=PROG,
+        description="Apply the DiRe regulariser to an upstream dataset-condensation checkout "
+        "without editing its files, then run the upstream's own commands as usual.",
+        epilog=f"examples: {PROG} sre2l ~/SRe2L --real-data ~/data/cifar100 | "
+        f"{PROG} --remove sre2l ~/SRe2L | {PROG} --verify sre2l ~/SRe2L | {PROG} --list",
+    )
+    p.add_argument("method", nargs="?", metavar="METHOD", help="upstream method (see --list)")
+    p.add_argument("path", nargs="?", metavar="PATH", help="root of the upstream git clone")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--remove", action="store_true", help="undo dire-apply on PATH")
+    mode.add_argument("--list", action="store_true", help="list methods, pinned commits and covered scripts")
+    mode.add_argument("--status", action="store_true", help="list the checkouts DiRe is applied to")
+    mode.add_argument("--verify", action="store_true", help="check PATH against the pinned commit and fingerprints")
+    p.add_argument("--smoke", action="store_true", help="with --verify: also run a tiny CPU synthesis")
+    p.add_argument("--real-data", metavar="DIR", help="real images of the dataset (required to apply)")
+    p.add_argument("--r-c", type=_weight, metavar="F", help="weight of the cosine term (default: dire_plugin.DEFAULT_R_C)")
+    p.add_argument("--r-e", type=_weight, metavar="F", help="weight of the Euclidean term (default: dire_plugin.DEFAULT_R_E)")
+    p.add_argument("--reduction", choices=("mean", "sum"), help="over classes (default mean)")
+    p.add_argument("--cache-dir", metavar="DIR", help="real-embedding cache (default PATH/.dire/cache)")
+    p.add_argument("--allow-drift", action="store_true",
+                   help="accept another commit than the pinned one if every fingerprint matches")
+    p.add_argument("--clone", action="store_true", help="clone the pinned upstream to PATH first if PATH does not exist")
+    return p
+
+
+def _check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in _APPLY_OPTIONS if getattr(args, name) not in (None, False)]
+    if args.smoke and not args.verify:
+        parser.error("--smoke goes with --verify")
+    if args.list or args.status:
+        extra = given + (["--allow-drift"] if args.allow_drift else [])
+        if args.method or extra:
+            parser.error(f"--{'list' if args.list else 'status'} takes no METHOD, PATH or {', '.join(extra) or 'options'}")
+        return
+    if not (args.method and args.path):
+        parser.error("METHOD and PATH are required")
+    if args.remove and (given or args.allow_drift):
+        parser.error(f"--remove takes no {', '.join(given + (['--allow-drift'] if args.allow_drift else []))}")
+    if args.verify and args.clone:
+        parser.error("--clone goes with applying, not --verify")
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+
+def _supported(name: str) -> Tuple[MethodLock, ModuleType]:
+    """Lock and patch module of a method that can be applied; else a one-line error."""
+    locks = load_lock()
+    key = name.lower()
+    if key not in locks and key not in METHODS:
+        known = list(locks) + [m for m in METHODS if m not in locks]
+        raise DiReInputError(f"unknown method {name!r}: choose one of {', '.join(known)}")
+    if key not in METHODS:
+        supported = ", ".join(m for m in METHODS if m in locks)
+        raise DiReInputError(
+            f"{key} is not supported yet: dire-plugin {dire_plugin.__version__} pins "
+            f"{locks[key].repository} but has no patch for it (supported: {supported})"
+        )
+    if key not in locks:
+        raise LockError(f"upstream.lock does not pin {key}: a dire-plugin packaging bug")
+    module = load_method(key)
+    check_patch_matches_lock(locks[key], module)
+    return locks[key], module
+
+
+def _existing_dir(path: Optional[str], option: str) -> Path:
+    if not path:
+        raise DiReInputError(f"{option} DIR is required: the real images DiRe compares the synthetic ones with")
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_dir():
+        what = "is not a directory" if resolved.exists() else "does not exist"
+        raise DiReInputError(f"{option} {resolved} {what}: give the folder of the real dataset")
+    return resolved
+
+
+def _cache_dir(path: Optional[str]) -> Optional[Path]:
+    if path is None:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise DiReInputError(f"--cache-dir {resolved} exists and is not a directory")
+    return resolved
+
+
+def _config(args: argparse.Namespace, lock: MethodLock, root: Path, head: str,
+            real_data: Optional[Path], cache_dir: Optional[Path]) -> Dict[str, Any]:
+    # Late: dire_plugin.loss imports torch (seconds), which --list/--status/--remove never need.
+    from ..loss import DEFAULT_R_C, DEFAULT_R_E
+
+    return {
+        "method": lock.method,
+        "repository": lock.repository,
+        "commit": head,
+        "pinned_commit": lock.commit,
+        "r_c": DEFAULT_R_C if args.r_c is None else args.r_c,
+        "r_e": DEFAULT_R_E if args.r_e is None else args.r_e,
+        "reduction": args.reduction or "mean",
+        "real_data": str(real_data) if real_data else "",
+        "cache_dir": str(cache_dir or root / activation.CONFIG_DIR / "cache"),
+        "plugin_version": dire_plugin.__version__,
+        "applied_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --- apply --------------------------------------------------------------------------------------
+
+
+def _clone(lock: MethodLock, path: Path) -> Tuple[Path, Path]:
+    """Clone the lock's repository to ``path`` at the pinned commit (detached HEAD); returns
+    the clone and the top-most folder the clone created (to remove if the apply fails)."""
+    url = os.environ.get(ENV_CLONE_URL) or lock.repository
+    created = path.absolute()  # the top-most folder the clone creates: removed again on failure
+    while not created.parent.exists():
+        created = created.parent
+    print(f"cloning {url} into {path} at {lock.commit} ...", flush=True)
+    try:
+        repo = git.Repo.clone_from(url, str(path), no_checkout=True)
+        with repo:
+            repo.git.checkout(lock.commit)
+            if url != lock.repository:
+                # A mirror: name the real upstream too, so the checkout passes the remote check
+                # and later fetches can go to either.
+                repo.create_remote("upstream", lock.repository)
+    except git.GitCommandError as exc:
+        shutil.rmtree(created, ignore_errors=True)
+        detail = (exc.stderr or str(exc)).strip().splitlines()
+        raise DiReInputError(f"cannot clone {url} at {lock.commit}: {detail[-1] if detail else exc}") from None
+    return path.resolve(), created
+
+
+def _read_config(root: Path) -> Optional[Dict[str, Any]]:
+    """The checkout's config; an unreadable one counts as present but empty."""
+    try:
+        return activation.read_config(root)
+    except ValueError:
+        return {}
+
+
+def _apply(args: argparse.Namespace) -> int:
+    lock, module = _supported(args.method)
+    real_data = _existing_dir(args.real_data, "--real-data")
+    cache_dir = _cache_dir(args.cache_dir)
+    path = Path(args.path).expanduser()
+    cloned = None
+    if args.clone and not os.path.lexists(path):
+        cloned = _clone(lock, path)[1]
+    elif args.clone:
+        print(f"{path} exists: applying to it instead of cloning")
+    try:
+        state = inspect_checkout(path, lock, allow_drift=args.allow_drift)
+    except DiReError:
+        if cloned is not None:  # ours: leave nothing behind
+            shutil.rmtree(cloned, ignore_errors=True)
+        raise
+    root = state.root
+
+    # Every check passed: from here on we write.
+    previous = _read_config(root)
+    config = _config(args, lock, root, state.head, real_data, cache_dir)
+    config["git_exclude"] = hide_config_dir(root, (previous or {}).get("git_exclude"))
+    try:
+        config_file = activation.write_config(root, config)
+        pth = activation.register_checkout(root)
+    except BaseException:
+        if previous is None:  # a first apply that failed half-way: take back what we wrote
+            unhide_config_dir(root, config["git_exclude"])
+            shutil.rmtree(root / activation.CONFIG_DIR, ignore_errors=True)
+        raise
+    _print_applied(state, module, config, config_file, pth, previous)
+    return 0
+
+
+def _print_applied(state: CheckoutState, module: ModuleType, config: Dict[str, Any],
+                   config_file: Path, pth: Path, previous: Optional[Dict[str, Any]]) -> None:
+    again = " (re-applied: configuration replaced)" if previous is not None else ""
+    pin = "the pinned commit" if state.at_pin else f"pinned {state.pinned}; accepted with --allow-drift, all fingerprints match"
+    print(f"DiRe applied to {state.root} for {config['method']}{again}")
+    print(f"  upstream   {config['repository']} @ {state.head} ({pin})")
+    scripts = list(module.SCRIPTS)
+    print(f"  scripts    {scripts[0]}")
+    for script in scripts[1:]:
+        print(f"             {script}")
+    print(f"  r_c        {config['r_c']}")
+    print(f"  r_e        {config['r_e']}")
+    print(f"  reduction  {config['reduction']}")
+    print(f"  real data  {config['real_data']}")
+    print(f"  cache      {config['cache_dir']}")
+    print(f"  config     {config_file} (hidden from git by .git/info/exclude)")
+    print(f"  start-up   {pth}")
+    print(f"Run the upstream commands as usual; {activation.ENV_DISABLE}=1 runs vanilla; "
+          f"undo with: {PROG} --remove {config['method']} {state.root}")
+
+
+# --- remove -------------------------------------------------------------------------------------
+
+
+def _remove(args: argparse.Namespace) -> int:
+    locks = load_lock()
+    method = args.method.lower()
+    if method not in locks:
+        raise DiReInputError(f"unknown method {args.method!r}: choose one of {', '.join(locks)}")
+    resolved = Path(args.path).expanduser().resolve()
+    registered = str(resolved) in activation.applied_checkouts()
+    if not resolved.exists() and registered:
+        activation.unregister_checkout(resolved)
+        print(f"{resolved} no longer exists; removed it from the start-up list")
+        return 0
+    root, repo = open_repo(resolved)
+    repo.close()
+    config = _read_config(root)
+    if config is None and not registered:
+        raise DiReInputError(f"DiRe is not applied to {root} (no {activation.CONFIG_DIR}/{activation.CONFIG_FILE}): nothing to remove")
+    applied_method = (config or {}).get("method")
+    if applied_method and applied_method != method:
+        raise DiReInputError(f"{root} has DiRe applied for {applied_method}, not {method}: run {PROG} --remove {applied_method} {root}")
+
+    unhide_config_dir(root, (config or {}).get("git_exclude"))
+    shutil.rmtree(root / activation.CONFIG_DIR, ignore_errors=True)
+    activation.unregister_checkout(root)
+    print(f"DiRe removed from {root} ({method}): config, cache and start-up entry are gone")
+    cache = (config or {}).get("cache_dir")
+    if cache and not Path(cache).resolve().is_relative_to(root / activation.CONFIG_DIR) and Path(cache).exists():
+        print(f"  the cache outside the checkout is left in place: {cache}")
+    return 0
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+
+def _list(args: argparse.Namespace) -> int:
+    locks = load_lock()
+    width = max(map(len, list(locks) + list(METHODS)))
+    for name, lock in locks.items():
+        supported = name in METHODS
+        print(f"{name:<{width}}  {'supported' if supported else 'not yet':<9}  {lock.repository} @ {lock.commit}")
+        if supported:
+            for script in load_method(name).SCRIPTS:
+                print(f"{'':<{width}}    {script}")
+    for name in METHODS:
+        if name not in locks:
+            print(f"{name:<{width}}  {'not yet':<9}  (not pinned in upstream.lock)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    roots = activation.applied_checkouts()
+    where = activation.site_dir() / activation.PTH_NAME
+    if not roots:
+        print(f"DiRe is not applied to any checkout (start-up file: {where})")
+        return 0
+    print(f"DiRe is applied to {len(roots)} checkout(s) (start-up file: {where}):")
+    for root in roots:
+        try:
+            config = activation.read_config(root)
+        except ValueError:
+            print(f"  {root}: config unreadable; undo with {PROG} --remove METHOD {root}")
+            continue
+        if not Path(root).is_dir():
+            print(f"  {root}: checkout missing; forget it with {PROG} --remove METHOD {root}")
+        elif config is None:
+            print(f"  {root}: config missing; forget it with {PROG} --remove METHOD {root}")
+        else:
+            print(f"  {root}: {config.get('method')} @ {config.get('commit')}, config present "
+                  f"(r_c {config.get('r_c')}, r_e {config.get('r_e')}, applied {config.get('applied_at')})")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    lock, module = _supported(args.method)
+    smoke = None
+    if args.smoke:
+        if importlib.util.find_spec("dire_plugin.smoke") is None:
+            raise DiReInputError("smoke runs are not available in this version")
+        smoke = importlib.import_module("dire_plugin.smoke")
+    state = survey_checkout(args.path, lock)
+    ok = _print_report(state, module, args.allow_drift)
+    if smoke is None:
+        return 0 if ok else 1
+    if state.drift:
+        print("smoke run skipped: the patch does not fit changed targets")
+        return 1
+    config = _read_config(state.root) or _config(
+        args, lock, state.root, state.head,
+        _existing_dir(args.real_data, "--real-data") if args.real_data else None, _cache_dir(args.cache_dir),
+    )
+    result = smoke.run_smoke(lock.method, state.root, config)
+    smoke_rc = result if isinstance(result, int) and not isinstance(result, bool) else (0 if result in (None, True) else 1)
+    return max(0 if ok else 1, smoke_rc)
+
+
+def _print_report(state: CheckoutState, module: ModuleType, allow_drift: bool) -> bool:
+    """Print the --verify report; True when the checkout may be applied as it is."""
+    n_targets = len(module.TARGETS)
+    print(f"{state.method} at {state.root}")
+    print(f"  remote        {state.remote[0]} = {state.remote[1]}")
+    pin = "the pinned commit" if state.at_pin else f"differs from the pinned {state.pinned}"
+    print(f"  commit        {state.head} ({pin})")
+    if state.dirty:
+        print(f"  work tree     {len(state.dirty)} uncommitted or untracked path(s): {', '.join(state.dirty[:5])}"
+              f"{' ...' if len(state.dirty) > 5 else ''} (dire-apply refuses a dirty tree)")
+    else:
+        print("  work tree     clean")
+    drifted = {(d.file, d.symbol): d for d in state.drift}
+    print(f"  fingerprints  {n_targets - len(drifted)} of {n_targets} match")
+    for target in module.TARGETS:
+        drift = drifted.get((target.file, target.symbol))
+        if drift is None:
+            print(f"    ok       {target.file}::{target.symbol}")
+        elif drift.reason == "changed":
+            print(f"    CHANGED  {drift.target} (pinned {drift.expected}, found {drift.actual})")
+        else:
+            print(f"    MISSING  {drift.target} ({drift.reason})")
+    ok = not state.drift and (state.at_pin or allow_drift)
+    if ok:
+        print("result: OK" + ("" if state.at_pin else " with --allow-drift (every fingerprint matches)"))
+    elif state.drift:
+        print(f"result: DRIFT: changed targets: {state.changed_targets()}")
+    else:
+        print("result: DRIFT: another commit, but every fingerprint matches: apply with --allow-drift")
+    return ok
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``dire-apply`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_combination(parser, args)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 0
+    command = _remove if args.remove else _list if args.list else _status if args.status else _verify if args.verify else _apply
+    try:
+        return command(args)
+    except DiReError as exc:  # bad input, or a lock that does not fit the patches
+        _fail(str(exc))
+        return 2
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        return 1
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

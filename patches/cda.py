@@ -1,0 +1,37 @@
+"""CDA (VILA-Lab/SRe2L, folder CDA/): SRe²L's loss with a crop curriculum."""
+from __future__ import annotations
+
+from dire_plugin.patching import ScriptSpec, Target, lazy_patch
+
+from .sre2l import IMAGENET, SMOKE_ARCH, TINY
+
+METHOD = "cda"
+
+_SMOKE = ("--arch-name", "{arch}", "--syn-data-path", "{out}", "--exp-name", "smoke",
+          "--ipc-start", "0", "--ipc-end", "1", "--iteration", "1", "--store-best-images")
+
+SCRIPTS = {
+    # --verifier makes this script stop after its first batch: ten images are enough.
+    "CDA/recover_cda_in1k.py": ScriptSpec(
+        IMAGENET, num_classes=1000, arch=SMOKE_ARCH,
+        smoke_args=(*_SMOKE, "--verifier-arch", SMOKE_ARCH, "--batch-size", "10", "--verifier"),
+    ),
+    # Not --verifier here: it loads a verifier checkpoint from a hard-coded path.
+    "CDA/recover_cda_tiny.py": ScriptSpec(
+        TINY, num_classes=200, arch=SMOKE_ARCH, checkpoint_key="model", cifar_stem=True,
+        smoke_args=(*_SMOKE, "--arch-path", "{ckpt}", "--batch-size", "100"),
+    ),
+}
+
+TARGETS = (
+    Target("CDA/recover_cda_in1k.py", "get_images"),
+    Target("CDA/recover_cda_in1k.py", "main_syn"),
+    Target("CDA/recover_cda_in1k.py", "validate"),
+    Target("CDA/recover_cda_tiny.py", "get_images"),
+    Target("CDA/recover_cda_tiny.py", "main_syn"),
+    Target("CDA/utils.py", "BNFeatureHook", module="utils"),
+)
+
+# The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS (dire-apply
+# --list/--verify/--remove) stays fast.
+patch, unpatch = lazy_patch(METHOD, lambda: SCRIPTS, TARGETS)
