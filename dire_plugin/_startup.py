@@ -1,0 +1,142 @@
+"""Activation of a patch in the running process: from the ``.pth`` start-up line, from
+``import dire_plugin.auto``, or from the ``dire-run`` launcher.
+
+Kept free of heavy imports at module level: the ``.pth`` line imports this module in every
+process started from a patched checkout, including ones DiRe has nothing to do with (the
+squeeze and relabel scripts), and those must stay as fast as before.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .activation import ENV_ACTIVATE, ENV_DISABLE, find_checkout, read_config
+
+__all__ = ["activate", "activate_from_startup", "disabled", "active_method"]
+
+logger = logging.getLogger("dire")
+
+_ACTIVE: Optional[str] = None  # method name once patched in this process
+
+
+def disabled() -> bool:
+    """``DIRE_DISABLE`` set to anything but ``""``/``0``: run the upstream vanilla (the baseline)."""
+    return os.environ.get(ENV_DISABLE, "") not in ("", "0")
+
+
+def active_method() -> Optional[str]:
+    return _ACTIVE
+
+
+def _setup_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _script_path() -> Optional[Path]:
+    main = sys.modules.get("__main__")
+    candidate = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-m") else None)
+    return Path(candidate).resolve() if candidate else None
+
+
+def _settings_for(script: Path, overrides: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """Settings of the run: the inherited ``DIRE_ACTIVATE`` of a parent, else the checkout's
+    ``.dire/config.json``, with ``overrides`` (launcher flags) on top."""
+    inherited = os.environ.get(ENV_ACTIVATE)
+    if inherited:
+        return {**json.loads(inherited), **(overrides or {})}
+    root = find_checkout(script)
+    config = read_config(root) if root is not None else None
+    if config is None:
+        return None if overrides is None else {**overrides}
+    return {**config, "root": str(root), "script": script.relative_to(root).as_posix(), **(overrides or {})}
+
+
+def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str, Any]] = None, required: bool = False) -> Optional[str]:
+    """Patch this process for ``script`` (default: the running ``__main__``); idempotent.
+
+    Returns the method name when DiRe is active, ``None`` when this script is not covered or
+    ``DIRE_DISABLE`` is set. With ``required``, a script without settings is an error (the user
+    asked for DiRe explicitly). Raises :class:`~dire_plugin.errors.DiReError` subclasses.
+    """
+    global _ACTIVE
+    if _ACTIVE is not None:
+        return _ACTIVE
+    from .errors import DiReHookError
+    from .patching import load_method
+
+    _setup_logging()
+    path = Path(script).resolve() if script is not None else _script_path()
+    settings = _settings_for(path, overrides) if path is not None else None
+    if settings is None or not settings.get("method"):
+        if required:
+            raise DiReHookError(
+                f"no DiRe settings for {path}: run 'dire-apply METHOD CHECKOUT --real-data DIR' first, or use dire-run"
+            )
+        return None
+    method = load_method(settings["method"])
+    rel = settings.get("script", "")
+    if rel not in method.SCRIPTS:
+        if required:
+            raise DiReHookError(f"{rel or path} is not a script the {settings['method']} patch covers")
+        return None  # squeeze/relabel/validate scripts of an applied checkout: nothing to do
+    commit = settings.get("commit", "")
+    if disabled():
+        logger.info("[dire] %s=1: %s runs vanilla (upstream %s)", ENV_DISABLE, settings["method"], commit)
+        return None
+    root = settings.get("root")
+    if root and settings.get("verify", True):
+        _verify_targets(settings["method"], Path(root), rel, commit)
+    if os.environ.get("DIRE_CPU_SHIM", "") not in ("", "0"):
+        from . import shim
+
+        shim.install()
+    # Children (mp.spawn, DataLoader workers started with spawn) have no script path to match:
+    # they inherit the settings instead.
+    os.environ[ENV_ACTIVATE] = json.dumps({**settings, "script": rel})
+    from .runtime import RunConfig
+
+    config = RunConfig.from_dict({**settings, "script": rel})
+    method.patch(config, root=root)
+    _ACTIVE = settings["method"]
+    logger.info(
+        "[dire] %s patch active: r_c=%g, r_e=%g, reduction=%s, upstream %s",
+        _ACTIVE, config.r_c, config.r_e, config.reduction, commit or "unpinned",
+    )
+    return _ACTIVE
+
+
+def _verify_targets(method: str, root: Path, script: str, commit: str) -> None:
+    """Refuse to run when a symbol this script's hooks rely on changed since ``dire-apply``."""
+    from .errors import DiReHookError
+    from .lockfile import check_fingerprints, method_lock
+
+    folder = script.rsplit("/", 1)[0] if "/" in script else ""
+    for drift in check_fingerprints(root, method_lock(method)):
+        same_folder = (drift.file.rsplit("/", 1)[0] if "/" in drift.file else "") == folder
+        if drift.file == script or same_folder:
+            raise DiReHookError(
+                f"{drift.file}: {drift.symbol} {drift.reason}; the {method} patch is pinned to upstream commit "
+                f"{commit} (DIRE_DISABLE=1 runs vanilla; dire-apply --verify {method} {root} shows all changes)"
+            )
+
+
+def activate_from_startup() -> None:
+    """Entry point of the ``.pth`` line: never lets a traceback out of ``site``, never goes on
+    without DiRe once the user asked for it."""
+    try:
+        activate()
+    except Exception as e:  # noqa: BLE001 - anything here must stop the run, not be swallowed by site.py
+        from .errors import DiReError
+
+        detail = str(e) if isinstance(e, DiReError) else f"{type(e).__name__}: {e}"
+        print(f"dire: error: {detail}", file=sys.stderr, flush=True)
+        os._exit(2)
