@@ -89,16 +89,16 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
             raise DiReHookError(f"{rel or path} is not a script the {settings['method']} patch covers")
         return None  # squeeze/relabel/validate scripts of an applied checkout: nothing to do
     commit = settings.get("commit", "")
+    if os.environ.get("DIRE_CPU_SHIM", "") not in ("", "0"):
+        from . import shim  # vanilla dry runs on a laptop need it as much as DiRe ones
+
+        shim.install()
     if disabled():
         logger.info("[dire] %s=1: %s runs vanilla (upstream %s)", ENV_DISABLE, settings["method"], commit)
         return None
     root = settings.get("root")
     if root and settings.get("verify", True):
         _verify_targets(settings["method"], Path(root), rel, commit)
-    if os.environ.get("DIRE_CPU_SHIM", "") not in ("", "0"):
-        from . import shim
-
-        shim.install()
     # Children (mp.spawn, DataLoader workers started with spawn) have no script path to match:
     # they inherit the settings instead.
     os.environ[ENV_ACTIVATE] = json.dumps({**settings, "script": rel})
@@ -129,14 +129,59 @@ def _verify_targets(method: str, root: Path, script: str, commit: str) -> None:
             )
 
 
-def activate_from_startup() -> None:
-    """Entry point of the ``.pth`` line: never lets a traceback out of ``site``, never goes on
-    without DiRe once the user asked for it."""
+class _AfterImport:
+    """A meta-path finder that runs ``callback`` right after module ``name`` has been executed.
+
+    The ``.pth`` line runs while ``site`` is still building ``sys.path``: in a venv made with
+    ``--system-site-packages`` (common on clusters), torch and wrapt are not importable yet.
+    Waiting for the script's own ``import torch`` finds the path complete, and the patch is
+    still in place before the script uses anything. Standard library only, like wrapt's
+    post-import hooks (which cannot be imported at that point either).
+    """
+
+    def __init__(self, name: str, callback) -> None:
+        self.name, self.callback, self.busy = name, callback, False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name or self.busy:
+            return None
+        import importlib.util
+
+        self.busy = True  # let the other finders locate the real module
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader, finder = spec.loader, self
+        original = loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
+            finder.callback()
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def _activate_or_exit() -> None:
+    """Never let a traceback out, never go on without DiRe once the user asked for it."""
     try:
         activate()
-    except Exception as e:  # noqa: BLE001 - anything here must stop the run, not be swallowed by site.py
+    except Exception as e:  # noqa: BLE001 - anything here must stop the run, not be swallowed
         from .errors import DiReError
 
         detail = str(e) if isinstance(e, DiReError) else f"{type(e).__name__}: {e}"
         print(f"dire: error: {detail}", file=sys.stderr, flush=True)
         os._exit(2)
+
+
+def activate_from_startup() -> None:
+    """Entry point of the ``.pth`` line: activate once the script imports torch."""
+    if "torch" in sys.modules:
+        _activate_or_exit()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport("torch", _activate_or_exit))

@@ -195,8 +195,9 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
             device = torch.device("cuda", torch.cuda.current_device())
         packed = self._packed.get(device)
         if packed is None:
-            labels = torch.repeat_interleave(self._classes, self._counts)
-            packed = PackedEmbeddings.from_rows(self._flat.to(device), labels.to(device), DEFAULT_EPS)
+            # Class by class into the device's padded tensor: no second copy of the bank.
+            classes = self.classes
+            packed = PackedEmbeddings.from_classes(classes, [self._rows[c] for c in classes], device, DEFAULT_EPS)
             self._packed[device] = packed
         return packed
 

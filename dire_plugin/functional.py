@@ -119,7 +119,9 @@ def dire_components(
         out["cdm"] = (n * m - cos_sum).sum() if reduction == "sum" else (1.0 - cos_sum / (n * m)).sum()
     if "edm" in comps:
         padded, counts, _ = group_by_class(x, labels, classes)
-        sums = euclidean_distance_sums(padded, counts, real.padded, real.counts, real_pos, eps, chunk_elements)
+        sums = euclidean_distance_sums(
+            padded, counts, real.padded, real.counts, real_pos, eps, chunk_elements, b_sq=real.sq_norms
+        )
         out["edm"] = sums.sum() if reduction == "sum" else (sums / (n * m)).sum()
     return {c: out[c] for c in COMPONENTS if c in out}
 

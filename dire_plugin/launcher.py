@@ -15,7 +15,7 @@ from typing import List, Optional
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(remainder: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dire-run",
         description="Run an upstream condensation script with the DiRe term added.",
@@ -30,17 +30,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where the real-embedding bank is cached")
     p.add_argument("--components", help="comma-separated subset of cd,cdm,edm (ablation)")
     p.add_argument("--log-every", type=int, help="log DiRe values every N steps")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script (after --)")
+    if remainder:
+        p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script (after --)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    opts = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:  # options may then stand anywhere before the separator
+        cut = argv.index("--")
+        opts = _parser(remainder=False).parse_args(argv[:cut])
+        opts.args = argv[cut + 1:]
+    else:  # everything after SCRIPT belongs to the script
+        opts = _parser().parse_args(argv)
     from .errors import DiReError, DiReInputError
     from .patching import load_method
 
     script = Path(opts.script).expanduser().resolve()
-    args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
+    args = opts.args
     try:
         if not script.is_file():
             raise DiReInputError(f"script {opts.script} does not exist")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Tuple
+
 
 from .errors import DiReInputError
 from .patching import RealDataSpec

@@ -6,9 +6,7 @@ import shutil
 import subprocess
 import sys
 import types
-from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
 
 import git
 import pytest
@@ -16,47 +14,16 @@ import pytest
 from dire_plugin import activation
 from dire_plugin.checkout import normalize_remote_url
 from dire_plugin.cli.apply import ENV_CLONE_URL, main
-from dire_plugin.lockfile import ENV_LOCK, MethodLock, fingerprint_symbol, format_lock, load_lock, parse_lock
+from dire_plugin.lockfile import ENV_LOCK, MethodLock, format_lock, load_lock, parse_lock
 from dire_plugin.patching import load_method
+from lookalike import build_checkout, commit_all, write_lock
 
 URL = "https://github.com/VILA-Lab/SRe2L"
 SRE2L = load_method("sre2l")
 # The first target, and a file no target lives in.
 TARGET = SRE2L.TARGETS[0]
 UNRELATED = "README.md"
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
-}
-
-
 # --- the look-alike repository -------------------------------------------------------------------
-
-
-def _lookalike_source(symbols: List[str]) -> str:
-    """Small stand-in code defining ``symbols`` (``name``, ``Class`` or ``Class.method``)."""
-    classes: Dict[str, List[str]] = defaultdict(list)
-    functions = []
-    for symbol in symbols:
-        head, _, method = symbol.partition(".")
-        if method or head[:1].isupper():
-            classes[head] += [method] if method else []
-        else:
-            functions.append(head)
-    out = ['"""Look-alike of an upstream file, written for the dire-apply tests."""\n']
-    for name in functions:
-        out.append(f"\n\ndef {name}(*args, **kwargs):\n    return {name!r}, len(args)\n")
-    for name, methods in classes.items():
-        out.append(f"\n\nclass {name}:\n    def __init__(self, *args):\n        self.args = args\n")
-        for method in methods:
-            out.append(f"\n    def {method}(self, *args):\n        return {method!r}\n")
-    return "".join(out)
-
-
-def _commit(repo: git.Repo, message: str) -> str:
-    repo.git.add("-A")
-    repo.git.commit("-q", "-m", message, env=IDENTITY)
-    return repo.head.commit.hexsha
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +31,9 @@ def template(tmp_path_factory):
     """A git repository with the sre2l scripts and targets at their paths, and a lock pinning it."""
     base = tmp_path_factory.mktemp("template")
     root = base / "SRe2L"
-    files: Dict[str, List[str]] = {script: [] for script in SRE2L.SCRIPTS}
-    for target in SRE2L.TARGETS:
-        files.setdefault(target.file, []).append(target.symbol)
-    for rel, symbols in files.items():
-        path = root / rel  # a literal "*small_dataset" folder, as upstream has
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_lookalike_source(symbols))
+    head = build_checkout(root, SRE2L, URL)
     (root / UNRELATED).write_text("look-alike\n")
-    repo = git.Repo.init(root)
-    head = _commit(repo, "look-alike")
-    repo.create_remote("origin", URL + ".git")
-    repo.close()
-
-    prints = {(t.file, t.symbol): fingerprint_symbol(root / t.file, t.symbol) for t in SRE2L.TARGETS}
-    shipped = load_lock()
-    locks = dict(shipped, sre2l=MethodLock("sre2l", URL, head, tuple(SRE2L.SCRIPTS), prints))
-    lock = base / "lock.toml"
-    lock.write_text(format_lock(locks.values()))
+    lock = write_lock(base / "lock.toml", root, SRE2L, URL, head)
     return root, lock, head
 
 
@@ -209,13 +161,13 @@ def test_exclude_file_is_restored_exactly(env, original):
         assert exclude.read_bytes() == original
 
 
-def test_ssh_remote_and_allow_drift_on_unrelated_commit(env, capsys):
+def test_ssh_remote_and_allow_drift_on_unrelatedcommit_all(env, capsys):
     env.repo.remotes.origin.set_url("git@github.com:vila-lab/SRe2L.git")
     (env.root / UNRELATED).write_text("a later upstream commit\n")
     # A comment in a target file is not a code change either.
     target = env.root / TARGET.file
     target.write_text("# reformatted upstream\n" + target.read_text())
-    head = _commit(env.repo, "unrelated")
+    head = commit_all(env.repo, "unrelated")
     rc = _apply(env)
     assert_refused(capsys, rc, head, env.pinned, "none changed", "--allow-drift")
     assert _apply(env, "--allow-drift") == 0
@@ -299,7 +251,7 @@ def test_bad_input_is_refused_without_changing_anything(env, capsys, case):
 
 def test_commit_drift_names_both_commits_and_the_changed_target(env, capsys):
     _change_target(env)
-    head = _commit(env.repo, "upstream changes get_images")
+    head = commit_all(env.repo, "upstream changes get_images")
     before = snapshot(env.base)
     for extra in ([], ["--allow-drift"]):
         err = assert_refused(capsys, _apply(env, *extra), head, env.pinned, f"{TARGET.file}::{TARGET.symbol}")
@@ -375,7 +327,7 @@ def test_failed_clone_leaves_nothing(env, capsys, monkeypatch):
 
 def test_clone_of_a_drifted_repository_is_removed_again(env, capsys, monkeypatch):
     _change_target(env)
-    _commit(env.repo, "drift")
+    commit_all(env.repo, "drift")
     # The pinned commit is there, but the lock says something else about it.
     lock = load_lock()["sre2l"]
     bad = MethodLock("sre2l", URL, env.pinned, lock.scripts, {k: "0" * 16 for k in lock.fingerprints})
@@ -424,7 +376,7 @@ def test_verify(env, capsys):
     assert f"{n} of {n} match" in out and "result: OK" in out and env.pinned in out
 
     (env.root / UNRELATED).write_text("moved on\n")
-    head = _commit(env.repo, "unrelated")
+    head = commit_all(env.repo, "unrelated")
     assert main(["--verify", "sre2l", str(env.root)]) == 1
     assert "apply with --allow-drift" in capsys.readouterr().out
     assert main(["--verify", "sre2l", str(env.root), "--allow-drift"]) == 0

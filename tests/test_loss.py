@@ -79,7 +79,7 @@ def test_weighted_total_and_gradient_match_reference(reduction):
         an = a / a.norm(dim=1, keepdim=True)
         bn = b / b.norm(dim=1, keepdim=True)
         pn = memory[c] / memory[c].norm(dim=1, keepdim=True) if c in memory else torch.zeros(0, D, dtype=a.dtype)
-        n, m, k = len(a), len(b), len(pn)
+        n, k = len(a), len(pn)
         within = an @ an.T
         if reduction == "sum":
             cd = within.sum() + 2 * (an @ pn.T).sum()

@@ -1,0 +1,81 @@
+"""Look-alike upstream checkouts for the tests: our own small files at the paths a patch covers,
+committed in a git repository whose remote is the pinned one, and a lock pinning that commit."""
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import git
+
+from dire_plugin.lockfile import MethodLock, fingerprint_symbol, format_lock, load_lock
+
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
+}
+
+
+def lookalike_source(symbols: List[str]) -> str:
+    """Small stand-in code defining ``symbols`` (``name``, ``Class`` or ``Class.method``)."""
+    classes: Dict[str, List[str]] = defaultdict(list)
+    functions = []
+    for symbol in symbols:
+        head, _, method = symbol.partition(".")
+        if method or head[:1].isupper():
+            classes[head] += [method] if method else []
+        else:
+            functions.append(head)
+    out = ['"""Look-alike of an upstream file, written for the dire-plugin tests."""\n']
+    for name in functions:
+        out.append(f"\n\ndef {name}(*args, **kwargs):\n    return {name!r}, len(args)\n")
+    for name, methods in classes.items():
+        out.append(f"\n\nclass {name}:\n    def __init__(self, *args):\n        self.args = args\n")
+        for method in methods:
+            out.append(f"\n    def {method}(self, *args):\n        return {method!r}\n")
+    return "".join(out)
+
+
+def commit_all(repo: git.Repo, message: str) -> str:
+    repo.git.add("-A")
+    repo.git.commit("-q", "-m", message, env=IDENTITY)
+    return repo.head.commit.hexsha
+
+
+def build_checkout(root: Path, patch_module, url: str, files: Optional[Mapping[str, str]] = None) -> str:
+    """Write every script and target file of ``patch_module`` under ``root`` (``files`` gives real
+    contents for some paths, stand-ins otherwise), commit, add ``origin``; return the commit."""
+    wanted: Dict[str, List[str]] = {script: [] for script in patch_module.SCRIPTS}
+    for target in patch_module.TARGETS:
+        wanted.setdefault(target.file, []).append(target.symbol)
+    for rel, symbols in wanted.items():
+        path = root / rel  # a literal "*small_dataset" folder, as upstream has
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text((files or {}).get(rel) or lookalike_source(symbols))
+    (root / "README.md").write_text("look-alike\n")
+    repo = git.Repo.init(root)
+    head = commit_all(repo, "look-alike")
+    repo.create_remote("origin", url + ".git")
+    repo.close()
+    return head
+
+
+def write_lock(path: Path, root: Path, patch_module, url: str, head: str) -> Path:
+    """The shipped lock with ``patch_module``'s method pinned to the look-alike at ``head``."""
+    prints = {(t.file, t.symbol): fingerprint_symbol(root / t.file, t.symbol) for t in patch_module.TARGETS}
+    locks = dict(load_lock())
+    locks[patch_module.METHOD] = MethodLock(patch_module.METHOD, url, head, tuple(patch_module.SCRIPTS), prints)
+    path.write_text(format_lock(locks.values()))
+    return path
+
+
+def write_image_folder(root: Path, num_classes: int, per_class: int = 2, size: int = 16, seed: int = 0) -> Path:
+    """An ImageFolder of random PNGs (``class_XXX/img_Y.png``): real data stand-in for the bank."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        folder = root / f"class_{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+    return root
