@@ -76,7 +76,7 @@ class RunConfig:
         return cls(**kwargs)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: records hold tensors, which do not compare as booleans
 class _Record:
     """One ``nn.Linear`` call: the input tensor it consumed (with graph), its output, and the
     top-level model and forward it belongs to."""
@@ -248,7 +248,7 @@ class DiReRuntime:
             total = sum(self._weights[c] * v for c, v in values.items())
             (grad,) = torch.autograd.grad(total, emb)
         self._attach(chunks, grad)
-        self._log_values(values, float(total))
+        self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()))
         self._last = (emb.detach(), labels.detach().to(device))
 
     def _build_bank(self, record: _Record, device: torch.device) -> RealEmbeddingBank:

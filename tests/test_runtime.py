@@ -173,3 +173,20 @@ def test_unpatch_restores_vanilla_behaviour():
     optimizer = torch.optim.Adam([inputs])
     nn.CrossEntropyLoss()(model(inputs), torch.arange(NUM_CLASSES)).backward()
     optimizer.step()  # no runtime: nothing checks, nothing added
+
+
+def test_teacher_with_several_linear_layers_uses_the_classifier_input(patched):
+    # MobileNet-style heads have Linear -> act -> Linear: the embedding is the last one's input.
+    bank, _ = patched
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, D), nn.ReLU(), nn.Linear(D, NUM_CLASSES),
+    ).eval()
+    for p in model.parameters():
+        p.requires_grad = False
+    targets = torch.arange(NUM_CLASSES)
+    inputs = torch.randn(NUM_CLASSES, 3, 6, 6, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    g_vanilla, g_dire = _expected_grad(model, inputs, targets, bank)
+    grad, _ = _step(model, inputs, targets, nn.CrossEntropyLoss())
+    torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
