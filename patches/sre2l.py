@@ -22,7 +22,7 @@ SCRIPTS = {
     # ImageNet: pretrained=True torchvision weights (the CPU shim builds them random), no checkpoint.
     "SRe2L/recover/data_synthesis.py": ScriptSpec(
         IMAGENET, num_classes=1000, arch=SMOKE_ARCH,
-        smoke_args=(*_SMOKE, "--verifier-arch", SMOKE_ARCH, "--batch-size", "100", "--store-best-images"),
+        smoke_args=(*_SMOKE, "--verifier-arch", SMOKE_ARCH, "--batch-size", "50", "--store-best-images"),
     ),
     # Tiny-ImageNet: torchvision-reference checkpoint, {"model": ...} without "module.".
     "SRe2L/*small_dataset/recover_tiny.py": ScriptSpec(

@@ -1,0 +1,178 @@
+"""End to end through the product's own path: ``dire-apply`` on a look-alike SRe²L checkout, then
+the unchanged script run by a plain ``python`` whose start-up finds the ``.pth`` line.
+
+The script is our SRe²L-shaped fixture (tests/fixtures/sre2l_like) placed at the path of the
+CIFAR recover script; it runs on CPU through the shim, as the real one does in smoke runs.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from dire_plugin import activation
+from dire_plugin.cli.apply import main as dire_apply
+from dire_plugin.lockfile import ENV_LOCK
+from dire_plugin.patching import load_method
+from lookalike import build_checkout, write_image_folder, write_lock
+
+HERE = Path(__file__).resolve().parent
+FIXTURE = HERE / "fixtures" / "sre2l_like"
+URL = "https://github.com/VILA-Lab/SRe2L"
+SRE2L = load_method("sre2l")
+SCRIPT = "SRe2L/*small_dataset/recover_cifar.py"
+UTILS = "SRe2L/*small_dataset/utils.py"
+CLASSES = 100  # the CIFAR-100 script's teacher
+ARGS = ["--num-classes", str(CLASSES), "--batch-size", "100", "--iteration", "3", "--ipc-start", "0",
+        "--ipc-end", "2", "--store-best-images", "--seed", "1"]
+
+
+def _make_teacher(path):
+    spec = importlib.util.spec_from_file_location("_make_teacher", FIXTURE / "make_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_teacher_checkpoint(path, num_classes=CLASSES, seed=0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A venv (system packages visible) whose site-packages receives the .pth, a look-alike
+    checkout with the fixture at the CIFAR script's path, a lock pinning it, real data, a teacher."""
+    base = tmp_path_factory.mktemp("e2e")
+    env_dir = base / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    # The product as users get it: a wheel installed into the environment that runs the script
+    # (an editable install's finder comes from the system site-packages, which site.py reads
+    # after the venv's own .pth files).
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(HERE.parent), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(base / "wheel")], check=True, capture_output=True)
+    (wheel,) = (base / "wheel").glob("dire_plugin-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, capture_output=True)
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    root = base / "SRe2L"
+    files = {SCRIPT: (FIXTURE / "recover.py").read_text(), UTILS: (FIXTURE / "utils.py").read_text()}
+    head = build_checkout(root, SRE2L, URL, files)
+    lock = write_lock(base / "lock.toml", root, SRE2L, URL, head)
+    data = write_image_folder(base / "real", CLASSES, per_class=2, size=16)
+    ckpt = _make_teacher(base / "teacher.pth")
+    return {"base": base, "py": py, "site": Path(site), "root": root, "lock": lock, "head": head,
+            "data": data, "ckpt": ckpt}
+
+
+@pytest.fixture
+def env(world, monkeypatch):
+    monkeypatch.setenv(ENV_LOCK, str(world["lock"]))
+    monkeypatch.setenv(activation.ENV_SITE_DIR, str(world["site"]))
+    yield world
+    dire_apply(["--remove", "sre2l", str(world["root"])]) if activation.read_config(world["root"]) else None
+
+
+def _run(world, out, extra_env=None, script=SCRIPT, args=ARGS, shim_only=False):
+    """``python SCRIPT ARGS`` from the script's folder, CUDA shimmed onto the CPU (by the
+    activation, or, for a checkout with nothing applied, by a wrapper that installs the shim only)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_") or k == ENV_LOCK}
+    env.update({"DIRE_CPU_SHIM": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})})
+    path = world["root"] / script
+    argv = [path.name, "--arch-path", str(world["ckpt"]), "--syn-data-path", str(out), *args]
+    if shim_only:
+        code = ("import sys, runpy, dire_plugin.shim as s; s.install(); sys.path.insert(0, '.'); "
+                f"sys.argv = {argv!r}; runpy.run_path({path.name!r}, run_name='__main__')")
+        cmd = [str(world["py"]), "-c", code]
+    else:
+        cmd = [str(world["py"]), *argv]
+    return subprocess.run(cmd, cwd=path.parent, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _images(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_applied_checkout_runs_with_dire_and_disable_gives_vanilla(env, tmp_path):
+    root = env["root"]
+    assert dire_apply(["sre2l", str(root), "--real-data", str(env["data"]), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (env["site"] / activation.PTH_NAME).is_file()
+
+    run = _run(env, tmp_path / "dire")
+    assert run.returncode == 0, run.stderr
+    assert f"[dire] sre2l patch active: r_c=0.1, r_e=0.001" in run.stderr and env["head"] in run.stderr
+    manifest = json.loads((tmp_path / "dire" / "test" / "dire_manifest.json").read_text())
+    assert manifest["method"] == "sre2l" and manifest["upstream_commit"] == env["head"]
+    assert manifest["synthesis_steps"] == 6 and manifest["terms_added"] == 6  # 3 iterations x 2 ipc
+    assert manifest["batches_in_memory"] == 1 and manifest["memory_embeddings"] == CLASSES
+    assert manifest["bank"]["classes"] == CLASSES and manifest["bank"]["fingerprint"]
+    assert manifest["mean_values"]["cd"] is not None
+    dire_images = _images(tmp_path / "dire")
+    assert len(dire_images) == 2 * CLASSES
+
+    disabled = _run(env, tmp_path / "disabled", {"DIRE_DISABLE": "1"})
+    assert disabled.returncode == 0, disabled.stderr
+    assert "runs vanilla" in disabled.stderr
+    assert not (tmp_path / "disabled" / "test" / "dire_manifest.json").exists()
+
+    assert dire_apply(["--remove", "sre2l", str(root)]) == 0
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout == ""
+    assert not (env["site"] / activation.PTH_NAME).exists()
+    vanilla = _run(env, tmp_path / "vanilla", shim_only=True)
+    assert vanilla.returncode == 0 and "[dire]" not in vanilla.stderr, vanilla.stderr
+    assert _images(tmp_path / "disabled") == _images(tmp_path / "vanilla")  # DIRE_DISABLE is exactly vanilla
+    assert dire_images != _images(tmp_path / "vanilla")  # and DiRe changed the images
+
+
+def test_moved_hook_target_stops_the_run(env, tmp_path):
+    root = env["root"]
+    assert dire_apply(["sre2l", str(root), "--real-data", str(env["data"])]) == 0
+    utils = root / UTILS
+    original = utils.read_text()
+    try:
+        utils.write_text(original.replace("class BNFeatureHook", "class BNStatisticsHook"))
+        run = _run(env, tmp_path / "moved")
+        assert run.returncode == 2
+        assert f"{UTILS}: BNFeatureHook" in run.stderr and env["head"] in run.stderr
+        assert "Traceback" not in run.stderr
+        assert not (tmp_path / "moved").exists()
+    finally:
+        utils.write_text(original)
+
+
+def test_pth_is_inert_for_other_processes(env, tmp_path):
+    assert dire_apply(["sre2l", str(env["root"]), "--real-data", str(env["data"])]) == 0
+    probe = "import sys; print('dire_plugin._startup' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([str(env["py"]), "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    # A script inside the checkout that no patch covers (a squeeze/relabel script) stays vanilla.
+    other = env["root"] / "SRe2L" / "probe_uncovered.py"
+    other.write_text(probe + "\n")
+    try:
+        out = subprocess.run([str(env["py"]), str(other)], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == ["True", "False"] and "[dire]" not in out.stderr
+    finally:
+        other.unlink()
+
+
+def test_dire_run_launcher_without_apply(env, tmp_path):
+    script = env["root"] / SCRIPT
+    cmd = [str(env["py"]), "-m", "dire_plugin.launcher", "sre2l", str(script), "--real-data", str(env["data"]),
+           "--r-c", "0.5", "--cache-dir", str(tmp_path / "cache"), "--",
+           "--arch-path", str(env["ckpt"]), "--syn-data-path", str(tmp_path / "out"), *ARGS]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_") or k == ENV_LOCK}
+    run = subprocess.run(cmd, cwd=script.parent, env={**environ, "DIRE_CPU_SHIM": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "out" / "test" / "dire_manifest.json").read_text())
+    assert manifest["terms_added"] == 6 and manifest["config"]["r_c"] == 0.5
+
+
+def test_auto_import_without_settings_is_an_error(tmp_path):
+    script = tmp_path / "lonely.py"
+    script.write_text("import dire_plugin.auto\nprint('ran')\n")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environ)
+    assert run.returncode != 0 and "ran" not in run.stdout
+    assert "no DiRe settings" in run.stderr
