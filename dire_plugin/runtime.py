@@ -291,7 +291,7 @@ class DiReRuntime:
         n = self.stats.computed
         if self.config.log_every and (n == 1 or n % self.config.log_every == 0):
             parts = " ".join(f"{k}={float(v):.4f}" for k, v in values.items())
-            logger.info("[dire] step %d: %s total=%.4f (terms added so far: %d)", n, parts, total, self.stats.terms_added)
+            logger.info("[dire] step %d: %s total=%.4f (steps that got the term before this one: %d)", n, parts, total, self.stats.terms_added)
 
     # ------------------------------------------------------------------ optimizer steps
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
