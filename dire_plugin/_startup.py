@@ -47,7 +47,7 @@ def _script_path() -> Optional[Path]:
     return Path(candidate).resolve() if candidate else None
 
 
-def _settings_for(script: Path, overrides: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+def _settings_for(script: Optional[Path], overrides: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
     """Settings of the run: the inherited ``DIRE_ACTIVATE`` of a parent, else the checkout's
     ``.dire/config.json``, with ``overrides`` (launcher flags) on top."""
     inherited = os.environ.get(ENV_ACTIVATE)
@@ -75,7 +75,8 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
 
     _setup_logging()
     path = Path(script).resolve() if script is not None else _script_path()
-    settings = _settings_for(path, overrides) if path is not None else None
+    # A child of an active run (``-c``/spawn, no script path) has the inherited settings.
+    settings = _settings_for(path, overrides) if path is not None or os.environ.get(ENV_ACTIVATE) else None
     if settings is None or not settings.get("method"):
         if required:
             raise DiReHookError(
@@ -97,7 +98,8 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
         logger.info("[dire] %s=1: %s runs vanilla (upstream %s)", ENV_DISABLE, settings["method"], commit)
         return None
     root = settings.get("root")
-    if root and settings.get("verify", True):
+    # Our own scripts (the demo) have no upstream commit to be checked against.
+    if root and settings.get("verify", True) and getattr(method, "PINNED", True):
         _verify_targets(settings["method"], Path(root), rel, commit)
     # Children (mp.spawn, DataLoader workers started with spawn) have no script path to match:
     # they inherit the settings instead.

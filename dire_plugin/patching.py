@@ -73,9 +73,17 @@ class ScriptSpec:
     smoke_args: Tuple[str, ...] = field(default_factory=tuple)
 
 
+#: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any
+#: upstream, so ``dire-apply`` does not list them.
+INTERNAL_METHODS: Dict[str, str] = {
+    "demo": "dire_plugin.patches.demo",
+}
+
+
 def load_method(name: str) -> ModuleType:
     """The patch module of ``name``; an unknown name is a one-line error listing the known ones."""
-    module = METHODS.get(name.lower()) if isinstance(name, str) else None
+    known = {**METHODS, **INTERNAL_METHODS}
+    module = known.get(name.lower()) if isinstance(name, str) else None
     if module is None:
         raise DiReInputError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
     return importlib.import_module(module)

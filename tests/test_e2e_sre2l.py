@@ -176,3 +176,31 @@ def test_auto_import_without_settings_is_an_error(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environ)
     assert run.returncode != 0 and "ran" not in run.stdout
     assert "no DiRe settings" in run.stderr
+
+
+def test_child_processes_inherit_the_activation(env, tmp_path):
+    # mp.spawn / torchrun workers start with argv ['-c', ...]: they activate through DIRE_ACTIVATE,
+    # which the parent exported, and the same .pth line.
+    assert dire_apply(["sre2l", str(env["root"]), "--real-data", str(env["data"])]) == 0
+    parent = env["root"] / SCRIPT
+    code = (
+        "import json, os, subprocess, sys\n"
+        "import torch  # activation happens at the script's first torch import\n"
+        "child = 'import torch, dire_plugin._startup as s; print(s.active_method())'\n"
+        "out = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True)\n"
+        "print('parent', json.loads(os.environ['DIRE_ACTIVATE'])['method'])\n"
+        "print('child', out.stdout.strip(), out.returncode)\n"
+    )
+    original = parent.read_text()
+    try:
+        # A covered path, so the parent activates; the hooked symbols are left as they are (the
+        # start-up check would stop anything else), and the file is restored before the test ends.
+        parent.write_text(code + "raise SystemExit(0)\n" + original)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_") or k == ENV_LOCK}
+        environ["DIRE_ACTIVATE"] = ""
+        run = subprocess.run([str(env["py"]), parent.name], cwd=parent.parent, env=environ, capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        parent.write_text(original)
+    assert "parent sre2l" in run.stdout, run.stderr
+    assert "child sre2l 0" in run.stdout, run.stderr
