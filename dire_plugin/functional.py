@@ -41,7 +41,7 @@ from .pairwise import (
     unit_row_sums,
 )
 
-__all__ = ["COMPONENTS", "REDUCTIONS", "dire_components", "dire_loss", "check_components"]
+__all__ = ["COMPONENTS", "REDUCTIONS", "active_components", "check_components", "dire_components", "dire_loss", "weighted_total"]
 
 COMPONENTS = ("cd", "cdm", "edm")
 REDUCTIONS = ("mean", "sum")
@@ -190,6 +190,23 @@ def dire_components(
     return {c: out[c] for c in COMPONENTS if c in out}
 
 
+def term_weights(r_c: float, r_e: float) -> Dict[str, float]:
+    """Weight of each component: ``r_c`` for both cosine terms, ``r_e`` for the Euclidean one."""
+    return {"cd": r_c, "cdm": r_c, "edm": r_e}
+
+
+def active_components(components: Iterable[str], r_c: float, r_e: float) -> tuple:
+    """The enabled components whose weight is not 0 (EDM, the only O(N·M·D) term, is often off)."""
+    weights = term_weights(r_c, r_e)
+    return tuple(c for c in check_components(components) if weights[c] != 0)
+
+
+def weighted_total(values: Dict[str, Tensor], r_c: float, r_e: float) -> Tensor:
+    """``r_c · (CD + CDM) + r_e · EDM`` over the components present in ``values``."""
+    weights = term_weights(r_c, r_e)
+    return sum(weights[c] * v for c, v in values.items())
+
+
 def dire_loss(
     syn_emb: Tensor,
     syn_labels: Tensor,
@@ -202,11 +219,8 @@ def dire_loss(
     **kwargs,
 ) -> Tensor:
     """``L_syn = r_c · (CD + CDM) + r_e · EDM`` over the enabled components (module doc)."""
-    comps = check_components(components)
-    # Skip terms whose weight is 0: EDM is the only O(N·M·D) term and is often switched off.
-    active = tuple(c for c in comps if (r_e if c == "edm" else r_c) != 0)
+    active = active_components(components, r_c, r_e)
     if not active:
         return syn_emb.new_zeros((), dtype=torch.float32) * syn_emb.sum()
     terms = dire_components(syn_emb, syn_labels, real, memory, reduction, active, **kwargs)
-    weights = {"cd": r_c, "cdm": r_c, "edm": r_e}
-    return sum(weights[c] * v for c, v in terms.items())
+    return weighted_total(terms, r_c, r_e)

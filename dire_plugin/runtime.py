@@ -39,7 +39,7 @@ from . import __version__
 from .bank import RealEmbeddingBank, SyntheticMemory
 from .errors import DiReHookError
 from .features import unwrap_model
-from .functional import COMPONENTS, dire_components
+from .functional import COMPONENTS, active_components, dire_components, weighted_total
 from .defaults import DEFAULT_R_C, DEFAULT_R_E
 
 __all__ = ["RunConfig", "DiReRuntime", "current_runtime", "start_runtime", "stop_runtime"]
@@ -127,8 +127,7 @@ class DiReRuntime:
         self.enabled = True
         self.started = time.time()
         self.output_dirs: List[str] = []
-        self._weights = {"cd": config.r_c, "cdm": config.r_c, "edm": config.r_e}
-        self._terms = tuple(c for c in config.components if self._weights[c] != 0)
+        self._terms = active_components(config.components, config.r_c, config.r_e)
         self._handles: List[Any] = []
         self._lock = threading.Lock()
         self._main_thread = threading.get_ident()
@@ -245,7 +244,7 @@ class DiReRuntime:
                 memory=self.memory.class_sums(device) if self.config.memory and len(self.memory) else None,
                 reduction=self.config.reduction, components=self._terms,
             )
-            total = sum(self._weights[c] * v for c, v in values.items())
+            total = weighted_total(values, self.config.r_c, self.config.r_e)
             (grad,) = torch.autograd.grad(total, emb)
         self._attach(chunks, grad)
         self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()))
