@@ -3,9 +3,9 @@
 All functions accept a numpy array or a torch tensor of shape ``[N, D]`` (any real dtype;
 float16 is upcast) and return plain Python floats. They run on the tensor's device.
 
-* :func:`coverage` — Naeem et al. 2020, computed exactly as ``prdc.compute_prdc`` does, but in
-  blocks of real rows: memory grows with ``chunk_size × N`` instead of the three dense
-  ``N × N``-sized matrices prdc builds (≈ 6 GB at N = 20 000).
+* :func:`coverage` — Naeem et al. 2020, the value ``prdc.compute_prdc`` gives (with exact
+  distances), in blocks of real rows: memory grows with ``chunk_size × N`` instead of the three
+  dense ``N × N``-sized matrices prdc builds (≈ 6 GB at N = 20 000).
 * :func:`vendi_score`, :func:`vendi_score_per_class` — Friedman & Dieng 2023 with the cosine
   kernel, any Rényi order, through the ``d × d`` dual matrix when ``n > d``.
 * :func:`intra_class_cosine` — mean pairwise cosine within each class, in linear time.
