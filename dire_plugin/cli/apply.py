@@ -36,6 +36,7 @@ from ..checkout import (
 from ..errors import DiReError, DiReInputError
 from ..lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..patching import METHODS, load_method
+from ._common import OneLineParser, fail
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
 
@@ -45,13 +46,6 @@ PROG = "dire-apply"
 ENV_CLONE_URL = "DIRE_CLONE_URL"
 #: Options that only make sense when applying (``--verify --smoke`` reads them too).
 _APPLY_OPTIONS = ("real_data", "r_c", "r_e", "reduction", "cache_dir", "clone")
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error of ``dire-apply``."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
 
 
 def _weight(text: str) -> float:
@@ -66,7 +60,7 @@ def _weight(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dire-apply``."""
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Apply the DiRe regulariser to an upstream dataset-condensation checkout "
         "without editing its files, then run the upstream's own commands as usual.",
@@ -412,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _fail(message: str) -> None:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    fail(PROG, message)
 
 
 if __name__ == "__main__":  # pragma: no cover

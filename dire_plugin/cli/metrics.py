@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DiReError, DiReInputError
+from ._common import OneLineParser, fail
 
 __all__ = ["build_parser", "main", "PROG"]
 
@@ -30,13 +31,6 @@ SEED = 0
 _CIFAR_FOLDERS = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
 # Messages PIL gives for a broken file; DataLoader workers wrap them in a traceback.
 _PIL_ERRORS = re.compile(r"cannot identify image file.*|image file is truncated.*|broken data stream.*")
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error of ``dire-metrics``."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -51,7 +45,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dire-metrics``."""
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Coverage, Vendi score and intra-class cosine similarity of distilled image sets, "
         "measured in the embedding space of the teacher they were distilled from.",
@@ -444,7 +438,7 @@ def _echo(text: str) -> None:
 
 
 def _fail(message: str) -> None:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    fail(PROG, message)
 
 
 if __name__ == "__main__":  # pragma: no cover

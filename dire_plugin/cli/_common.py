@@ -1,0 +1,19 @@
+"""What every dire-plugin command shares: errors are one line on stderr, usage errors exit 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["OneLineParser", "fail"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def fail(prog: str, message: str) -> None:
+    """Print ``message`` as a single line (newlines folded) after ``PROG: error:``."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
