@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ except ImportError:  # pragma: no cover
 from dire_plugin import DiReLoss
 from dire_plugin.grouped import ClassSums, pack_mapping
 from dire_plugin.pairwise import DEFAULT_CHUNK_ELEMENTS
+from _machine import machine_line, peak_kb, reset_peak_rss, status_kb  # noqa: E402  (benchmarks/)
 
 SEED = 0
 MB = 1024.0 * 1024.0
@@ -71,54 +71,16 @@ def seed_everything(seed: int = SEED) -> None:
         pass
 
 
-def _status_kb(field: str) -> Optional[int]:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux), else ``None``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (``VmHWM``) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _peak_kb(hwm_reset: bool) -> int:
-    if hwm_reset:
-        hwm = _status_kb("VmHWM")
-        if hwm is not None:
-            return hwm
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"torch.get_num_threads()={torch.get_num_threads()}, nproc={os.cpu_count()}, CPU: {cpu}"
-    )
 
 
 def fwd_bwd(loss_fn: Callable[[], torch.Tensor], leaf: torch.Tensor, faults: Optional[List[int]] = None) -> float:
@@ -229,16 +191,16 @@ def bench_imagenet_child(repeats: int, classes: int = 1000, ipc: int = 1,
     print(f"== Benchmark 2 (ImageNet-scale SRe²L batch): {classes} classes x {ipc} synthetic, memory "
           f"{mem_per_class} per class, {real_per_class} real per class, D={dim}, float32, CPU")
     print(machine_line())
-    rss0 = _status_kb("VmRSS") or 0
+    rss0 = status_kb("VmRSS") or 0
 
     # The real-use path: per-class tensors packed once by pack_mapping (as a bank does).
     real = dict(zip(range(classes), torch.randn(classes * real_per_class, dim).split(real_per_class)))
-    rss_dicts = _status_kb("VmRSS") or 0
-    hwm_reset = _reset_peak_rss()
+    rss_dicts = status_kb("VmRSS") or 0
+    hwm_reset = reset_peak_rss()
     t0 = time.perf_counter()
     packed = pack_mapping(real, torch.device("cpu"))
     t_pack = time.perf_counter() - t0
-    pack_peak = _peak_kb(hwm_reset)
+    pack_peak = peak_kb(hwm_reset)
     del real
     how = (f"pack_mapping of the real bank: {t_pack:.1f} s, peak RSS during packing "
            f"{(pack_peak - rss_dicts) / 1024:.0f} MB above the per-class tensors "
@@ -253,7 +215,7 @@ def bench_imagenet_child(repeats: int, classes: int = 1000, ipc: int = 1,
     syn = torch.randn(classes * ipc, dim).requires_grad_(True)
     inputs_bytes = _nbytes(packed.padded, packed.unit_sums, packed.counts, packed.classes,
                            mem_sums.unit_sums, mem_sums.counts, mem_sums.classes, syn, labels)
-    rss_inputs = _status_kb("VmRSS") or 0
+    rss_inputs = status_kb("VmRSS") or 0
     print(f"inputs: {inputs_bytes / MB:.1f} MB (packed real bank {_nbytes(packed.padded) / MB:.1f} MB, "
           f"memory class sums {_nbytes(mem_sums.unit_sums) / MB:.2f} MB, synthetic {_nbytes(syn) / MB:.2f} MB); "
           f"RSS after inputs {rss_inputs / 1024:.0f} MB (interpreter+torch {rss0 / 1024:.0f} MB)")
@@ -267,8 +229,8 @@ def bench_imagenet_child(repeats: int, classes: int = 1000, ipc: int = 1,
             return dire(syn, labels, packed, memory=mem_sums)
 
         gc.collect()
-        hwm_reset = _reset_peak_rss()
-        base = _status_kb("VmRSS") or 0
+        hwm_reset = reset_peak_rss()
+        base = status_kb("VmRSS") or 0
         if not hwm_reset:
             base = max(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         # The first call measures the peak and counts as one of the repeats: each call takes
@@ -280,7 +242,7 @@ def bench_imagenet_child(repeats: int, classes: int = 1000, ipc: int = 1,
         loss.backward()
         times = [time.perf_counter() - t0]
         faults = [resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0]
-        peak = _peak_kb(hwm_reset)
+        peak = peak_kb(hwm_reset)
         if not (torch.isfinite(loss) and bool(torch.isfinite(syn.grad).all())):
             raise SystemExit("ImageNet-scale loss or gradient is not finite")
         value = float(loss.detach())

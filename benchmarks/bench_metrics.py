@@ -31,7 +31,6 @@ import contextlib
 import gc
 import io
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -48,58 +47,19 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dire_plugin.metrics import coverage, vendi_score
+from _machine import machine_line, peak_kb, reset_peak_rss, status_kb  # noqa: E402  (benchmarks/)
 
 SEED = 0
 MB = 1024.0 * 1024.0
 
 
 # --------------------------------------------------------------------------- helpers
-def _status_kb(field: str) -> Optional[int]:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux), else ``None``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (``VmHWM``) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
-def _peak_kb(hwm_reset: bool) -> int:
-    if hwm_reset:
-        hwm = _status_kb("VmHWM")
-        if hwm is not None:
-            return hwm
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"torch.get_num_threads()={torch.get_num_threads()}, nproc={os.cpu_count()}, CPU: {cpu}, "
-        f"load average {load}"
-    )
 
 
 def timed(fn: Callable[[], float]) -> Tuple[float, float]:
@@ -196,12 +156,12 @@ def bench_large_child(n: int = 20000, m: int = 500, dim: int = 512, k: int = 5) 
                           ("dtype=float64, chunk_size=1024", {"dtype": torch.float64}),
                           ("default, chunk_size=256", {"chunk_size": 256})):
         gc.collect()
-        hwm_reset = _reset_peak_rss()
-        base = _status_kb("VmRSS") or 0
+        hwm_reset = reset_peak_rss()
+        base = status_kb("VmRSS") or 0
         if not hwm_reset:
             base = max(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         dt, value = timed(lambda: coverage(real, fake, k=k, **kwargs))
-        peak = _peak_kb(hwm_reset)
+        peak = peak_kb(hwm_reset)
         values.append(value)
         print(f"  {label:42s}: {dt:7.2f} s, coverage={value}, extra peak RSS {(peak - base) / 1024:.0f} MB "
               f"({'VmHWM after clear_refs' if hwm_reset else 'ru_maxrss delta, may hide earlier peaks'})")
