@@ -1,0 +1,12 @@
+"""``dire demo``: SRe²L ± DiRe on scikit-learn's digits, end to end, offline.
+
+Modules, one job each: :mod:`.spec` (constants, torch-free: the patch module reads them),
+:mod:`.data`, :mod:`.model`, :mod:`.teacher` (squeeze), :mod:`.variants` (the sets compared),
+:mod:`.synth` (runs ``recover/recover.py`` vanilla and through the launcher, checks the DiRe
+manifests), :mod:`.relabel` and :mod:`.evaluate` (students), :mod:`.measure` (metrics on teacher
+embeddings), :mod:`.tables` (report and verdict), :mod:`.plots`, :mod:`.pipeline` (all of it in
+order); ``dire demo`` (:mod:`dire_plugin.cli.main`) is its command line.
+
+Kept import-free here: the launcher imports this package (through the patch module) in every
+DiRe recover run.
+"""

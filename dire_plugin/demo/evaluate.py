@@ -1,0 +1,81 @@
+"""Train and test the students of every set, in worker processes, while the recover runs go on.
+
+Students run with one torch thread each, for the same reason as the recover runs (see
+:mod:`.synth`). Sets are submitted as soon as they exist (the real subsets at once, each
+synthetic set when its recover run ends), so the two stages share the cores instead of the last
+recover run leaving a core idle. Each worker loads the teacher and the test split once.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .relabel import StudentSettings, train_student
+from .teacher import load_teacher
+
+__all__ = ["StudentPool"]
+
+_WORKER: Dict[str, object] = {}
+
+
+def _init_worker(teacher_path: str, test_x: Tensor, test_y: Tensor, settings: StudentSettings) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(teacher=load_teacher(teacher_path), test_x=test_x, test_y=test_y, settings=settings)
+
+
+def _run(key: str, images: Tensor, seed: int) -> Tuple[str, int, float]:
+    acc = train_student(images, _WORKER["teacher"], _WORKER["test_x"], _WORKER["test_y"], seed, _WORKER["settings"])
+    return key, seed, acc
+
+
+def _context():
+    """fork on Linux: a spawned worker spends ~3 s of CPU importing torch again, as much as a
+    quick student. Safe there for the reason DataLoader workers are: the parent trained its
+    teacher with one thread (no OpenMP pool to inherit) and workers stay single-threaded.
+    Elsewhere (macOS frameworks are not fork-safe) spawn."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+class StudentPool:
+    """``submit`` a set's images for ``seeds`` students; :meth:`results` waits for all of them.
+
+    Use as a context manager: leaving it (also on an error) shuts the workers down.
+    """
+
+    def __init__(self, teacher_path: Path, test_x: Tensor, test_y: Tensor, settings: StudentSettings,
+                 parallel: int, total: int, progress: bool = True) -> None:
+        self._pool = ProcessPoolExecutor(
+            max_workers=max(1, parallel), mp_context=_context(),
+            initializer=_init_worker, initargs=(str(teacher_path), test_x, test_y, settings),
+        )
+        self._futures: List[Future] = []
+        self._bar = tqdm(total=total, desc="relabel + evaluate", unit="student", position=1, disable=not progress)
+
+    def submit(self, key: str, images: Tensor, seeds: Sequence[int]) -> None:
+        """Queue one student per seed on ``images``; results are grouped under ``key``."""
+        for seed in seeds:
+            future = self._pool.submit(_run, key, images, seed)
+            future.add_done_callback(lambda _: self._bar.update())
+            self._futures.append(future)
+
+    def results(self) -> Dict[str, List[float]]:
+        """Test accuracies (fractions) per key, in seed order; re-raises a worker's error."""
+        found: Dict[str, Dict[int, float]] = {}
+        for future in self._futures:
+            key, seed, acc = future.result()
+            found.setdefault(key, {})[seed] = acc
+        return {key: [accs[s] for s in sorted(accs)] for key, accs in found.items()}
+
+    def __enter__(self) -> "StudentPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=exc[0] is None, cancel_futures=exc[0] is not None)
+        self._bar.close()
