@@ -1,2 +1,3 @@
-"""Command-line tools. ``dire-apply`` (:mod:`dire_plugin.cli.apply`) applies DiRe to an upstream
-checkout, undoes it, and reports on pins and applied checkouts."""
+"""Command-line tools: ``dire-apply`` (:mod:`.apply`: apply, undo, verify a patch on an upstream
+checkout), ``dire-metrics`` (:mod:`.metrics`: diversity of distilled sets), ``dire`` (:mod:`.main`:
+``dire demo``, the embedded default job). ``dire-run`` lives in :mod:`dire_plugin.launcher`."""
