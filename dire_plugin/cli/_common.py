@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["OneLineParser", "fail"]
+__all__ = ["OneLineParser", "echo", "fail"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -17,3 +17,13 @@ class OneLineParser(argparse.ArgumentParser):
 def fail(prog: str, message: str) -> None:
     """Print ``message`` as a single line (newlines folded) after ``PROG: error:``."""
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def echo(text: str) -> None:
+    """Print ``text``; a console that cannot show the tables' arrows gets ASCII ones."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        text = text.replace("↑", "^").replace("↓", "v").encode(encoding, "replace").decode(encoding)
+    print(text, flush=True)

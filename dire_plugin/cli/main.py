@@ -12,19 +12,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import DiReError, DiReInputError
+from ._common import OneLineParser, echo, fail
 
 __all__ = ["build_parser", "main"]
 
 PROG = "dire"
 #: Smallest class of the training split has 131 images; intra-class metrics need two per class.
 MIN_IPC, MAX_IPC = 2, 100
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line, like every other error of ``dire``."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive(text: str) -> int:
@@ -56,8 +50,8 @@ def _weight(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``dire`` and its subcommands."""
-    p = _Parser(prog=PROG, description="DiRe diversity regulariser: tools.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p = OneLineParser(prog=PROG, description="DiRe diversity regulariser: tools.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     d = sub.add_parser(
         "demo", help="run the embedded demo: SRe²L ± DiRe on scikit-learn digits",
         description="Distil scikit-learn's digits with an SRe²L-style recover script, vanilla and with DiRe "
@@ -112,18 +106,9 @@ def _demo(args: argparse.Namespace) -> int:
     from ..demo.pipeline import run_demo, summary
 
     result = run_demo(_options(args))
-    _echo(summary(result))
+    echo(summary(result))
     return 0
 
-
-def _echo(text: str) -> None:
-    """Print ``text``; a console that cannot show the table's arrows gets ASCII ones."""
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    try:
-        text.encode(encoding)
-    except (UnicodeEncodeError, LookupError):
-        text = text.replace("↑", "^").replace("↓", "v").encode(encoding, "replace").decode(encoding)
-    print(text, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -149,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _fail(message: str) -> None:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    fail(PROG, message)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DiReError, DiReInputError
-from ._common import OneLineParser, fail
+from ._common import OneLineParser, echo, fail
 
 __all__ = ["build_parser", "main", "PROG"]
 
@@ -403,7 +403,7 @@ def _run(args: argparse.Namespace) -> int:
     for name, data in files.items():
         (out / name).write_bytes(data)
     print()
-    _echo(format_table(rows))
+    echo(format_table(rows))
     print()
     print(f"wrote {', '.join(str(out / n) for n in files)}")
     return 0
@@ -426,15 +426,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
         return 1
 
-
-def _echo(text: str) -> None:
-    """Print ``text``; a console that cannot show the table's arrows gets ASCII ones."""
-    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    try:
-        text.encode(encoding)
-    except (UnicodeEncodeError, LookupError):
-        text = text.replace("↑", "^").replace("↓", "v").encode(encoding, "replace").decode(encoding)
-    print(text)
 
 
 def _fail(message: str) -> None:
