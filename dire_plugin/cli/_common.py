@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["OneLineParser", "echo", "fail"]
+__all__ = ["OneLineParser", "echo", "fail", "positive_int"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -27,3 +27,14 @@ def echo(text: str) -> None:
     except (UnicodeEncodeError, LookupError):
         text = text.replace("↑", "^").replace("↓", "v").encode(encoding, "replace").decode(encoding)
     print(text, flush=True)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (a whole number >= 1)")
+    return value

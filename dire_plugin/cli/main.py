@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import DiReError, DiReInputError
-from ._common import OneLineParser, echo, fail
+from ._common import OneLineParser, echo, fail, positive_int
 
 __all__ = ["build_parser", "main"]
 
@@ -21,18 +21,9 @@ PROG = "dire"
 MIN_IPC, MAX_IPC = 2, 100
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
 
 def _ipc(text: str) -> int:
-    value = _positive(text)
+    value = positive_int(text)
     if not MIN_IPC <= value <= MAX_IPC:
         raise argparse.ArgumentTypeError(f"{text!r}: images per class must be between {MIN_IPC} and {MAX_IPC}")
     return value
@@ -63,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ablation", action="store_true",
                    help="compare the 7 combinations of the CD/CDM/EDM terms at IPC 10 (writes ablation.md/.json)")
     d.add_argument("--ipc", type=_ipc, nargs="+", metavar="N", help="images per class (default 10 50; --quick/--ablation: 10)")
-    d.add_argument("--seeds", type=_positive, metavar="N", help="students per set (default 3; --quick: 2)")
-    d.add_argument("--syn-seeds", type=_positive, metavar="N", help="synthetic sets per variant and IPC (default 1)")
-    d.add_argument("--iterations", type=_positive, metavar="N",
+    d.add_argument("--seeds", type=positive_int, metavar="N", help="students per set (default 3; --quick: 2)")
+    d.add_argument("--syn-seeds", type=positive_int, metavar="N", help="synthetic sets per variant and IPC (default 1)")
+    d.add_argument("--iterations", type=positive_int, metavar="N",
                    help="recover iterations per image batch (default 200 at IPC <= 10, else 100; --quick: 60)")
-    d.add_argument("--student-steps", type=_positive, metavar="N", help="training steps per student (default 400; --quick: 100)")
+    d.add_argument("--student-steps", type=positive_int, metavar="N", help="training steps per student (default 400; --quick: 100)")
     d.add_argument("--r-bn", type=_weight, metavar="F", help="weight of the BN prior in recover (default 0.01)")
-    d.add_argument("--jobs", type=_positive, metavar="N", help="processes at once (default: CPU count, at most 8)")
+    d.add_argument("--jobs", type=positive_int, metavar="N", help="processes at once (default: CPU count, at most 8)")
     d.add_argument("--out", metavar="DIR", default="dire-demo", help="output folder (default ./dire-demo)")
     d.add_argument("--cache-dir", metavar="DIR", help="digits images, teacher and bank cache (default ~/.cache/dire/demo)")
     d.add_argument("--no-plots", action="store_true", help="skip the figures")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DiReError, DiReInputError
-from ._common import OneLineParser, echo, fail
+from ._common import OneLineParser, echo, fail, positive_int
 
 __all__ = ["build_parser", "main", "PROG"]
 
@@ -32,15 +32,6 @@ _CIFAR_FOLDERS = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar10
 # Messages PIL gives for a broken file; DataLoader workers wrap them in a traceback.
 _PIL_ERRORS = re.compile(r"cannot identify image file.*|image file is truncated.*|broken data stream.*")
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,22 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--arch", required=True, help="torchvision model name, e.g. resnet18")
     model.add_argument("--checkpoint", metavar="CKPT", help="teacher weights: {'state_dict'|'model': ...} or a bare state dict")
     model.add_argument("--random-init", action="store_true", help="no checkpoint: a seeded random network (sanity checks only)")
-    model.add_argument("--num-classes", type=_positive_int, metavar="N",
+    model.add_argument("--num-classes", type=positive_int, metavar="N",
                        help="classifier outputs (default: the checkpoint's, else the real set's class count)")
     model.add_argument("--cifar-stem", action="store_true", help="ResNet with a 3x3 conv1 and no max-pool (SRe2L CIFAR/Tiny)")
     model.add_argument("--layer", metavar="NAME", help="layer whose input is the embedding (default: the last nn.Linear)")
     data = p.add_argument_group("preprocessing (default: from the real data: CIFAR 32 px, Tiny 64 px, else ImageNet 224 px)")
-    data.add_argument("--image-size", type=_positive_int, metavar="S", help="network input size (center crop)")
-    data.add_argument("--resize", type=_positive_int, metavar="R", help="resize real images to R before the crop")
+    data.add_argument("--image-size", type=positive_int, metavar="S", help="network input size (center crop)")
+    data.add_argument("--resize", type=positive_int, metavar="R", help="resize real images to R before the crop")
     data.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation mean")
     data.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std")
     data.add_argument("--raw-tensors", action="store_true",
                       help="tensor files hold [0, 1] pixels (default: already normalised, as MTT/DM save them)")
     run = p.add_argument_group("run")
-    run.add_argument("--k", type=_positive_int, default=5, help="nearest neighbours for coverage (default 5)")
-    run.add_argument("--max-real-per-class", type=_positive_int, metavar="M",
+    run.add_argument("--k", type=positive_int, default=5, help="nearest neighbours for coverage (default 5)")
+    run.add_argument("--max-real-per-class", type=positive_int, metavar="M",
                      help="keep a seeded random subset of M real embeddings per class (coverage and plots get faster)")
-    run.add_argument("--batch-size", type=_positive_int, default=256, metavar="B", help="default 256")
+    run.add_argument("--batch-size", type=positive_int, default=256, metavar="B", help="default 256")
     run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="W",
                      help="image-decoding workers (default min(4, CPUs))")
     run.add_argument("--device", choices=("cpu", "cuda"), help="default cuda when available")
