@@ -38,6 +38,7 @@ from .pairwise import (
     cosine_sum_within,
     euclidean_distance_sums,
     normalize_rows,
+    ranks_in_class,
     unit_row_sums,
 )
 
@@ -101,10 +102,7 @@ def _layout(labels: Tensor, real: PackedEmbeddings) -> _Layout:
         return last
     classes, slot, counts = torch.unique(labels, sorted=True, return_inverse=True, return_counts=True)
     real_pos = real.positions(classes)
-    sorted_slot, perm = torch.sort(slot, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(slot)
-    rank[perm] = torch.arange(len(slot), device=slot.device) - starts[sorted_slot]
+    rank = ranks_in_class(slot, counts)
     blocked = bool((counts == counts[0]).all()) and bool((slot[1:] >= slot[:-1]).all())
     _LAST_LAYOUT = _Layout(
         labels.clone(), real, classes, slot, rank, counts, counts.to(torch.float64),

@@ -37,7 +37,7 @@ __all__ = [
     "group_by_class",
     "class_row_sums",
     "unit_row_sums",
-    "masked_row_sums",
+    "ranks_in_class",
     "cosine_sum_within",
     "cosine_sum_between",
     "euclidean_distance_sums",
@@ -140,14 +140,18 @@ def group_by_class(
     num_classes = len(classes)
     counts = torch.bincount(slot, minlength=num_classes)
     n_max = int(counts.max()) if len(labels) else 0
-    # Rank of each row inside its class: stable sort by slot, then position minus class start.
+    padded = x.new_zeros(num_classes, n_max, x.shape[-1])
+    padded = padded.index_put((slot, ranks_in_class(slot, counts)), x)
+    return padded, counts, classes
+
+
+def ranks_in_class(slot: Tensor, counts: Tensor) -> Tensor:
+    """Position of each row among the rows of its class, in input order (stable)."""
     sorted_slot, perm = torch.sort(slot, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(slot)
     rank[perm] = torch.arange(len(slot), device=slot.device) - starts[sorted_slot]
-    padded = x.new_zeros(num_classes, n_max, x.shape[-1])
-    padded = padded.index_put((slot, rank), x)
-    return padded, counts, classes
+    return rank
 
 
 def class_row_sums(x: Tensor, slot: Tensor, num_classes: int) -> Tensor:
@@ -185,12 +189,6 @@ def unit_row_sums(x: Tensor, slot: Tensor, num_classes: int, eps: float = DEFAUL
     The same as ``class_row_sums(normalize_rows(x, eps), slot, C)``, faster in backward.
     """
     return _UnitRowSums.apply(x, slot, int(num_classes), float(eps))
-
-
-def masked_row_sums(padded: Tensor, counts: Tensor) -> Tensor:
-    """``out[c] = Σ_{i < counts[c]} padded[c, i]``, shape ``[C, D]``."""
-    valid = torch.arange(padded.shape[1], device=padded.device) < counts.unsqueeze(1)
-    return (padded * valid.unsqueeze(-1).to(padded.dtype)).sum(1)
 
 
 def cosine_sum_within(unit_sums: Tensor, unit_sq_norms: Tensor, include_diagonal: bool) -> Tensor:
