@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Callable
 
-__all__ = ["OneLineParser", "echo", "fail", "positive_int"]
+__all__ = ["OneLineParser", "echo", "fail", "positive_int", "run_command"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -38,3 +39,21 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (a whole number >= 1)")
     return value
+
+
+def run_command(prog: str, command: Callable[[Any], int], args: Any) -> int:
+    """``command(args)`` with the exit codes every tool shares: bad input (any ``DiReError``) is
+    one line and 2, an OS error (e.g. an output folder that cannot be written) one line and 1."""
+    from ..errors import DiReError
+
+    try:
+        return command(args)
+    except DiReError as exc:
+        fail(prog, str(exc))
+        return 2
+    except OSError as exc:
+        fail(prog, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        return 1
+    except KeyboardInterrupt:
+        fail(prog, "interrupted")
+        return 130

@@ -36,7 +36,7 @@ from ..checkout import (
 from ..errors import DiReError, DiReInputError
 from ..lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..patching import METHODS, load_method
-from ._common import OneLineParser, fail
+from ._common import OneLineParser, run_command
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
 
@@ -395,18 +395,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 0
     command = _remove if args.remove else _list if args.list else _status if args.status else _verify if args.verify else _apply
-    try:
-        return command(args)
-    except DiReError as exc:  # bad input, or a lock that does not fit the patches
-        _fail(str(exc))
-        return 2
-    except OSError as exc:
-        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-        return 1
+    return run_command(PROG, command, args)
 
-
-def _fail(message: str) -> None:
-    fail(PROG, message)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import DiReError, DiReInputError
-from ._common import OneLineParser, echo, fail, positive_int
+from ..errors import DiReInputError
+from ._common import OneLineParser, echo, positive_int, run_command
 
 __all__ = ["build_parser", "main"]
 
@@ -111,21 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("choose a command: demo")
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 0
-    try:
-        return _demo(args)
-    except DiReError as exc:  # bad input, or a demo step that failed (the message names its log)
-        _fail(str(exc))
-        return 2
-    except OSError as exc:
-        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-        return 1
-    except KeyboardInterrupt:
-        _fail("interrupted")
-        return 130
+    # A demo step that failed raises DiReError, whose message names its log.
+    return run_command(PROG, _demo, args)
 
-
-def _fail(message: str) -> None:
-    fail(PROG, message)
 
 
 if __name__ == "__main__":  # pragma: no cover

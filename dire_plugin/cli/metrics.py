@@ -19,8 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import DiReError, DiReInputError
-from ._common import OneLineParser, echo, fail, positive_int
+from ..errors import DiReInputError
+from ._common import OneLineParser, echo, positive_int, run_command
 
 __all__ = ["build_parser", "main", "PROG"]
 
@@ -408,19 +408,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _check_args(parser, args)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 0
-    try:
-        return _run(args)
-    except DiReError as exc:
-        _fail(str(exc))
-        return 2
-    except OSError as exc:  # e.g. the output folder cannot be written
-        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-        return 1
+    return run_command(PROG, _run, args)
 
 
-
-def _fail(message: str) -> None:
-    fail(PROG, message)
 
 
 if __name__ == "__main__":  # pragma: no cover
