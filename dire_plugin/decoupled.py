@@ -177,7 +177,8 @@ class DecoupledPatch:
                 raise DiReHookError(f"{config.script} is not a script the {self.method} patch covers")
             if not config.real_data:
                 raise DiReHookError("no real data configured: pass --real-data to dire-apply or dire-run")
-            loader, dataset_id, transform_id = real_data_loader(config.real_data, spec.real_data, spec.num_classes)
+            run = spec.for_argv(sys.argv[1:])  # the bank is built inside the script's own process
+            loader, dataset_id, transform_id = real_data_loader(config.real_data, run.real_data, run.num_classes)
             return RealEmbeddingBank.build(
                 teacher, loader, layer=layer or None, max_per_class=config.bank_max_per_class,
                 cache_dir=config.cache_dir or None, dataset_id=dataset_id, transform_id=transform_id,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from .errors import DiReInputError
 
@@ -71,6 +71,23 @@ class ScriptSpec:
     cifar_stem: bool = False
     #: Arguments for a tiny CPU run (``{ckpt}``, ``{out}`` are filled in).
     smoke_args: Tuple[str, ...] = field(default_factory=tuple)
+    #: For a script that picks its data with an option (the demo's ``--dataset cifar10``): the
+    #: option and the spec of each value; without the option (or another value) this spec holds.
+    by_option: Optional[Tuple[str, Tuple[Tuple[str, "ScriptSpec"], ...]]] = None
+
+    def for_argv(self, argv: Sequence[str]) -> "ScriptSpec":
+        """The spec of a run of the script with arguments ``argv`` (argparse's spellings of the
+        option: ``--opt VALUE`` and ``--opt=VALUE``; the last one wins)."""
+        if self.by_option is None:
+            return self
+        option, choices = self.by_option
+        value = None
+        for i, arg in enumerate(argv):
+            if arg == option and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(option + "="):
+                value = arg[len(option) + 1:]
+        return dict(choices).get(value, self)
 
 
 #: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any
