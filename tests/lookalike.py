@@ -79,3 +79,29 @@ def write_image_folder(root: Path, num_classes: int, per_class: int = 2, size: i
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
     return root
+
+
+def write_demo_teacher(path: Path, num_classes: int, seed: int = 0, size: int = 8) -> Path:
+    """A seeded random teacher for the demo's recover script, which the tests also run as the
+    look-alike of an upstream recover script: ``{"state_dict": ...}`` with DataParallel's
+    ``module.`` keys, as SRe²L's CIFAR checkpoints are saved.
+
+    The BatchNorm running statistics come from a few random batches, so the recover script's BN
+    loss is not trivially zero.
+    """
+    import torch
+
+    from dire_plugin.demo.model import build_model
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model("convnet", num_classes)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 3, size, size, generator=generator) * 2 - 1)
+    state = {"module." + k: v.detach().clone() for k, v in model.eval().state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state}, path)
+    return path

@@ -1,10 +1,10 @@
 """End to end through the product's own path: ``dire-apply`` on a look-alike SRe²L checkout, then
 the unchanged script run by a plain ``python`` whose start-up finds the ``.pth`` line.
 
-The script is our SRe²L-shaped fixture (tests/fixtures/sre2l_like) placed at the path of the
-CIFAR recover script; it runs on CPU through the shim, as the real one does in smoke runs.
+The script is the demo's SRe²L-shaped recover script (ours, dire_plugin/demo/recover) placed at the
+path of the CIFAR recover script; with ``--device cuda`` it calls CUDA as the real one does, and
+runs on CPU through the shim, as the real one does in smoke runs.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,24 +18,17 @@ from dire_plugin import activation
 from dire_plugin.cli.apply import main as dire_apply
 from dire_plugin.lockfile import ENV_LOCK
 from dire_plugin.patching import load_method
-from lookalike import build_checkout, write_image_folder, write_lock
+from dire_plugin.demo.synth import RECOVER
+from lookalike import build_checkout, write_demo_teacher, write_image_folder, write_lock
 
 HERE = Path(__file__).resolve().parent
-FIXTURE = HERE / "fixtures" / "sre2l_like"
 URL = "https://github.com/VILA-Lab/SRe2L"
 SRE2L = load_method("sre2l")
 SCRIPT = "SRe2L/*small_dataset/recover_cifar.py"
 UTILS = "SRe2L/*small_dataset/utils.py"
 CLASSES = 100  # the CIFAR-100 script's teacher
 ARGS = ["--num-classes", str(CLASSES), "--batch-size", "100", "--iteration", "3", "--ipc-start", "0",
-        "--ipc-end", "2", "--store-best-images", "--seed", "1"]
-
-
-def _make_teacher(path):
-    spec = importlib.util.spec_from_file_location("_make_teacher", FIXTURE / "make_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_teacher_checkpoint(path, num_classes=CLASSES, seed=0)
+        "--ipc-end", "2", "--store-best-images", "--seed", "1", "--exp-name", "test", "--device", "cuda"]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +50,11 @@ def world(tmp_path_factory):
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     root = base / "SRe2L"
-    files = {SCRIPT: (FIXTURE / "recover.py").read_text(), UTILS: (FIXTURE / "utils.py").read_text()}
+    files = {SCRIPT: RECOVER.read_text(), UTILS: (RECOVER.parent / "utils.py").read_text()}
     head = build_checkout(root, SRE2L, URL, files)
     lock = write_lock(base / "lock.toml", root, SRE2L, URL, head)
     data = write_image_folder(base / "real", CLASSES, per_class=2, size=16)
-    ckpt = _make_teacher(base / "teacher.pth")
+    ckpt = write_demo_teacher(base / "teacher.pth", num_classes=CLASSES)
     return {"base": base, "py": py, "site": Path(site), "root": root, "lock": lock, "head": head,
             "data": data, "ckpt": ckpt}
 
@@ -101,7 +94,7 @@ def test_applied_checkout_runs_with_dire_and_disable_gives_vanilla(env, tmp_path
 
     run = _run(env, tmp_path / "dire")
     assert run.returncode == 0, run.stderr
-    assert f"[dire] sre2l patch active: r_c=0.1, r_e=0.001" in run.stderr and env["head"] in run.stderr
+    assert "[dire] sre2l patch active: r_c=0.1, r_e=0.001" in run.stderr and env["head"] in run.stderr
     manifest = json.loads((tmp_path / "dire" / "test" / "dire_manifest.json").read_text())
     assert manifest["method"] == "sre2l" and manifest["upstream_commit"] == env["head"]
     assert manifest["synthesis_steps"] == 6 and manifest["terms_added"] == 6  # 3 iterations x 2 ipc

@@ -1,6 +1,5 @@
 """Real data for the bank: refused early with a clear message, loaded as the teacher saw it."""
 import pytest
-import torch
 
 from dire_plugin.errors import DiReInputError
 from dire_plugin.patching import RealDataSpec

@@ -2,7 +2,6 @@
 SRe²L-like script that calls CUDA everywhere runs end to end (and reproducibly) under it."""
 import argparse
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -20,14 +19,8 @@ from torchvision.models import _api as tv_api
 
 from dire_plugin import shim
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sre2l_like"
-
-
-def _load_make_teacher():
-    spec = importlib.util.spec_from_file_location("_sre2l_like_make_teacher", FIXTURE / "make_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_teacher_checkpoint
+from dire_plugin.demo.synth import RECOVER
+from lookalike import write_demo_teacher
 
 
 @pytest.fixture
@@ -275,17 +268,18 @@ def test_install_before_torch_is_imported():
     assert "torch.Size([1, 1000])" in out.stdout
 
 
-# --- the SRe²L-like fixture, end to end ---------------------------------------------------------
+# --- an SRe²L-shaped script that calls CUDA (the demo's, with --device cuda), end to end ----------
 
 
 def _run_fixture(ckpt: Path, out: Path, *extra: str, shimmed: bool = True) -> subprocess.CompletedProcess:
     runner = ["-m", "dire_plugin.shim"] if shimmed else []
-    cmd = [sys.executable, *runner, str(FIXTURE / "recover.py"), "--arch-path", str(ckpt), "--syn-data-path", str(out),
-           "--exp-name", "exp", "--iteration", "3", "--batch-size", "4", "--store-best-images", *extra]
+    cmd = [sys.executable, *runner, str(RECOVER), "--arch-path", str(ckpt), "--syn-data-path", str(out),
+           "--exp-name", "exp", "--iteration", "3", "--batch-size", "4", "--store-best-images", "--device", "cuda",
+           "--print-every", "10", *extra]
     # One thread each: runs in parallel do not fight over cores, and results stay bit-stable.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("DIRE_ACTIVATE", None)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=FIXTURE, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=RECOVER.parent, env=env)
 
 
 def _digests(folder: Path):
@@ -293,7 +287,7 @@ def _digests(folder: Path):
 
 
 def test_fixture_runs_under_the_shim_and_is_reproducible(tmp_path):
-    ckpt = _load_make_teacher()(tmp_path / "teacher.pth", num_classes=6, seed=1)
+    ckpt = write_demo_teacher(tmp_path / "teacher.pth", num_classes=6, seed=1)
     runs = [(tmp_path / "a", True), (tmp_path / "b", True)]
     if not torch.cuda.is_available():
         runs.append((tmp_path / "plain", False))
@@ -308,16 +302,16 @@ def test_fixture_runs_under_the_shim_and_is_reproducible(tmp_path):
     assert set(a) == expected
     assert a == b  # same seed: byte-identical images
     if len(results) == 3:
-        # Without the shim the fixture fails on a CPU-only machine, as the real script does.
+        # Without the shim the script fails on a CPU-only machine, as the real one does.
         assert results[2].returncode != 0 and re.search("CUDA|NVIDIA", results[2].stderr)
 
 
 def test_make_teacher_checkpoint_format(tmp_path):
-    path = _load_make_teacher()(tmp_path / "t.pth", num_classes=4, seed=0)
+    path = write_demo_teacher(tmp_path / "t.pth", num_classes=4, seed=0)
     ckpt = torch.load(path)
     assert set(ckpt) == {"state_dict"}
     keys = list(ckpt["state_dict"])
     assert all(k.startswith("module.") for k in keys)
-    assert ckpt["state_dict"]["module.classifier.weight"].shape == (4, 32)
-    again = torch.load(_load_make_teacher()(tmp_path / "u.pth", num_classes=4, seed=0))
+    assert ckpt["state_dict"]["module.classifier.weight"].shape == (4, 128)
+    again = torch.load(write_demo_teacher(tmp_path / "u.pth", num_classes=4, seed=0))
     assert all(torch.equal(ckpt["state_dict"][k], again["state_dict"][k]) for k in keys)

@@ -15,7 +15,9 @@ from dire_plugin import shim
 from dire_plugin.patching import ScriptSpec, load_method
 from dire_plugin.smoke import run_smoke, smoke_script, write_fake_imagefolder, write_teacher_checkpoint
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sre2l_like"
+from dire_plugin.demo.synth import RECOVER
+from lookalike import write_demo_teacher
+
 MIRROR = os.environ.get("DIRE_UPSTREAM_MIRROR")
 
 _WITH_CHECKPOINT = [
@@ -67,22 +69,14 @@ def test_unknown_script_fails(capsys):
 def _fixture_spec(ckpt: Path, *extra: str) -> ScriptSpec:
     cifar = load_method("sre2l").SCRIPTS["SRe2L/*small_dataset/recover_cifar.py"].real_data
     args = ("--arch-path", str(ckpt), "--syn-data-path", "{out}", "--exp-name", "smoke", "--iteration", "2",
-            "--batch-size", "3", "--num-classes", "6", *extra)
+            "--batch-size", "3", "--num-classes", "6", "--ipc-end", "1", "--device", "cuda", *extra)
     return ScriptSpec(cifar, num_classes=6, smoke_args=args)
 
 
-def _make_teacher(path: Path) -> Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_sre2l_like_make_teacher", FIXTURE / "make_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_teacher_checkpoint(path, num_classes=6)
-
-
 def test_smoke_runs_a_script_under_the_shim(tmp_path):
-    ckpt = _make_teacher(tmp_path / "teacher.pth")
-    result = smoke_script("sre2l", FIXTURE.parent, FIXTURE.name + "/recover.py", _fixture_spec(ckpt, "--store-best-images"),
+    ckpt = write_demo_teacher(tmp_path / "teacher.pth", num_classes=6)
+    # The demo's recover script, which calls CUDA with --device cuda, as an upstream one.
+    result = smoke_script("sre2l", RECOVER.parent.parent, "recover/recover.py", _fixture_spec(ckpt, "--store-best-images"),
                           vanilla=True, keep=True)
     try:
         assert result.ok, result.detail

@@ -1,5 +1,5 @@
 """``dire``: the umbrella command. ``dire demo`` runs the embedded demo (SRe²L ± DiRe on
-scikit-learn's digits, offline, a few minutes on a laptop CPU).
+scikit-learn's digits, offline, a few minutes on a laptop CPU; or on CIFAR the user has).
 
 Exit codes: 0 done, 2 bad input or a failed demo step (one line on stderr), 1 an output that
 could not be written.
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil scikit-learn's digits with an SRe²L-style recover script, vanilla and with DiRe "
         "(through the same hook runtime as real upstream code), then compare accuracy of relabelled "
         "students, coverage and within-class diversity. Offline; a few minutes on 2 CPU cores (--quick: about a minute).",
-        epilog="examples: dire demo | dire demo --quick | dire demo --ablation | dire demo --ipc 10 --seeds 5",
+        epilog="examples: dire demo | dire demo --quick | dire demo --ablation | dire demo --ipc 10 --seeds 5 | "
+        "dire demo --dataset cifar10 --data-path ~/data",
     )
     d.add_argument("--quick", action="store_true", help="IPC 10 only, fewer iterations, steps and seeds (< 1 minute)")
     d.add_argument("--ablation", action="store_true",
@@ -57,35 +58,48 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=positive_int, metavar="N", help="students per set (default 3; --quick: 2)")
     d.add_argument("--syn-seeds", type=positive_int, metavar="N", help="synthetic sets per variant and IPC (default 1)")
     d.add_argument("--iterations", type=positive_int, metavar="N",
-                   help="recover iterations per image batch (default 200 at IPC <= 10, else 100; --quick: 60)")
-    d.add_argument("--student-steps", type=positive_int, metavar="N", help="training steps per student (default 400; --quick: 100)")
+                   help="recover iterations per image batch (digits: 200 at IPC <= 10, else 100, --quick 60; CIFAR: 500)")
+    d.add_argument("--student-steps", type=positive_int, metavar="N",
+                   help="training steps per student (digits: 400, --quick 100; CIFAR: 1000)")
+    d.add_argument("--teacher-epochs", type=positive_int, metavar="N", help="teacher training epochs (digits: 15; CIFAR: 30)")
     d.add_argument("--r-bn", type=_weight, metavar="F", help="weight of the BN prior in recover (default 0.01)")
     d.add_argument("--jobs", type=positive_int, metavar="N", help="processes at once (default: CPU count, at most 8)")
     d.add_argument("--out", metavar="DIR", default="dire-demo", help="output folder (default ./dire-demo)")
-    d.add_argument("--cache-dir", metavar="DIR", help="digits images, teacher and bank cache (default ~/.cache/dire/demo)")
+    d.add_argument("--cache-dir", metavar="DIR", help="digits images, teachers and bank cache (default ~/.cache/dire/demo)")
     d.add_argument("--no-plots", action="store_true", help="skip the figures")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--dataset", choices=("digits", "cifar10", "cifar100"), default="digits",
-                   help="data to distil (only digits is supported yet)")
-    d.add_argument("--data-path", metavar="DIR", help="torchvision CIFAR folder (for --dataset cifar10/cifar100)")
+                   help="data to distil (default digits, bundled with scikit-learn; CIFAR needs --data-path)")
+    d.add_argument("--data-path", metavar="DIR",
+                   help="CIFAR folder: torchvision's layout (cifar-10-batches-py/ or cifar-100-python/ inside) "
+                   "or train/ and test/ with one folder per class")
+    d.add_argument("--device", choices=("cuda", "cpu"), help="where teacher, students and recover run (default: cuda when available)")
     return p
 
 
 def _options(args: argparse.Namespace):
     from ..demo.pipeline import DemoOptions
 
-    if args.dataset != "digits":
-        raise DiReInputError(f"--dataset {args.dataset} is not supported yet: the demo runs on scikit-learn's digits only")
-    if args.data_path:
-        raise DiReInputError("--data-path goes with --dataset cifar10/cifar100, which is not supported yet")
+    if args.dataset == "digits" and args.data_path:
+        raise DiReInputError("--data-path goes with --dataset cifar10/cifar100: the digits come with scikit-learn")
+    if args.dataset != "digits" and not args.data_path:
+        raise DiReInputError(f"--dataset {args.dataset} needs --data-path DIR (torchvision layout, or train/ and test/ "
+                             "with one folder per class)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DiReInputError("--device cuda: torch sees no CUDA device here")
     given = {
         "ipcs": tuple(dict.fromkeys(args.ipc)) if args.ipc else None,
         "seeds": args.seeds, "syn_seeds": args.syn_seeds, "iterations": args.iterations,
         "student_steps": args.student_steps, "r_bn": args.r_bn, "jobs": args.jobs,
+        "teacher_epochs": args.teacher_epochs, "device": args.device,
     }
     given = {k: v for k, v in given.items() if v is not None}
     common = dict(out=Path(args.out), cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                  ablation=args.ablation, plots=not args.no_plots, progress=not args.no_progress)
+                  ablation=args.ablation, plots=not args.no_plots, progress=not args.no_progress,
+                  dataset=args.dataset, data_path=Path(args.data_path) if args.data_path else None)
     if args.ablation and "ipcs" not in given:
         given["ipcs"] = (10,)  # the paper's Table 14 is at one IPC
     if args.quick:

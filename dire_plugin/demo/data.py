@@ -1,7 +1,9 @@
-"""scikit-learn's bundled digits, as the demo uses them: no download, works offline.
+"""The demo's data: scikit-learn's bundled digits (no download, works offline), or CIFAR-10/100
+from a folder the user has.
 
-Pixels are quantised to 8 bits once, at load time, so that the tensors the teacher trains on and
-the PNGs the DiRe bank reads (through ImageFolder) hold exactly the same values.
+Pixels are 8-bit throughout: digits are quantised once, at load time, so that the tensors the
+teacher trains on and the PNGs the DiRe bank reads (through ImageFolder) hold exactly the same
+values; CIFAR is 8-bit already.
 """
 from __future__ import annotations
 
@@ -10,71 +12,168 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .spec import MEAN, NUM_CLASSES, SPLIT_SEED, STD, TEST_SIZE
+from ..errors import DiReInputError
+from .spec import DATASETS, DIGITS, SPLIT_SEED, TEST_SIZE, DatasetSpec
 
-__all__ = ["Digits", "load_digits_split", "normalise", "denormalise", "real_subset", "write_image_folder"]
+__all__ = ["DemoData", "check_data", "load_data", "load_digits_split", "load_cifar", "normalise", "denormalise", "real_subset",
+           "write_image_folder"]
+
+_TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
 @dataclass(frozen=True)
-class Digits:
-    """The stratified split, as normalised ``[N, 3, 8, 8]`` float tensors and int64 labels."""
+class DemoData:
+    """A train/test split as normalised ``[N, 3, H, W]`` float tensors and int64 labels, and the
+    folder the DiRe bank reads the same training images from (``dire-run --real-data``)."""
 
+    spec: DatasetSpec
     train_x: Tensor
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
-    train_u8: np.ndarray  # [N, 8, 8] uint8, for the ImageFolder copy
+    real_dir: Path
+    source: str
 
 
-def normalise(pixels: Tensor) -> Tensor:
-    """``[N, 8, 8]`` values in [0, 1] → ``[N, 3, 8, 8]`` normalised (grey replicated)."""
-    x = pixels.float().unsqueeze(1).expand(-1, 3, -1, -1)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+def _stats(spec: DatasetSpec, device: torch.device) -> Tuple[Tensor, Tensor]:
+    return (torch.tensor(spec.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(spec.std, device=device).view(1, 3, 1, 1))
+
+
+def normalise(pixels: np.ndarray, spec: DatasetSpec) -> Tensor:
+    """``[N, H, W, 3]`` uint8 → ``[N, 3, H, W]`` float, normalised with the dataset's statistics."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean, std = _stats(spec, x.device)
     return ((x - mean) / std).contiguous()
 
 
-def denormalise(x: Tensor) -> Tensor:
+def denormalise(x: Tensor, spec: DatasetSpec) -> Tensor:
     """Normalised images → pixel values in [0, 1]."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _stats(spec, x.device)
     return (x * std + mean).clamp(0, 1)
 
 
-def load_digits_split() -> Digits:
-    """1,797 digits → 1,347 train / 450 test, stratified with seed 0."""
+def load_digits_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """1,797 digits → 1,347 train / 450 test, stratified with seed 0: ``[N, 8, 8, 3]`` uint8 + labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    # Digits hold 0..16: map to 8-bit like a PNG would store them.
-    u8 = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    xtr, xte, ytr, yte = train_test_split(
-        u8, digits.target, test_size=TEST_SIZE, stratify=digits.target, random_state=SPLIT_SEED
-    )
-    as_x = lambda a: normalise(torch.from_numpy(a.astype(np.float32) / 255.0))  # noqa: E731
-    return Digits(as_x(xtr), torch.from_numpy(ytr).long(), as_x(xte), torch.from_numpy(yte).long(), xtr)
+    # Digits hold 0..16: map to 8-bit like a PNG would store them; grey replicated to RGB.
+    u8 = np.repeat(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None], 3, axis=3)
+    return tuple(train_test_split(u8, digits.target, test_size=TEST_SIZE, stratify=digits.target,
+                                  random_state=SPLIT_SEED))
 
 
-def real_subset(data: Digits, ipc: int, seed: int) -> Tuple[Tensor, Tensor]:
+def _read_image_folder(root: Path, size: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """``root/{class}/*`` → ``[N, size, size, 3]`` uint8, labels in sorted-folder order (ImageFolder's)."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() in IMG_EXTENSIONS:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+                    if img.size != (size, size):
+                        raise DiReInputError(f"{path}: {img.size[0]}x{img.size[1]} pixels, CIFAR images are {size}x{size}")
+                    images.append(np.asarray(img))
+                labels.append(label)
+    if not images:
+        raise DiReInputError(f"no images in {root}")
+    return np.stack(images), np.asarray(labels), len(classes)
+
+
+def _read_torchvision(root: Path, spec: DatasetSpec, train: bool) -> Tuple[np.ndarray, np.ndarray, int]:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR100 if spec.name == "cifar100" else datasets.CIFAR10
+    try:
+        # torchvision checks every file against its published MD5 before unpickling it.
+        ds = cls(str(root), train=train, download=False)
+    except RuntimeError as e:  # "Dataset not found or corrupted"
+        raise DiReInputError(f"{root / _TORCHVISION_FOLDERS[spec.name]}: {e}") from None
+    return np.asarray(ds.data), np.asarray(ds.targets), len(ds.classes)
+
+
+def locate_cifar(spec: DatasetSpec, path: os.PathLike) -> Tuple[Path, bool]:
+    """``(root, torchvision layout?)`` of the CIFAR in ``path``, or a clear error: checked before
+    the demo writes anything."""
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise DiReInputError(f"--data-path {p} does not exist")
+    folder = _TORCHVISION_FOLDERS[spec.name]
+    if p.name == folder:
+        p = p.parent
+    if (p / folder).is_dir():
+        return p, True
+    if (p / "train").is_dir() and (p / "test").is_dir():
+        return p, False
+    raise DiReInputError(f"no {spec.name} in {p}: expected {folder}/ (torchvision layout) or train/ and test/ "
+                         "with one folder per class")
+
+
+def load_cifar(spec: DatasetSpec, path: os.PathLike) -> DemoData:
+    """CIFAR from ``path``: torchvision's layout (``path/cifar-10-batches-py``, or that folder
+    itself) or ImageFolders ``path/train/{class}/`` and ``path/test/{class}/``."""
+    p, torchvision_layout = locate_cifar(spec, path)
+    if torchvision_layout:
+        parts = [_read_torchvision(p, spec, train) for train in (True, False)]
+        real_dir, source = p, f"torchvision {spec.name} in {p / _TORCHVISION_FOLDERS[spec.name]}"
+    else:
+        parts = [_read_image_folder(p / split, spec.image_size) for split in ("train", "test")]
+        real_dir, source = p / "train", f"{spec.name} ImageFolders in {p}/train and {p}/test"
+    for (_, _, found), split in zip(parts, ("train", "test")):
+        if found != spec.num_classes:
+            raise DiReInputError(f"{spec.name} {split} split in {p} has {found} classes, expected {spec.num_classes}")
+    (xtr, ytr, _), (xte, yte, _) = parts
+    return DemoData(spec, normalise(xtr, spec), torch.from_numpy(ytr).long(), normalise(xte, spec),
+                    torch.from_numpy(yte).long(), real_dir, source)
+
+
+def check_data(dataset: str, data_path: Optional[os.PathLike] = None) -> None:
+    """Refuse a dataset the demo cannot find, before anything is written."""
+    spec = DATASETS[dataset]
+    if spec is not DIGITS:
+        if data_path is None:
+            raise DiReInputError(f"--dataset {dataset} needs --data-path DIR (torchvision layout or train/ and test/ ImageFolders)")
+        locate_cifar(spec, data_path)
+
+
+def load_data(dataset: str, data_path: Optional[os.PathLike] = None, cache_dir: Optional[os.PathLike] = None) -> DemoData:
+    """The demo's data: digits (written once as an ImageFolder under ``cache_dir`` for the bank)
+    or CIFAR from ``data_path``."""
+    spec = DATASETS[dataset]
+    check_data(dataset, data_path)
+    if spec is not DIGITS:
+        return load_cifar(spec, data_path)
+    xtr, xte, ytr, yte = load_digits_split()
+    real_dir = write_image_folder(Path(cache_dir) / "digits-train", xtr, ytr)
+    return DemoData(spec, normalise(xtr, spec), torch.from_numpy(ytr).long(), normalise(xte, spec),
+                    torch.from_numpy(yte).long(), real_dir, f"scikit-learn digits (real images for the bank in {real_dir})")
+
+
+def real_subset(data: DemoData, ipc: int, seed: int) -> Tuple[Tensor, Tensor]:
     """``ipc`` random training images per class (the reference row of the report)."""
     g = torch.Generator().manual_seed(seed)
     picks = []
-    for c in range(NUM_CLASSES):
+    for c in range(data.spec.num_classes):
         idx = torch.nonzero(data.train_y == c).flatten()
         picks.append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
     idx = torch.cat(picks)
     return data.train_x[idx], data.train_y[idx]
 
 
-def write_image_folder(root: os.PathLike, data: Digits) -> Path:
-    """The training split as ``root/{class}/{i:04d}.png`` (RGB), written once.
+def write_image_folder(root: os.PathLike, images: np.ndarray, labels: np.ndarray) -> Path:
+    """``[N, H, W, 3]`` uint8 images as ``root/{class}/{i:04d}.png``, written once.
 
     Written to a temporary sibling and renamed, so an interrupted run never leaves a half
     folder that a later run (or the bank's cache key, which counts images) would trust.
@@ -83,16 +182,15 @@ def write_image_folder(root: os.PathLike, data: Digits) -> Path:
 
     root = Path(root)
     done = root / ".complete"
-    if done.is_file() and done.read_text().strip() == str(len(data.train_u8)):
+    if done.is_file() and done.read_text().strip() == str(len(images)):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    labels = data.train_y.tolist()
-    for i, (img, c) in enumerate(zip(data.train_u8, labels)):
+    for i, (img, c) in enumerate(zip(images, labels.tolist())):
         folder = tmp / str(c)
         folder.mkdir(exist_ok=True)
-        Image.fromarray(np.repeat(img[:, :, None], 3, axis=2), mode="RGB").save(folder / f"{i:04d}.png")
-    (tmp / ".complete").write_text(str(len(data.train_u8)))
+        Image.fromarray(img, mode="RGB").save(folder / f"{i:04d}.png")
+    (tmp / ".complete").write_text(str(len(images)))
     if root.exists():
         shutil.rmtree(root)
     os.replace(tmp, root)

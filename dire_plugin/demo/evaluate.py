@@ -1,7 +1,7 @@
 """Train and test the students of every set, in worker processes, while the recover runs go on.
 
 Students run with one torch thread each, for the same reason as the recover runs (see
-:mod:`.synth`). Sets are submitted as soon as they exist (the real subsets at once, each
+:mod:`.synth`); on a GPU several share it, each its own process. Sets are submitted as soon as they exist (the real subsets at once, each
 synthetic set when its recover run ends), so the two stages share the cores instead of the last
 recover run leaving a core idle. Each worker loads the teacher and the test split once.
 """
@@ -25,9 +25,10 @@ __all__ = ["StudentPool"]
 _WORKER: Dict[str, object] = {}
 
 
-def _init_worker(teacher_path: str, test_x: Tensor, test_y: Tensor, settings: StudentSettings) -> None:
+def _init_worker(teacher_path: str, test_x: Tensor, test_y: Tensor, settings: StudentSettings, device: str) -> None:
     torch.set_num_threads(1)
-    _WORKER.update(teacher=load_teacher(teacher_path), test_x=test_x, test_y=test_y, settings=settings)
+    _WORKER.update(teacher=load_teacher(teacher_path, torch.device(device)), test_x=test_x, test_y=test_y,
+                   settings=settings)
 
 
 def _run(key: str, images: Tensor, seed: int) -> Tuple[str, int, float]:
@@ -35,12 +36,13 @@ def _run(key: str, images: Tensor, seed: int) -> Tuple[str, int, float]:
     return key, seed, acc
 
 
-def _context():
-    """fork on Linux: a spawned worker spends ~3 s of CPU importing torch again, as much as a
-    quick student. Safe there for the reason DataLoader workers are: the parent trained its
-    teacher with one thread (no OpenMP pool to inherit) and workers stay single-threaded.
-    Elsewhere (macOS frameworks are not fork-safe) spawn."""
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+def _context(device: torch.device):
+    """fork on Linux with a CPU teacher: a spawned worker spends ~3 s of CPU importing torch
+    again, as much as a quick student. Safe there for the reason DataLoader workers are: workers
+    stay single-threaded. CUDA cannot be used in a forked child, and macOS frameworks are not
+    fork-safe: spawn there."""
+    fork = sys.platform.startswith("linux") and device.type == "cpu"
+    return multiprocessing.get_context("fork" if fork else "spawn")
 
 
 class StudentPool:
@@ -50,10 +52,10 @@ class StudentPool:
     """
 
     def __init__(self, teacher_path: Path, test_x: Tensor, test_y: Tensor, settings: StudentSettings,
-                 parallel: int, total: int, progress: bool = True) -> None:
+                 parallel: int, total: int, progress: bool = True, device: torch.device = torch.device("cpu")) -> None:
         self._pool = ProcessPoolExecutor(
-            max_workers=max(1, parallel), mp_context=_context(),
-            initializer=_init_worker, initargs=(str(teacher_path), test_x, test_y, settings),
+            max_workers=max(1, parallel), mp_context=_context(device),
+            initializer=_init_worker, initargs=(str(teacher_path), test_x, test_y, settings, str(device)),
         )
         self._futures: List[Future] = []
         self._bar = tqdm(total=total, desc="relabel + evaluate", unit="student", position=1, disable=not progress)

@@ -20,10 +20,11 @@ COVERAGE_K = 5
 def embed(teacher: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
     """Penultimate embeddings ``[N, D]`` of ``images`` under the teacher in eval mode."""
     teacher.eval()
+    device = next(teacher.parameters()).device
     parts = []
     with EmbeddingCapture(teacher, detach=True) as cap:
         for i in range(0, len(images), batch_size):
-            teacher(images[i:i + batch_size])
+            teacher(images[i:i + batch_size].to(device))
             parts.append(cap.embeddings.float().cpu())
     return torch.cat(parts)
 

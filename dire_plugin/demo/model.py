@@ -1,14 +1,12 @@
-"""The demo's network: teacher and students share it."""
+"""The demo's networks (teacher and students share one architecture) and their augmentation."""
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .spec import NUM_CLASSES
-
-__all__ = ["DigitsConvNet", "shift", "shift_offsets", "apply_shift", "nhwc"]
+__all__ = ["DigitsConvNet", "ARCHS", "build_model", "Augmentation", "nhwc"]
 
 
 class DigitsConvNet(nn.Module):
@@ -18,7 +16,7 @@ class DigitsConvNet(nn.Module):
     BatchNorm matters: the recover script's BN prior is what SRe²L distils from.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, widths: tuple = (32, 64, 128)) -> None:
+    def __init__(self, num_classes: int = 10, widths: tuple = (32, 64, 128)) -> None:
         super().__init__()
         layers = []
         cin = 3
@@ -35,6 +33,29 @@ class DigitsConvNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+def _cifar_resnet18(num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem SRe²L's CIFAR teachers use: a 3x3 stride-1
+    ``conv1`` and no max-pool, so 32x32 inputs keep their resolution into ``layer1``."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+#: Architectures the demo (and its recover script's ``--arch-name``) builds by name.
+ARCHS = {"convnet": DigitsConvNet, "resnet18": _cifar_resnet18}
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A freshly initialised network of ``arch`` (a key of :data:`ARCHS`)."""
+    try:
+        return ARCHS[arch](num_classes=num_classes)
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}: one of {', '.join(ARCHS)}") from None
+
+
 def nhwc(x):
     """Channels-last copy of a module or 4-D tensor (a module is converted in place).
 
@@ -47,25 +68,43 @@ def nhwc(x):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def shift_offsets(n: int, generator: torch.Generator, max_shift: int = 1) -> Tuple[Tensor, Tensor]:
-    """Random per-image offsets ``(dy, dx)``, each in ``[0, 2·max_shift]`` (``max_shift`` is no shift)."""
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    return dy, dx
+@dataclass(frozen=True)
+class Augmentation:
+    """Random shift by up to ``max_shift`` pixels (border fill) and, with ``flip``, a random
+    horizontal flip: SRe²L's random crop and flip at these image sizes.
 
+    Every outcome is a *view* numbered ``0 .. views-1``, so a caller can draw views once and
+    reuse them (the relabel step labels each view of an image with the teacher).
+    """
 
-def apply_shift(x: Tensor, dy: Tensor, dx: Tensor, max_shift: int = 1) -> Tensor:
-    """Shift image ``i`` by ``(dy[i] - max_shift, dx[i] - max_shift)`` pixels, filling with the
-    border (zero-padding would invent a colour the normalised data never has)."""
-    n, _, h, w = x.shape
-    padded = nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
-    rows = dy[:, None] + torch.arange(h)[None, :]  # n × h
-    cols = dx[:, None] + torch.arange(w)[None, :]  # n × w
-    idx = torch.arange(n)[:, None, None]
-    # out[i, c, y, x] = padded[i, c, rows[i, y], cols[i, x]]
-    return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    max_shift: int
+    flip: bool = False
 
+    @property
+    def views(self) -> int:
+        return (2 * self.max_shift + 1) ** 2 * (2 if self.flip else 1)
 
-def shift(x: Tensor, generator: torch.Generator, max_shift: int = 1) -> Tensor:
-    """Shift every image of a batch by its own random offset in [-max_shift, max_shift] pixels."""
-    return apply_shift(x, *shift_offsets(len(x), generator, max_shift), max_shift)
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` random view numbers (on the CPU, where ``generator`` lives)."""
+        return torch.randint(0, self.views, (n,), generator=generator)
+
+    def apply(self, x: Tensor, view: Tensor) -> Tensor:
+        """Image ``i`` of ``x`` in view ``view[i]``."""
+        span = 2 * self.max_shift + 1
+        view = view.to(x.device)
+        flip, rest = view // (span * span), view % (span * span)
+        dy, dx = rest // span, rest % span
+        n, _, h, w = x.shape
+        if self.flip:
+            x = torch.where(flip.bool()[:, None, None, None], x.flip(3), x)
+        # Border fill: zero-padding would invent a colour the normalised data never has.
+        padded = nn.functional.pad(x, (self.max_shift,) * 4, mode="replicate")
+        rows = dy[:, None] + torch.arange(h, device=x.device)[None, :]  # n × h
+        cols = dx[:, None] + torch.arange(w, device=x.device)[None, :]  # n × w
+        idx = torch.arange(n, device=x.device)[:, None, None]
+        # out[i, c, y, x] = padded[i, c, rows[i, y], cols[i, x]]
+        return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Every image of ``x`` in its own random view."""
+        return self.apply(x, self.sample(len(x), generator))

@@ -1,5 +1,9 @@
 """``dire demo`` from start to end: data → teacher → recover (vanilla and + DiRe, through the
-launcher) with the students of each set trained as soon as it exists → metrics → report, figures."""
+launcher) with the students of each set trained as soon as it exists → metrics → report, figures.
+
+Digits (the default) run on the CPU in a few minutes; CIFAR-10/100 (``--dataset``, ``--data-path``)
+run the same pipeline with a ResNet-18, on the GPU when there is one.
+"""
 from __future__ import annotations
 
 import os
@@ -15,28 +19,42 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .data import Digits, load_digits_split, real_subset, write_image_folder
+from .data import DemoData, check_data, load_data, real_subset
 from .evaluate import StudentPool
 from .measure import SetMetrics, embed, set_metrics
 from .relabel import StudentSettings
 from .synth import SynthContext, SynthJob, SynthResult, run_synthesis
 from .tables import ReportRow, markdown_table, write_report
-from .teacher import TeacherSettings, load_or_train_teacher
+from .spec import DATASETS, DIGITS, DatasetSpec
+from .teacher import load_or_train_teacher, teacher_settings
 from .variants import ABLATION_VARIANTS, MAIN_VARIANTS, REAL_KEY, REAL_LABEL, Variant
 
 __all__ = ["DemoOptions", "DemoResult", "default_cache_dir", "run_demo", "summary"]
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/dire/demo`` (``~/.cache/dire/demo``): the digits ImageFolder, teacher, bank."""
+    """``$XDG_CACHE_HOME/dire/demo`` (``~/.cache/dire/demo``): the digits ImageFolder, teachers, bank."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "dire" / "demo"
 
 
-def default_iterations(ipc: int) -> int:
-    """Recover iterations per batch: DEMO-FINDINGS' 200 at IPC 10 and 100 at IPC 50 (fewer
-    iterations widen the vanilla/DiRe gap rather than hide it)."""
+def default_iterations(ipc: int, dataset: DatasetSpec = DIGITS) -> int:
+    """Recover iterations per batch. Digits: DEMO-FINDINGS' 200 at IPC 10 and 100 at IPC 50
+    (fewer iterations widen the vanilla/DiRe gap rather than hide it). CIFAR: half of SRe²L's
+    1,000 for its CIFAR script, a demo's budget."""
+    if dataset is not DIGITS:
+        return 500
     return 200 if ipc <= 10 else 100
+
+
+def default_student_steps(dataset: DatasetSpec = DIGITS) -> int:
+    """Student training steps: digits as DEMO-FINDINGS measured; CIFAR's ResNet-18 needs more."""
+    return 400 if dataset is DIGITS else 1000
+
+
+#: Real embeddings coverage is measured against, at most (a seeded random subset of CIFAR's 50,000:
+#: the k-NN radii cost grows with the square of their number; all 1,347 digits are used).
+COVERAGE_REAL = 10_000
 
 
 @dataclass
@@ -47,8 +65,8 @@ class DemoOptions:
     ipcs: Tuple[int, ...] = (10, 50)
     seeds: int = 3  # students per set
     syn_seeds: int = 1  # synthetic sets per variant and IPC
-    iterations: Optional[int] = None  # None: default_iterations(ipc)
-    student_steps: int = 400
+    iterations: Optional[int] = None  # None: default_iterations(ipc, dataset)
+    student_steps: Optional[int] = None  # None: default_student_steps(dataset)
     r_bn: float = 0.01
     jobs: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)))
     cache_dir: Optional[Path] = None
@@ -56,6 +74,10 @@ class DemoOptions:
     quick: bool = False
     plots: bool = True
     progress: bool = True
+    dataset: str = "digits"
+    data_path: Optional[Path] = None
+    teacher_epochs: Optional[int] = None  # None: the dataset's recipe
+    device: Optional[str] = None  # None: cuda when available
 
     @classmethod
     def quick_run(cls, **overrides: Any) -> "DemoOptions":
@@ -63,8 +85,22 @@ class DemoOptions:
         base = dict(ipcs=(10,), seeds=2, iterations=60, student_steps=100, quick=True)
         return cls(**{**base, **overrides})
 
+    @property
+    def spec(self) -> DatasetSpec:
+        return DATASETS[self.dataset]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
     def iterations_for(self, ipc: int) -> int:
-        return self.iterations or default_iterations(ipc)
+        return self.iterations or default_iterations(ipc, self.spec)
+
+    @property
+    def students(self) -> StudentSettings:
+        d = self.spec
+        return StudentSettings(steps=self.student_steps or default_student_steps(d), max_shift=d.max_shift,
+                               flip=d.flip, arch=d.arch, num_classes=d.num_classes)
 
     @property
     def variants(self) -> Tuple[Variant, ...]:
@@ -104,21 +140,22 @@ def _name(ipc: int, key: str, seed: int) -> str:
     return f"ipc{ipc}/{key}/seed{seed}"
 
 
-def _synthesise_and_evaluate(opts: DemoOptions, data: Digits, teacher_path: Path, real_dir: Path, cache: Path,
+def _synthesise_and_evaluate(opts: DemoOptions, data: DemoData, teacher_path: Path, cache: Path,
                              out: Path, timings: Dict[str, float]) -> _Sets:
     """Recover runs and students share the cores: a set's students start when its run ends."""
     sets = _Sets()
     for ipc in opts.ipcs:
         for s in range(opts.syn_seeds):
             sets.data[_name(ipc, REAL_KEY, s)] = real_subset(data, ipc, seed=s)
-    ctx = SynthContext(teacher=teacher_path, real_data=real_dir, bank_cache=cache / "bank", out=out / "synthetic",
-                       r_bn=opts.r_bn)
+    ctx = SynthContext(teacher=teacher_path, real_data=data.real_dir, bank_cache=cache / "bank", out=out / "synthetic",
+                       r_bn=opts.r_bn, dataset=opts.dataset, device=opts.torch_device.type)
     jobs = [SynthJob(v, ipc, s, opts.iterations_for(ipc)) for ipc in opts.ipcs for v in opts.variants
             for s in range(opts.syn_seeds)]
     seeds = range(opts.seeds)
     t = time.perf_counter()
-    with StudentPool(teacher_path, data.test_x, data.test_y, StudentSettings(steps=opts.student_steps), opts.jobs,
-                     total=opts.seeds * (len(sets.data) + len(jobs)), progress=opts.progress) as pool:
+    with StudentPool(teacher_path, data.test_x, data.test_y, opts.students, opts.jobs,
+                     total=opts.seeds * (len(sets.data) + len(jobs)), progress=opts.progress,
+                     device=opts.torch_device) as pool:
         for name, (x, _) in sets.data.items():
             pool.submit(name, x, seeds)
         sets.synth = run_synthesis(jobs, ctx, opts.jobs, out / "logs", opts.progress,
@@ -187,20 +224,24 @@ def _figures(opts: DemoOptions, out: Path, rows: Sequence[ReportRow], sets: _Set
         for row in (r for r in rows if r.ipc == ipc):
             n = _name(ipc, row.key, 0)
             shown.append(PlotSet(row.label, *sets.data[n], sets.embeddings[n], sets.metrics[n], row.reference))
-        files.update(write_figures(out, ipc, real_emb, shown, suffix="_ablation" if opts.ablation else ""))
+        files.update(write_figures(out, ipc, real_emb, shown, opts.spec, suffix="_ablation" if opts.ablation else ""))
     return files
 
 
-def _settings(opts: DemoOptions, teacher_acc: float) -> Dict[str, Any]:
-    student = StudentSettings(steps=opts.student_steps)
+def _settings(opts: DemoOptions, data: DemoData, teacher_acc: float, coverage_real: int) -> Dict[str, Any]:
+    student = opts.students
+    flip = " and flip" if student.flip else ""
     settings: Dict[str, Any] = {
         "mode": opts.mode + (" (a smoke run: fewer iterations, steps and students, so noisier numbers; "
                              "read the default run)" if opts.quick else ""),
+        "data": data.source,
+        "device": str(opts.torch_device),
         "ipc": list(opts.ipcs),
         "recover iterations": {ipc: opts.iterations_for(ipc) for ipc in opts.ipcs},
         "r_bn": opts.r_bn, "students per set": opts.seeds, "synthetic sets per variant": opts.syn_seeds,
-        "student": f"{student.steps} steps, batch {student.batch_size}, AdamW {student.lr:g}, "
-                   f"KL at T={student.temperature:g}, ±{student.max_shift} px shift",
+        "student": f"{student.arch}, {student.steps} steps, batch {student.batch_size}, AdamW {student.lr:g}, "
+                   f"KL at T={student.temperature:g}, ±{student.max_shift} px shift{flip}",
+        "coverage reference": f"{coverage_real} of {len(data.train_y)} real training images",
         "teacher test accuracy %": round(100 * teacher_acc, 2),
         "DiRe": "through the hook runtime (python -m dire_plugin.launcher demo recover.py ...), reduction mean",
     }
@@ -213,6 +254,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     """Run the whole demo; writes everything under ``opts.out`` and returns the rows and paths."""
     started = time.perf_counter()
     timings: Dict[str, float] = {}
+    check_data(opts.dataset, opts.data_path)  # bad input stops the run before anything is written
     out = Path(opts.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(opts.cache_dir or default_cache_dir()).expanduser().resolve()
@@ -221,22 +263,27 @@ def run_demo(opts: DemoOptions) -> DemoResult:
          f"{opts.jobs} parallel jobs; output {out}; cache {cache}")
 
     t = time.perf_counter()
-    data = load_digits_split()
-    real_dir = write_image_folder(cache / "digits-train", data)
+    data = load_data(opts.dataset, opts.data_path, cache)
     timings["data"] = time.perf_counter() - t
-    _log(f"data: scikit-learn digits, {len(data.train_y)} train / {len(data.test_y)} test; "
-         f"real images for the bank in {real_dir}")
+    _log(f"data: {data.source}; {len(data.train_y)} train / {len(data.test_y)} test images")
 
     t = time.perf_counter()
-    teacher_path, teacher, teacher_acc, hit = load_or_train_teacher(data, cache, TeacherSettings(), opts.progress)
+    device = opts.torch_device
+    settings = teacher_settings(opts.spec, opts.teacher_epochs)
+    if device.type == "cpu" and opts.spec is not DIGITS:
+        _log("no GPU: the ResNet-18 teacher and students run on the CPU, which takes hours on full CIFAR")
+    teacher_path, teacher, teacher_acc, hit = load_or_train_teacher(data, cache, settings, device, opts.progress)
     timings["teacher"] = time.perf_counter() - t
     _log(f"teacher: {100 * teacher_acc:.2f} % test accuracy ({'cached' if hit else 'trained'}, "
          f"{timings['teacher']:.1f} s) {teacher_path}")
 
-    sets = _synthesise_and_evaluate(opts, data, teacher_path, real_dir, cache, out, timings)
+    sets = _synthesise_and_evaluate(opts, data, teacher_path, cache, out, timings)
 
     t = time.perf_counter()
-    real_emb = embed(teacher, data.train_x)
+    real_x = data.train_x
+    if len(real_x) > COVERAGE_REAL:
+        real_x = real_x[torch.randperm(len(real_x), generator=torch.Generator().manual_seed(0))[:COVERAGE_REAL]]
+    real_emb = embed(teacher, real_x)
     _measure(opts, teacher, sets, real_emb)
     rows = _rows(opts, sets)
     timings["metrics"] = time.perf_counter() - t
@@ -245,16 +292,24 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     figures = _figures(opts, out, rows, sets, real_emb) if opts.plots else {}
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
-    name, title = (("ablation", "DiRe demo: ablation of the terms (digits, SRe²L-style)") if opts.ablation
-                   else ("report", "DiRe demo: SRe²L ± DiRe on scikit-learn digits"))
+    where = "scikit-learn digits" if opts.spec is DIGITS else opts.spec.name.upper()
+    name, title = (("ablation", f"DiRe demo: ablation of the terms ({where}, SRe²L-style)") if opts.ablation
+                   else ("report", f"DiRe demo: SRe²L ± DiRe on {where}"))
     extra = {
         "teacher": {"checkpoint": str(teacher_path), "test_accuracy_pct": round(100 * teacher_acc, 4), "cached": hit,
-                    "settings": asdict(TeacherSettings())},
+                    "settings": asdict(settings)},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
-    md, js, sentences = write_report(out, name, title, rows, _settings(opts, teacher_acc), figures, extra)
+    note = (f"Accuracy: students trained on each set from the teacher's soft labels, tested on the "
+            f"{len(data.test_y):,} held-out images (mean ± sample std over every student). Coverage, per-class "
+            f"Vendi and intra-class cosine are measured on the teacher's penultimate embeddings; coverage against "
+            f"{len(real_emb):,} real training images. The reference row (italic) is a random subset of the real "
+            f"training images with the same images per class.")
+    md, js, sentences = write_report(out, name, title, rows, _settings(opts, data, teacher_acc, len(real_emb)), note,
+                                     figures, extra)
     files = {md.name: md, js.name: js, **figures}
     return DemoResult(rows, files, sentences, time.perf_counter() - started)
 

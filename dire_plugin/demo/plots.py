@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .data import denormalise
 from .measure import SetMetrics
-from .spec import NUM_CLASSES
+from .spec import DIGITS, DatasetSpec
 
 __all__ = ["PlotSet", "matplotlib_available", "image_grid_png", "write_figures"]
 
@@ -36,63 +36,72 @@ def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _mosaic(images: Tensor, labels: Tensor, per_class: int) -> np.ndarray:
-    """Rows are classes, columns the first ``per_class`` images of each class (1 px gaps)."""
-    pixels = denormalise(images)[:, 0].numpy()  # grey: the channels are identical
-    size = pixels.shape[-1]
+#: Rows of the image grid: CIFAR-100's hundred would make stamps of the images.
+GRID_CLASSES = 10
+
+
+def _mosaic(images: Tensor, labels: Tensor, per_class: int, spec: DatasetSpec) -> np.ndarray:
+    """Rows are the first classes, columns the first ``per_class`` images of each (1 px gaps);
+    ``[H, W]`` for digits (grey: the channels are identical), else ``[H, W, 3]``."""
+    pixels = denormalise(images, spec).permute(0, 2, 3, 1).numpy()
+    if spec is DIGITS:
+        pixels = pixels[..., 0]
+    size = pixels.shape[1]
     cell = size + 1
-    grid = np.ones((NUM_CLASSES * cell - 1, per_class * cell - 1))
-    for c in range(NUM_CLASSES):
+    classes = min(spec.num_classes, GRID_CLASSES)
+    grid = np.ones((classes * cell - 1, per_class * cell - 1) + pixels.shape[3:])
+    for c in range(classes):
         for j, idx in enumerate(np.flatnonzero(labels.numpy() == c)[:per_class]):
             grid[c * cell:c * cell + size, j * cell:j * cell + size] = pixels[idx]
     return grid
 
 
-def image_grid_png(sets: Sequence[PlotSet], per_class: int = 10) -> bytes:
+def image_grid_png(sets: Sequence[PlotSet], spec: DatasetSpec, per_class: int = 10) -> bytes:
     """Synthetic images of every set side by side: one row per class, ``per_class`` columns."""
     import io
 
     from matplotlib.figure import Figure
 
-    counts = [int(np.bincount(s.labels.numpy(), minlength=NUM_CLASSES).min()) for s in sets]
+    counts = [int(np.bincount(s.labels.numpy(), minlength=spec.num_classes).min()) for s in sets]
     cols = min(len(sets), 4)
     rows = math.ceil(len(sets) / cols)
     fig = Figure(figsize=(3.2 * cols, 3.4 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, (s, n) in enumerate(zip(sets, counts)):
         ax = axes[i // cols][i % cols]
-        ax.imshow(_mosaic(s.images, s.labels, max(1, min(per_class, n))), cmap="gray_r", vmin=0, vmax=1,
+        ax.imshow(_mosaic(s.images, s.labels, max(1, min(per_class, n)), spec), cmap="gray_r", vmin=0, vmax=1,
                   interpolation="nearest")
         ax.set_title(s.label, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for j in range(len(sets), rows * cols):
         axes[j // cols][j % cols].axis("off")
-    fig.suptitle("Images per set (rows: digits 0-9)", fontsize=11)
+    rows_are = "digits 0-9" if spec is DIGITS else f"classes 0-{min(spec.num_classes, GRID_CLASSES) - 1}"
+    fig.suptitle(f"Images per set (rows: {rows_are})", fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return buf.getvalue()
 
 
-def write_figures(out: Path, ipc: int, real_embeddings: Tensor, sets: Sequence[PlotSet],
+def write_figures(out: Path, ipc: int, real_embeddings: Tensor, sets: Sequence[PlotSet], spec: DatasetSpec,
                   suffix: str = "") -> Dict[str, Path]:
     """Write the three figures of one IPC; returns ``{figure: path}``."""
     from ..report import MetricsRow, class_similarity_png, embedding_scatter_png
 
     tag = f"ipc{ipc}{suffix}"
     scatter = embedding_scatter_png(
-        real_embeddings, [(s.label, s.embeddings, s.labels) for s in sets], NUM_CLASSES, projection="pca",
+        real_embeddings, [(s.label, s.embeddings, s.labels) for s in sets], spec.num_classes, projection="pca",
         coverage=[s.metrics.coverage for s in sets],
     )
     rows = [
-        MetricsRow(name=s.label, images=len(s.images), classes=NUM_CLASSES, coverage=s.metrics.coverage,
+        MetricsRow(name=s.label, images=len(s.images), classes=spec.num_classes, coverage=s.metrics.coverage,
                    vendi=s.metrics.vendi, vendi_per_class=s.metrics.vendi_per_class,
                    intra_class_cosine=s.metrics.intra_class_cosine, reference=s.reference,
                    per_class_vendi=s.metrics.per_class_vendi, per_class_cosine=s.metrics.per_class_cosine)
         for s in sets
     ]
-    cosine = class_similarity_png(rows, [str(c) for c in range(NUM_CLASSES)])
-    grid = image_grid_png(sets)
+    cosine = class_similarity_png(rows, [str(c) for c in range(spec.num_classes)])
+    grid = image_grid_png(sets, spec)
     paths: Dict[str, Path] = {}
     for name, data in (("embeddings", scatter), ("intra_class_cosine", cosine), ("images", grid)):
         path = out / f"{name}_{tag}.png"

@@ -1,10 +1,10 @@
 """Relabel and evaluate: a fresh student learns a distilled set from the teacher's soft labels.
 
-As in SRe²L's relabel step, the hard labels of the set are not used: every batch is shifted and
-the student matches, by KL divergence at temperature T, the teacher's soft label of exactly the
-shifted image it sees. A ±1 px shift has only nine outcomes, so the teacher labels all nine
-versions of every image once, up front: the same targets as labelling each batch on the fly,
-for a ninth of the teacher's forwards at IPC 50 (and none repeated per step).
+As in SRe²L's relabel step, the hard labels of the set are not used: every batch is augmented
+and the student matches, by KL divergence at temperature T, the teacher's soft label of exactly
+the augmented image it sees. The augmentation has few outcomes (nine ±1 px shifts on digits), so
+when labelling every view of every image once costs fewer teacher forwards than labelling each
+batch, the teacher does that up front: the same targets either way.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .model import DigitsConvNet, apply_shift, nhwc, shift_offsets
-from .teacher import accuracy
+from .model import Augmentation, build_model, nhwc
+from .teacher import accuracy, autocast
 
-__all__ = ["StudentSettings", "soft_labels_per_shift", "train_student"]
+__all__ = ["StudentSettings", "soft_labels_per_view", "train_student"]
 
 
 @dataclass(frozen=True)
@@ -29,37 +29,52 @@ class StudentSettings:
     weight_decay: float = 0.01
     temperature: float = 4.0
     max_shift: int = 1
+    flip: bool = False
+    arch: str = "convnet"
+    num_classes: int = 10
+
+    @property
+    def augmentation(self) -> Augmentation:
+        return Augmentation(self.max_shift, self.flip)
 
 
 @torch.no_grad()
-def soft_labels_per_shift(teacher: nn.Module, images: Tensor, temperature: float, max_shift: int = 1,
-                          batch_size: int = 500) -> Tensor:
-    """``[2s+1, 2s+1, N, C]``: the teacher's softened prediction for every image under every shift."""
+def _soft_labels(teacher: nn.Module, x: Tensor, temperature: float) -> Tensor:
+    with autocast(x.device):
+        return F.softmax(teacher(nhwc(x)).float() / temperature, dim=1)
+
+
+@torch.no_grad()
+def soft_labels_per_view(teacher: nn.Module, images: Tensor, temperature: float, augment: Augmentation,
+                         batch_size: int = 500) -> Tensor:
+    """``[views, N, C]``: the teacher's softened prediction for every image in every view."""
     teacher.eval()
-    span = 2 * max_shift + 1
     n = len(images)
-    rows = []
-    for dy in range(span):
-        row = []
-        for dx in range(span):
-            shifted = apply_shift(images, torch.full((n,), dy), torch.full((n,), dx), max_shift)
-            logits = torch.cat([teacher(nhwc(shifted[i:i + batch_size])) for i in range(0, n, batch_size)])
-            row.append(F.softmax(logits / temperature, dim=1))
-        rows.append(torch.stack(row))
-    return torch.stack(rows)
+    table = []
+    for v in range(augment.views):
+        view = torch.full((n,), v)
+        table.append(torch.cat([_soft_labels(teacher, augment.apply(images[i:i + batch_size], view[i:i + batch_size]), temperature)
+                                for i in range(0, n, batch_size)]))
+    return torch.stack(table)
 
 
 def train_student(images: Tensor, teacher: nn.Module, test_x: Tensor, test_y: Tensor, seed: int,
                   settings: StudentSettings = StudentSettings()) -> float:
-    """Test accuracy (fraction) of a student trained on ``images`` with ``teacher``'s soft labels."""
+    """Test accuracy (fraction) of a student trained on ``images`` with ``teacher``'s soft labels,
+    on the teacher's device."""
+    device = next(teacher.parameters()).device
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    student = nhwc(DigitsConvNet())
-    t, s = settings.temperature, settings.max_shift
-    targets = soft_labels_per_shift(nhwc(teacher), images, t, s)
-    opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    student = nhwc(build_model(settings.arch, settings.num_classes)).to(device)
+    teacher.eval()
+    images = images.to(device)
+    t, augment = settings.temperature, settings.augmentation
     n = len(images)
     batch = min(settings.batch_size, n)
+    table = None
+    if augment.views * n <= settings.steps * batch:
+        table = soft_labels_per_view(teacher, images, t, augment)
+    opt = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     order, pos = torch.randperm(n, generator=g), 0
     student.train()
     for step in range(settings.steps):
@@ -69,9 +84,12 @@ def train_student(images: Tensor, teacher: nn.Module, test_x: Tensor, test_y: Te
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos:pos + batch]
         pos += batch
-        dy, dx = shift_offsets(len(idx), g, s)
-        x = nhwc(apply_shift(images[idx], dy, dx, s))
-        loss = F.kl_div(F.log_softmax(student(x) / t, dim=1), targets[dy, dx, idx], reduction="batchmean") * t * t
+        view = augment.sample(len(idx), g)
+        x = augment.apply(images[idx.to(device)], view)
+        target = table[view.to(device), idx.to(device)] if table is not None else _soft_labels(teacher, x, t)
+        with autocast(device):
+            logits = student(nhwc(x)).float()
+        loss = F.kl_div(F.log_softmax(logits / t, dim=1), target, reduction="batchmean") * t * t
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

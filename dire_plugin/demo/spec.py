@@ -1,4 +1,4 @@
-"""Fixed facts of the embedded demo's data, importable without torch.
+"""Fixed facts of the demo's datasets, importable without torch.
 
 The patch module (:mod:`dire_plugin.patches.demo`) reads them to preprocess the bank's real
 images, the recover script to clip and save its images, and the data module to normalise: one
@@ -6,14 +6,42 @@ place, so the teacher, the bank and the synthetic images always agree.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Dict, Tuple
 
-NUM_CLASSES = 10
-IMAGE_SIZE = 8
-#: Pixel mean and standard deviation of the 1,347 training digits after quantisation to 8 bits
-#: (grey, replicated over 3 channels so ImageFolder's RGB loading matches).
-MEAN: Tuple[float, float, float] = (0.3053, 0.3053, 0.3053)
-STD: Tuple[float, float, float] = (0.3758, 0.3758, 0.3758)
+__all__ = ["DatasetSpec", "DATASETS", "DIGITS", "CIFAR10", "CIFAR100", "RECOVER_SCRIPT", "TEST_SIZE", "SPLIT_SEED"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset the demo distils: its size, normalisation, and the teacher architecture for it.
+
+    ``max_shift``/``flip``: the augmentation of teacher and students (random shift by up to
+    ``max_shift`` pixels with border fill; horizontal flip), SRe²L's crop-and-flip at this scale.
+    """
+
+    name: str
+    num_classes: int
+    image_size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    arch: str
+    max_shift: int
+    flip: bool
+
+
+#: scikit-learn's digits: pixel mean and standard deviation of the 1,347 training digits after
+#: quantisation to 8 bits (grey, replicated over 3 channels so ImageFolder's RGB loading matches).
+#: No flip: a mirrored 2 or 5 is another glyph.
+DIGITS = DatasetSpec("digits", 10, 8, (0.3053,) * 3, (0.3758,) * 3, arch="convnet", max_shift=1, flip=False)
+#: CIFAR: the usual per-channel statistics of the training split; ResNet-18 with the CIFAR stem
+#: (3x3 conv1, no max-pool) as SRe²L's CIFAR teachers; pad-4 crop and flip.
+CIFAR10 = DatasetSpec("cifar10", 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), arch="resnet18",
+                      max_shift=4, flip=True)
+CIFAR100 = DatasetSpec("cifar100", 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), arch="resnet18",
+                       max_shift=4, flip=True)
+DATASETS: Dict[str, DatasetSpec] = {d.name: d for d in (DIGITS, CIFAR10, CIFAR100)}
+
 #: Stratified train/test split of scikit-learn's digits.
 TEST_SIZE = 450
 SPLIT_SEED = 0

@@ -3,7 +3,8 @@
 
 Each run is a separate process with one torch thread: the batches are ten 8×8 images, far too
 small for intra-op parallelism, so two single-threaded runs on two cores finish sooner than two
-two-threaded ones in turn (and much sooner on a loaded machine).
+two-threaded ones in turn (and much sooner on a loaded machine). On a GPU the runs share it: a
+batch of ten CIFAR images leaves it mostly idle, so several processes fill it.
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ class SynthContext:
     bank_cache: Path
     out: Path
     r_bn: float = 0.01
+    dataset: str = "digits"
+    device: str = "cpu"
 
 
 def job_folder(job: SynthJob, ctx: SynthContext) -> Path:
@@ -78,7 +81,8 @@ def recover_command(job: SynthJob, ctx: SynthContext) -> List[str]:
     script_args = [
         "--arch-path", str(ctx.teacher), "--syn-data-path", str(folder.parent), "--exp-name", folder.name,
         "--ipc-start", "0", "--ipc-end", str(job.ipc), "--iteration", str(job.iterations),
-        "--r-bn", str(ctx.r_bn), "--seed", str(job.seed), "--threads", "1",
+        "--r-bn", str(ctx.r_bn), "--seed", str(job.seed), "--threads", "1", "--dataset", ctx.dataset,
+        "--device", ctx.device, "--store-best-images",
     ]
     if not job.variant.dire:
         return [sys.executable, str(RECOVER), *script_args]
@@ -113,7 +117,7 @@ def _check_manifest(job: SynthJob, folder: Path, log: Path) -> Dict:
     if not path.is_file():
         raise DemoRunError(f"{job.name}: DiRe run wrote no {path.name} (log: {log})")
     manifest = json.loads(path.read_text())
-    expected = job.ipc * job.iterations  # one batch (the 10 classes) per ipc index
+    expected = job.ipc * job.iterations  # one batch (every class) per ipc index
     added, steps = manifest.get("terms_added"), manifest.get("synthesis_steps")
     if not (added == steps == expected):
         raise DemoRunError(

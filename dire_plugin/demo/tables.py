@@ -161,21 +161,16 @@ def verdict(rows: Sequence[ReportRow]) -> Tuple[List[str], List[Dict[str, Any]]]
 
 
 def write_report(out: Path, name: str, title: str, rows: Sequence[ReportRow], settings: Mapping[str, Any],
-                 figures: Optional[Mapping[str, Path]] = None,
+                 note: str, figures: Optional[Mapping[str, Path]] = None,
                  extra: Optional[Mapping[str, Any]] = None) -> Tuple[Path, Path, List[str]]:
-    """Write ``{name}.md`` and ``{name}.json`` (figures linked by relative path); returns their
-    paths and the verdict sentences."""
+    """Write ``{name}.md`` and ``{name}.json`` (figures linked by relative path; ``note``, how the
+    numbers were measured, under the table); returns their paths and the verdict sentences."""
     sentences, comparisons = verdict(rows)
     md = [f"# {title}", ""]
     md += [f"- **{k}**: {v}" for k, v in settings.items()]
     md += ["", markdown_table(rows), "", "## What this run says", ""]
     md += [f"- {s}" for s in sentences] or ["- (no DiRe row to compare)"]
-    md += [
-        "", "Accuracy: students trained on each set from the teacher's soft labels, tested on the 450 held-out "
-        "digits (mean ± sample std over every student). Coverage, per-class Vendi and intra-class cosine are "
-        "measured on the teacher's penultimate embeddings; coverage against all 1,347 training digits. "
-        "The reference row (italic) is a random subset of real training digits with the same images per class.",
-    ]
+    md += ["", note]
     figures = dict(figures or {})
     if figures:
         md += ["", "## Figures", ""]

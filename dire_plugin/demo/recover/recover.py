@@ -1,13 +1,16 @@
-"""Recover (SRe²L-style) synthetic digits from the demo teacher: ``python recover.py --arch-path T``.
+"""Recover (SRe²L-style) synthetic images from the demo teacher: ``python recover.py --arch-path T``.
 
-Structured like SRe²L's recover scripts: a batch holds one image per class at one ipc index,
-inputs start from ``torch.randn``, ``Adam(betas=(0.5, 0.9))`` with a cosine learning rate,
-``loss = CE + r_bn · BN prior``, ``loss.backward()``, ``optimizer.step()``, then a clip to
-valid pixels. It knows nothing of DiRe: ``dire-run demo recover.py ...`` adds the term through
-the hooks, exactly as for an upstream script.
+Structured like SRe²L's recover scripts: a batch holds one image per class at one ipc index
+(``--batch-size`` classes at a time), inputs start from ``torch.randn`` on the GPU when there is
+one, the teacher runs under ``nn.DataParallel`` there, ``Adam(betas=(0.5, 0.9))`` with a cosine
+learning rate, ``loss = CE + r_bn · BN prior``, ``loss.backward()``, ``optimizer.step()``, then a
+clip to valid pixels. It knows nothing of DiRe: ``dire-run demo recover.py ...`` adds the term
+through the hooks, exactly as for an upstream script. It is also the look-alike upstream script
+the tests run the patch path on (``--device cuda`` under the CPU shim).
 
-Writes ``{syn-data-path}/{exp-name}/new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`` and
-``synthetic.pt`` (the final images before 8-bit quantisation, normalised, with their labels).
+Writes ``{syn-data-path}/{exp-name}/new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`` (with
+``--store-best-images``) and ``synthetic.pt`` (the final images before 8-bit quantisation,
+normalised, with their labels).
 """
 import argparse
 import collections
@@ -18,50 +21,62 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.optim as optim
-from utils import BNFeatureHook, clip, denormalize, load_model, lr_cosine_policy, save_images
-
-IMAGE_SIZE = 8
+from utils import DATASETS, BNFeatureHook, clip, denormalize, load_model, lr_cosine_policy, save_images
 
 
 def get_images(args, model_teacher, ipc_id):
     bn_hooks = [BNFeatureHook(m) for m in model_teacher.modules() if isinstance(m, nn.BatchNorm2d)]
-    targets = torch.arange(args.num_classes)  # one image per class: the batch is one ipc index
-    inputs = torch.randn((targets.shape[0], 3, IMAGE_SIZE, IMAGE_SIZE), requires_grad=True, dtype=torch.float)
+    size = args.dataset.image_size
+    images, labels = [], []
 
-    optimizer = optim.Adam([inputs], lr=args.lr, betas=(0.5, 0.9), eps=1e-8)
-    lr_scheduler = lr_cosine_policy(args.lr, 0, args.iteration)
-    criterion = nn.CrossEntropyLoss()
+    targets_all = torch.arange(args.num_classes)
+    for kk in range(0, args.num_classes, args.batch_size):
+        targets = targets_all[kk:min(kk + args.batch_size, args.num_classes)].to(args.device)
+        inputs = torch.randn((targets.shape[0], 3, size, size), requires_grad=True, device=args.device,
+                             dtype=torch.float)
 
-    for iteration in range(args.iteration):
-        lr_scheduler(optimizer, iteration, iteration)
-        off1 = random.randint(-args.jitter, args.jitter)
-        off2 = random.randint(-args.jitter, args.jitter)
-        inputs_jit = torch.roll(inputs, shifts=(off1, off2), dims=(2, 3))
+        optimizer = optim.Adam([inputs], lr=args.lr, betas=(0.5, 0.9), eps=1e-8)
+        lr_scheduler = lr_cosine_policy(args.lr, 0, args.iteration)
+        criterion = nn.CrossEntropyLoss().to(args.device)
 
-        optimizer.zero_grad()
-        outputs = model_teacher(inputs_jit)
-        loss_ce = criterion(outputs, targets)
-        loss_bn = torch.stack([h.r_feature for h in bn_hooks]).sum()
-        loss = loss_ce + args.r_bn * loss_bn
+        for iteration in range(args.iteration):
+            lr_scheduler(optimizer, iteration, iteration)
+            off1 = random.randint(-args.jitter, args.jitter)
+            off2 = random.randint(-args.jitter, args.jitter)
+            inputs_jit = torch.roll(inputs, shifts=(off1, off2), dims=(2, 3))
+            if args.flip and random.random() < 0.5:
+                inputs_jit = torch.flip(inputs_jit, dims=(3,))
 
-        if args.print_every and iteration % args.print_every == 0:
-            print("iteration {}: total {:.4f} bn {:.4f} main criterion {:.4f}".format(
-                iteration, loss.item(), loss_bn.item(), criterion(outputs, targets).item()), flush=True)
+            optimizer.zero_grad()
+            outputs = model_teacher(inputs_jit)
+            loss_ce = criterion(outputs, targets)
+            loss_bn = torch.stack([h.r_feature for h in bn_hooks]).sum()
+            loss = loss_ce + args.r_bn * loss_bn
 
-        loss.backward()
-        optimizer.step()
-        inputs.data = clip(inputs.data)
+            if args.print_every and iteration % args.print_every == 0:
+                print("iteration {}: total {:.4f} bn {:.4f} main criterion {:.4f}".format(
+                    iteration, loss.item(), loss_bn.item(), criterion(outputs, targets).item()), flush=True)
 
-    save_images(args.syn_data_path, denormalize(inputs.data.clone()), targets, ipc_id)
-    optimizer.state = collections.defaultdict(dict)
+            loss.backward()
+            optimizer.step()
+            inputs.data = clip(inputs.data, args.dataset)
+
+        if args.store_best_images:
+            save_images(args.syn_data_path, denormalize(inputs.data.clone(), args.dataset), targets, ipc_id)
+        images.append(inputs.detach().cpu().clone())
+        labels.append(targets.cpu())
+        optimizer.state = collections.defaultdict(dict)
+
     for h in bn_hooks:
         h.close()
-    return inputs.detach().clone(), targets
+    return torch.cat(images), torch.cat(labels)
 
 
 def main_syn(args):
     os.makedirs(args.syn_data_path, exist_ok=True)
-    model_teacher = load_model(args.arch_path)
+    model_teacher = load_model(args.arch_name, args.arch_path, args.num_classes)
+    if args.device == "cuda":
+        model_teacher = nn.DataParallel(model_teacher).cuda()
     model_teacher.eval()
     for p in model_teacher.parameters():
         p.requires_grad = False
@@ -75,21 +90,35 @@ def main_syn(args):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser("Recover synthetic digits from the demo teacher (SRe2L-style)")
-    parser.add_argument("--arch-path", type=str, required=True, help="teacher checkpoint")
+    parser = argparse.ArgumentParser("Recover synthetic images from the demo teacher (SRe2L-style)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits",
+                        help="what the teacher learnt: image size, normalisation, default architecture")
+    parser.add_argument("--arch-name", type=str, default=None, help="teacher architecture (default: the dataset's)")
+    parser.add_argument("--arch-path", type=str, required=True, help="teacher checkpoint ({'state_dict': ...})")
     parser.add_argument("--syn-data-path", type=str, default="./syn_data")
     parser.add_argument("--exp-name", type=str, default="recover")
     parser.add_argument("--iteration", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.25)
-    parser.add_argument("--jitter", type=int, default=1)
+    parser.add_argument("--jitter", type=int, default=None, help="roll jitter in pixels (default: the dataset's shift)")
     parser.add_argument("--r-bn", type=float, default=0.01)
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
+    parser.add_argument("--batch-size", type=int, default=None, help="classes per batch (default: all)")
     parser.add_argument("--ipc-start", type=int, default=0)
     parser.add_argument("--ipc-end", type=int, default=10)
+    parser.add_argument("--store-best-images", action="store_true", help="write the PNGs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--print-every", type=int, default=100)
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when available")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    args.dataset = DATASETS[args.dataset]
+    args.arch_name = args.arch_name or args.dataset.arch
+    args.num_classes = args.num_classes or args.dataset.num_classes
+    args.batch_size = args.batch_size or args.num_classes
+    args.jitter = args.dataset.max_shift if args.jitter is None else args.jitter
+    args.flip = args.dataset.flip
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.syn_data_path = os.path.join(args.syn_data_path, args.exp_name)
     return args
 

@@ -1,7 +1,8 @@
 """Helpers the demo's recover script imports as ``utils``, the way SRe²L's scripts import theirs.
 
 Written for the demo (not taken from upstream): the BatchNorm statistics hook, the cosine
-learning-rate policy, clipping to valid pixels, and saving PNGs in SRe²L's layout.
+learning-rate policy, clipping to valid pixels, loading the teacher, and saving PNGs in SRe²L's
+layout.
 """
 import math
 import os
@@ -10,8 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dire_plugin.demo.model import DigitsConvNet
-from dire_plugin.demo.spec import MEAN, STD
+from dire_plugin.demo.model import build_model
+from dire_plugin.demo.spec import DATASETS
+
+__all__ = ["DATASETS", "BNFeatureHook", "lr_cosine_policy", "clip", "denormalize", "load_model", "save_images"]
 
 
 class BNFeatureHook:
@@ -46,28 +49,33 @@ def lr_cosine_policy(base_lr, warmup, total):
     return set_lr
 
 
-def clip(images):
+def clip(images, dataset):
     """Keep normalised images inside the range of valid pixels ([0, 1] before normalisation)."""
+    mean, std = dataset.mean, dataset.std
     for c in range(3):
-        images[:, c] = torch.clamp(images[:, c], -MEAN[c] / STD[c], (1 - MEAN[c]) / STD[c])
+        images[:, c] = torch.clamp(images[:, c], -mean[c] / std[c], (1 - mean[c]) / std[c])
     return images
 
 
-def denormalize(images):
+def denormalize(images, dataset):
     """Normalised images → pixels in [0, 1]."""
+    mean, std = dataset.mean, dataset.std
     for c in range(3):
-        images[:, c] = torch.clamp(images[:, c] * STD[c] + MEAN[c], 0, 1)
+        images[:, c] = torch.clamp(images[:, c] * std[c] + mean[c], 0, 1)
     return images
 
 
-def load_model(path):
-    """The demo teacher from a ``{"state_dict": ...}`` checkpoint (tensors only: ``weights_only``).
+def load_model(arch, path, num_classes):
+    """The teacher ``arch`` from a ``{"state_dict": ...}`` checkpoint (tensors only:
+    ``weights_only``), keys saved with or without DataParallel's ``module.``.
 
-    Channels-last weights: oneDNN's convolutions on these 8x8 batches of ten run about 20 %
-    faster that way on CPU; the script's NCHW inputs are converted by the first convolution.
+    Channels-last weights: oneDNN's convolutions on the demo's batches of ten 8x8 digits run
+    about 20 % faster that way on CPU; the script's NCHW inputs are converted by the first
+    convolution.
     """
-    model = DigitsConvNet()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    model = build_model(arch, num_classes)
+    model.load_state_dict({k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()})
     return model.to(memory_format=torch.channels_last)
 
 
