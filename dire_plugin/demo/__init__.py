@@ -1,6 +1,7 @@
-"""``dire demo``: SRe²L ± DiRe on scikit-learn's digits, end to end, offline.
+"""``dire demo``: SRe²L ± DiRe on scikit-learn's digits, end to end, offline (or on CIFAR-10/100
+the user has, on the GPU when there is one).
 
-Modules, one job each: :mod:`.spec` (constants, torch-free: the patch module reads them),
+Modules, one job each: :mod:`.spec` (the datasets' facts, torch-free: the patch module reads them),
 :mod:`.data`, :mod:`.model`, :mod:`.teacher` (squeeze), :mod:`.variants` (the sets compared),
 :mod:`.synth` (runs ``recover/recover.py`` vanilla and through the launcher, checks the DiRe
 manifests), :mod:`.relabel` and :mod:`.evaluate` (students), :mod:`.measure` (metrics on teacher

@@ -47,6 +47,12 @@ def default_iterations(ipc: int, dataset: DatasetSpec = DIGITS) -> int:
     return 200 if ipc <= 10 else 100
 
 
+def default_jobs(device: torch.device) -> int:
+    """Processes at once: one per core on the CPU (at most 8); on a GPU 4, which fill it with the
+    small recover batches while leaving a laptop GPU's memory room for each one's CUDA context."""
+    return 4 if device.type == "cuda" else max(1, min(os.cpu_count() or 1, 8))
+
+
 def default_student_steps(dataset: DatasetSpec = DIGITS) -> int:
     """Student training steps: digits as DEMO-FINDINGS measured; CIFAR's ResNet-18 needs more."""
     return 400 if dataset is DIGITS else 1000
@@ -68,7 +74,7 @@ class DemoOptions:
     iterations: Optional[int] = None  # None: default_iterations(ipc, dataset)
     student_steps: Optional[int] = None  # None: default_student_steps(dataset)
     r_bn: float = 0.01
-    jobs: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 8)))
+    jobs: Optional[int] = None  # None: default_jobs(device)
     cache_dir: Optional[Path] = None
     ablation: bool = False
     quick: bool = False
@@ -95,6 +101,10 @@ class DemoOptions:
 
     def iterations_for(self, ipc: int) -> int:
         return self.iterations or default_iterations(ipc, self.spec)
+
+    @property
+    def parallel(self) -> int:
+        return self.jobs or default_jobs(self.torch_device)
 
     @property
     def students(self) -> StudentSettings:
@@ -153,12 +163,12 @@ def _synthesise_and_evaluate(opts: DemoOptions, data: DemoData, teacher_path: Pa
             for s in range(opts.syn_seeds)]
     seeds = range(opts.seeds)
     t = time.perf_counter()
-    with StudentPool(teacher_path, data.test_x, data.test_y, opts.students, opts.jobs,
+    with StudentPool(teacher_path, data.test_x, data.test_y, opts.students, opts.parallel,
                      total=opts.seeds * (len(sets.data) + len(jobs)), progress=opts.progress,
                      device=opts.torch_device) as pool:
         for name, (x, _) in sets.data.items():
             pool.submit(name, x, seeds)
-        sets.synth = run_synthesis(jobs, ctx, opts.jobs, out / "logs", opts.progress,
+        sets.synth = run_synthesis(jobs, ctx, opts.parallel, out / "logs", opts.progress,
                                    on_done=lambda r: pool.submit(r.job.name, r.images, seeds))
         timings["recover"] = time.perf_counter() - t
         checked = sum(1 for r in sets.synth.values() if r.manifest)
@@ -260,7 +270,7 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     cache = Path(opts.cache_dir or default_cache_dir()).expanduser().resolve()
     _log(f"{opts.mode} run: IPC {', '.join(map(str, opts.ipcs))}; {len(opts.variants)} synthetic sets per IPC "
          f"({', '.join(v.label for v in opts.variants)}) + a real reference; {opts.seeds} student{'s' * (opts.seeds != 1)} per set; "
-         f"{opts.jobs} parallel jobs; output {out}; cache {cache}")
+         f"{opts.parallel} parallel jobs on {opts.torch_device.type}; output {out}; cache {cache}")
 
     t = time.perf_counter()
     data = load_data(opts.dataset, opts.data_path, cache)

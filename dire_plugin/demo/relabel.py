@@ -53,8 +53,9 @@ def soft_labels_per_view(teacher: nn.Module, images: Tensor, temperature: float,
     table = []
     for v in range(augment.views):
         view = torch.full((n,), v)
-        table.append(torch.cat([_soft_labels(teacher, augment.apply(images[i:i + batch_size], view[i:i + batch_size]), temperature)
-                                for i in range(0, n, batch_size)]))
+        parts = [_soft_labels(teacher, augment.apply(images[i:i + batch_size], view[i:i + batch_size]), temperature)
+                 for i in range(0, n, batch_size)]
+        table.append(torch.cat(parts))
     return torch.stack(table)
 
 
