@@ -223,6 +223,25 @@ def test_cifar_pipeline_end_to_end_on_cifar_shaped_folders(tmp_path):
     assert "80 of 80 real training images" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("empty, ipc, message", [
+    (None, "3", "class 0 has 2 training images in cifar10 ImageFolders"),
+    ("test/class04", "2", "class 4 has 0 test images"),
+    ("train/class07", "2", "class 7 has 0 training images"),
+])
+def test_too_few_images_in_a_class_is_refused_before_output(tmp_path, capsys, empty, ipc, message):
+    data = _fake_cifar_folders(tmp_path / "cifar", classes=10, train=2, test=1, size=32)
+    if empty:
+        for image in (data / empty).iterdir():
+            image.unlink()
+    out = tmp_path / "out"
+    argv = ["demo", "--dataset", "cifar10", "--data-path", str(data), "--ipc", ipc, "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_cifar_in_torchvision_layout_loads_with_its_labels(tmp_path, monkeypatch):
     """torchvision's own files (pickled batches, MD5-checked before loading): the stand-in files
     here cannot match the published sums, so the check is waived for this test only."""

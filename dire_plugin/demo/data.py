@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import DiReInputError
 from .spec import DATASETS, DIGITS, SPLIT_SEED, TEST_SIZE, DatasetSpec
 
-__all__ = ["DemoData", "check_data", "load_data", "load_digits_split", "load_cifar", "normalise", "denormalise", "real_subset",
+__all__ = ["DemoData", "check_data", "check_images_per_class", "load_data", "load_digits_split", "load_cifar", "normalise", "denormalise", "real_subset",
            "write_image_folder"]
 
 _TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -159,6 +159,18 @@ def load_data(dataset: str, data_path: Optional[os.PathLike] = None, cache_dir: 
     real_dir = write_image_folder(Path(cache_dir) / "digits-train", xtr, ytr)
     return DemoData(spec, normalise(xtr, spec), torch.from_numpy(ytr).long(), normalise(xte, spec),
                     torch.from_numpy(yte).long(), real_dir, f"scikit-learn digits (real images for the bank in {real_dir})")
+
+
+def check_images_per_class(data: DemoData, ipc: int) -> None:
+    """Every class needs ``ipc`` real training images (the reference row) and at least one test
+    image; an empty class would also leave the DiRe bank without a target."""
+    for split, labels in (("training", data.train_y), ("test", data.test_y)):
+        counts = torch.bincount(labels, minlength=data.spec.num_classes)
+        need = ipc if split == "training" else 1
+        if int(counts.min()) < need:
+            c = int(counts.argmin())
+            raise DiReInputError(f"class {c} has {int(counts[c])} {split} images in {data.source}; "
+                                 f"{'--ipc ' + str(ipc) if need > 1 else 'the test split'} needs {need}")
 
 
 def real_subset(data: DemoData, ipc: int, seed: int) -> Tuple[Tensor, Tensor]:

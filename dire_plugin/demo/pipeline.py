@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .data import DemoData, check_data, load_data, real_subset
+from .data import DemoData, check_data, check_images_per_class, load_data, real_subset
 from .evaluate import StudentPool
 from .measure import SetMetrics, embed, set_metrics
 from .relabel import StudentSettings
@@ -265,16 +265,16 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     check_data(opts.dataset, opts.data_path)  # bad input stops the run before anything is written
+    cache = Path(opts.cache_dir or default_cache_dir()).expanduser().resolve()
+    t = time.perf_counter()
+    data = load_data(opts.dataset, opts.data_path, cache)
+    check_images_per_class(data, max(opts.ipcs))
+    timings["data"] = time.perf_counter() - t
     out = Path(opts.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(opts.cache_dir or default_cache_dir()).expanduser().resolve()
     _log(f"{opts.mode} run: IPC {', '.join(map(str, opts.ipcs))}; {len(opts.variants)} synthetic sets per IPC "
          f"({', '.join(v.label for v in opts.variants)}) + a real reference; {opts.seeds} student{'s' * (opts.seeds != 1)} per set; "
          f"{opts.parallel} parallel jobs on {opts.torch_device.type}; output {out}; cache {cache}")
-
-    t = time.perf_counter()
-    data = load_data(opts.dataset, opts.data_path, cache)
-    timings["data"] = time.perf_counter() - t
     _log(f"data: {data.source}; {len(data.train_y)} train / {len(data.test_y)} test images")
 
     t = time.perf_counter()
