@@ -1,9 +1,10 @@
 """Train and test the students of every set, in worker processes, while the recover runs go on.
 
 Students run with one torch thread each, for the same reason as the recover runs (see
-:mod:`.synth`); on a GPU several share it, each its own process. Sets are submitted as soon as they exist (the real subsets at once, each
-synthetic set when its recover run ends), so the two stages share the cores instead of the last
-recover run leaving a core idle. Each worker loads the teacher and the test split once.
+:mod:`.synth`); on a GPU several share it, each its own process. Sets are submitted as soon as
+they exist (the real subsets at once, each synthetic set when its recover run ends), so the two
+stages share the cores instead of the last recover run leaving a core idle. Each worker loads
+the teacher and the test split once.
 """
 from __future__ import annotations
 
