@@ -167,6 +167,14 @@ def test_a_failed_recover_run_is_one_line_naming_its_log(tmp_path):
     assert str(tmp_path / "logs" / "ipc2_vanilla_seed0.log") in message
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_device_cuda_without_a_gpu_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--device", "cuda"]) == 2
+    assert "--device cuda: torch sees no CUDA device here" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cifar_folder_without_cifar_is_refused_before_anything_runs(tmp_path, capsys):
     (tmp_path / "data" / "something").mkdir(parents=True)
     out = tmp_path / "out"
