@@ -5,12 +5,41 @@ import os
 from pathlib import Path
 
 
+from typing import Optional, Tuple
+
 from .errors import DiReInputError
 from .patching import RealDataSpec
 
-__all__ = ["real_data_loader", "check_real_data"]
+__all__ = ["CIFAR_FOLDERS", "real_data_loader", "check_real_data", "torchvision_cifar_root", "open_torchvision_cifar"]
 
-_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+#: The folder torchvision keeps each CIFAR in, inside the root it is given.
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def torchvision_cifar_root(path: Path, kind: Optional[str] = None) -> Optional[Tuple[Path, str]]:
+    """``(root for torchvision, kind)`` when ``path`` is torchvision's CIFAR layout (the folder
+    holding ``cifar-10-batches-py``, or that folder itself), looking for ``kind`` only when given
+    (a kind that is no CIFAR finds none); ``None`` otherwise."""
+    for k, folder in CIFAR_FOLDERS.items():
+        if kind not in (None, k):
+            continue
+        if path.name == folder:
+            return path.parent, k
+        if (path / folder).is_dir():
+            return path, k
+    return None
+
+
+def open_torchvision_cifar(root: Path, kind: str, train: bool, transform=None):
+    """torchvision's CIFAR dataset at ``root``; its files are checked against their published
+    MD5 sums before they are unpickled, and a missing or corrupt one is a one-line input error."""
+    from torchvision import datasets
+
+    cls = datasets.CIFAR100 if kind == "cifar100" else datasets.CIFAR10
+    try:
+        return cls(str(root), train=train, download=False, transform=transform)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DiReInputError(f"{root / CIFAR_FOLDERS[kind]}: {e}") from None
 
 
 def _has_class_folders(path: Path) -> bool:
@@ -22,11 +51,8 @@ def check_real_data(path: os.PathLike, spec: RealDataSpec) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise DiReInputError(f"real data folder {p} does not exist")
-    torchvision_layout = spec.kind in _CIFAR_FOLDERS and (
-        (p / _CIFAR_FOLDERS[spec.kind]).is_dir() or p.name == _CIFAR_FOLDERS[spec.kind]
-    )
-    if not torchvision_layout and not _has_class_folders(p):
-        expected = f"{_CIFAR_FOLDERS[spec.kind]}/ (torchvision layout) or " if spec.kind in _CIFAR_FOLDERS else ""
+    if torchvision_cifar_root(p, spec.kind) is None and not _has_class_folders(p):
+        expected = f"{CIFAR_FOLDERS[spec.kind]}/ (torchvision layout) or " if spec.kind in CIFAR_FOLDERS else ""
         raise DiReInputError(f"no real training data in {p}: expected {expected}one folder per class")
     return p.resolve()
 
@@ -49,18 +75,12 @@ def real_data_loader(path: os.PathLike, spec: RealDataSpec, num_classes: int, ba
         transforms.Normalize(spec.mean, spec.std),
     ]
     transform = transforms.Compose(steps)
-    folder = _CIFAR_FOLDERS.get(spec.kind)
-    if folder and ((root / folder).is_dir() or root.name == folder):
-        base = root.parent if root.name == folder else root
-        cls = datasets.CIFAR100 if spec.kind == "cifar100" else datasets.CIFAR10
-        try:
-            dataset = cls(str(base), train=True, download=False, transform=transform)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise DiReInputError(f"{base / folder}: {e}") from None
-        found = len(dataset.classes)
+    cifar = torchvision_cifar_root(root, spec.kind)
+    if cifar is not None:
+        dataset = open_torchvision_cifar(cifar[0], spec.kind, train=True, transform=transform)
     else:
         dataset = datasets.ImageFolder(str(root), transform=transform)
-        found = len(dataset.classes)
+    found = len(dataset.classes)
     if found != num_classes:
         raise DiReInputError(f"{root} holds {found} classes, the teacher of this script has {num_classes}")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

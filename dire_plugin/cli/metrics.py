@@ -28,7 +28,6 @@ PROG = "dire-metrics"
 DEFAULT_OUT = "dire-metrics"
 #: Seed of the reference subset and of the plots' subsampling and projections.
 SEED = 0
-_CIFAR_FOLDERS = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
 # Messages PIL gives for a broken file; DataLoader workers wrap them in a traceback.
 _PIL_ERRORS = re.compile(r"cannot identify image file.*|image file is truncated.*|broken data stream.*")
 
@@ -108,14 +107,6 @@ def _set_names(args: argparse.Namespace) -> List[str]:
     return names
 
 
-def _real_layout(root: Path) -> Optional[str]:
-    """``cifar10``/``cifar100`` for torchvision's CIFAR layout at ``root``, else ``None``."""
-    for folder, kind in _CIFAR_FOLDERS.items():
-        if (root / folder).is_dir() or root.name == folder:
-            return kind
-    return None
-
-
 def _first_image_size(root: Path) -> int:
     from ..distilled import IMAGE_SUFFIXES, read_image
 
@@ -134,13 +125,15 @@ def _real_spec(root: Path, args: argparse.Namespace) -> Any:
     """
     from ..patches.sre2l import CIFAR100, IMAGENET, TINY
 
-    kind = _real_layout(root)
-    if kind is not None:
-        spec = replace(CIFAR100, kind=kind)
+    from ..realdata import CIFAR_FOLDERS, torchvision_cifar_root
+
+    cifar = torchvision_cifar_root(root)
+    if cifar is not None:
+        spec = replace(CIFAR100, kind=cifar[1])
     else:
         if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
             raise DiReInputError(f"no real training data in {root}: expected one folder per class, "
-                                 f"or torchvision's {' or '.join(_CIFAR_FOLDERS)}")
+                                 f"or torchvision's {' or '.join(CIFAR_FOLDERS.values())}")
         size = _first_image_size(root) if args.image_size is None else args.image_size
         if size == CIFAR100.crop:
             spec = CIFAR100
@@ -177,9 +170,10 @@ def _real_class_count(root: Path, kind: Optional[str]) -> int:
 
 
 def _real_loader(root: Path, spec: Any, args: argparse.Namespace) -> Tuple[Any, str, str, List[str]]:
-    from ..realdata import real_data_loader
+    from ..realdata import real_data_loader, torchvision_cifar_root
 
-    count = _real_class_count(root, _real_layout(root))
+    cifar = torchvision_cifar_root(root)
+    count = _real_class_count(root, cifar[1] if cifar else None)
     try:
         loader, dataset_id, transform_id = real_data_loader(root, spec, count, args.batch_size, args.workers)
     except FileNotFoundError as e:  # ImageFolder: a class folder without images

@@ -19,13 +19,11 @@ import torch
 from torch import Tensor
 
 from ..errors import DiReInputError
+from ..realdata import CIFAR_FOLDERS, open_torchvision_cifar, torchvision_cifar_root
 from .spec import DATASETS, DIGITS, SPLIT_SEED, TEST_SIZE, DatasetSpec
 
 __all__ = ["DemoData", "check_data", "check_images_per_class", "load_data", "load_digits_split", "load_cifar", "normalise", "denormalise", "real_subset",
            "write_image_folder"]
-
-_TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-
 
 @dataclass(frozen=True)
 class DemoData:
@@ -93,14 +91,7 @@ def _read_image_folder(root: Path, size: int) -> Tuple[np.ndarray, np.ndarray, i
 
 
 def _read_torchvision(root: Path, spec: DatasetSpec, train: bool) -> Tuple[np.ndarray, np.ndarray, int]:
-    from torchvision import datasets
-
-    cls = datasets.CIFAR100 if spec.name == "cifar100" else datasets.CIFAR10
-    try:
-        # torchvision checks every file against its published MD5 before unpickling it.
-        ds = cls(str(root), train=train, download=False)
-    except RuntimeError as e:  # "Dataset not found or corrupted"
-        raise DiReInputError(f"{root / _TORCHVISION_FOLDERS[spec.name]}: {e}") from None
+    ds = open_torchvision_cifar(root, spec.name, train)
     return np.asarray(ds.data), np.asarray(ds.targets), len(ds.classes)
 
 
@@ -110,15 +101,13 @@ def locate_cifar(spec: DatasetSpec, path: os.PathLike) -> Tuple[Path, bool]:
     p = Path(path).expanduser().resolve()
     if not p.is_dir():
         raise DiReInputError(f"--data-path {p} does not exist")
-    folder = _TORCHVISION_FOLDERS[spec.name]
-    if p.name == folder:
-        p = p.parent
-    if (p / folder).is_dir():
-        return p, True
+    cifar = torchvision_cifar_root(p, spec.name)
+    if cifar is not None:
+        return cifar[0], True
     if (p / "train").is_dir() and (p / "test").is_dir():
         return p, False
-    raise DiReInputError(f"no {spec.name} in {p}: expected {folder}/ (torchvision layout) or train/ and test/ "
-                         "with one folder per class")
+    raise DiReInputError(f"no {spec.name} in {p}: expected {CIFAR_FOLDERS[spec.name]}/ (torchvision layout) or "
+                         "train/ and test/ with one folder per class")
 
 
 def load_cifar(spec: DatasetSpec, path: os.PathLike) -> DemoData:
@@ -127,7 +116,7 @@ def load_cifar(spec: DatasetSpec, path: os.PathLike) -> DemoData:
     p, torchvision_layout = locate_cifar(spec, path)
     if torchvision_layout:
         parts = [_read_torchvision(p, spec, train) for train in (True, False)]
-        real_dir, source = p, f"torchvision {spec.name} in {p / _TORCHVISION_FOLDERS[spec.name]}"
+        real_dir, source = p, f"torchvision {spec.name} in {p / CIFAR_FOLDERS[spec.name]}"
     else:
         parts = [_read_image_folder(p / split, spec.image_size) for split in ("train", "test")]
         real_dir, source = p / "train", f"{spec.name} ImageFolders in {p}/train and {p}/test"
