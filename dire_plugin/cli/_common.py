@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["OneLineParser", "echo", "fail", "positive_int", "run_command"]
+__all__ = ["OneLineParser", "echo", "fail", "positive_int", "run_command", "run_main"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -57,3 +57,17 @@ def run_command(prog: str, command: Callable[[Any], int], args: Any) -> int:
     except KeyboardInterrupt:
         fail(prog, "interrupted")
         return 130
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], command: Callable[[Any], int],
+             check: Optional[Callable[[argparse.ArgumentParser, Any], None]] = None) -> int:
+    """A tool's ``main``: parse ``argv`` (``check(parser, args)`` may add usage errors through
+    ``parser.error``), then :func:`run_command`. ``--help`` and usage errors end here with their
+    exit code (0, or 2 after one line)."""
+    try:
+        args = parser.parse_args(argv)
+        if check is not None:
+            check(parser, args)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return run_command(prog, command, args)

@@ -36,7 +36,7 @@ from ..checkout import (
 from ..errors import DiReError, DiReInputError
 from ..lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..patching import METHODS, load_method
-from ._common import OneLineParser, run_command
+from ._common import OneLineParser, run_main
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
 
@@ -386,16 +386,14 @@ def _print_report(state: CheckoutState, module: ModuleType, allow_drift: bool) -
 # --- entry point --------------------------------------------------------------------------------
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    command = _remove if args.remove else _list if args.list else _status if args.status else _verify if args.verify else _apply
+    return command(args)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``dire-apply`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        _check_combination(parser, args)
-    except SystemExit as exc:  # --help, or a usage error already printed as one line
-        return exc.code if isinstance(exc.code, int) else 0
-    command = _remove if args.remove else _list if args.list else _status if args.status else _verify if args.verify else _apply
-    return run_command(PROG, command, args)
+    return run_main(PROG, build_parser(), argv, _dispatch, _check_combination)
 
 
 

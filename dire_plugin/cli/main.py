@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import DiReInputError
-from ._common import OneLineParser, echo, positive_int, run_command
+from ._common import OneLineParser, echo, positive_int, run_main
 
 __all__ = ["build_parser", "main"]
 
@@ -117,17 +117,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 
+def _require_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command is None:
+        parser.error("choose a command: demo")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``dire`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.error("choose a command: demo")
-    except SystemExit as exc:  # --help, or a usage error already printed as one line
-        return exc.code if isinstance(exc.code, int) else 0
     # A demo step that failed raises DiReError, whose message names its log.
-    return run_command(PROG, _demo, args)
+    return run_main(PROG, build_parser(), argv, _demo, _require_command)
 
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DiReInputError
-from ._common import OneLineParser, echo, positive_int, run_command
+from ._common import OneLineParser, echo, positive_int, run_main
 
 __all__ = ["build_parser", "main", "PROG"]
 
@@ -396,13 +396,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``dire-metrics`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        _check_args(parser, args)
-    except SystemExit as exc:  # --help, or a usage error already printed as one line
-        return exc.code if isinstance(exc.code, int) else 0
-    return run_command(PROG, _run, args)
+    return run_main(PROG, build_parser(), argv, _run, _check_args)
 
 
 
