@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dire_plugin.patching import ScriptSpec, Target, lazy_patch
 
-from .sre2l import IMAGENET, SMOKE_ARCH, TINY
+from .sre2l import IMAGENET, SMOKE_ARCH, SMOKE_ARGS, TINY
 
 METHOD = "cda"
 
-_SMOKE = ("--arch-name", "{arch}", "--syn-data-path", "{out}", "--exp-name", "smoke",
-          "--ipc-start", "0", "--ipc-end", "1", "--iteration", "1", "--store-best-images")
+# SRe²L's arguments: CDA's scripts are SRe²L's with a crop curriculum.
+_SMOKE = (*SMOKE_ARGS, "--store-best-images")
 
 SCRIPTS = {
     # --verifier makes this script stop after its first batch: ten images are enough.

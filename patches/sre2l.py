@@ -11,29 +11,30 @@ TINY = RealDataSpec("imagefolder", crop=64, mean=(0.4802, 0.4481, 0.3975), std=(
 CIFAR100 = RealDataSpec("cifar100", crop=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
 
 # Smoke runs (dire-apply --verify --smoke, on a CPU): every script synthesises all its classes
-# per ipc index whatever the batch size, so one ipc index and one iteration is the least. Where
-# --arch-name picks the teacher, a small one (SMOKE_ARCH): ResNet-18 takes minutes on a laptop
-# for ImageNet's 1000 classes at 224 px (and its bank), seconds for the hooks to prove they fit.
+# per ipc index whatever the batch size, so one ipc index and one iteration is the least (CDA's
+# scripts take the same SMOKE_ARGS). Where --arch-name picks the teacher, a small one
+# (SMOKE_ARCH): ResNet-18 takes minutes on a laptop for ImageNet's 1000 classes at 224 px (and
+# its bank), seconds for the hooks to prove they fit.
 SMOKE_ARCH = "mobilenet_v3_small"
-_SMOKE = ("--arch-name", "{arch}", "--syn-data-path", "{out}", "--exp-name", "smoke",
-          "--ipc-start", "0", "--ipc-end", "1", "--iteration", "1")
+SMOKE_ARGS = ("--arch-name", "{arch}", "--syn-data-path", "{out}", "--exp-name", "smoke",
+              "--ipc-start", "0", "--ipc-end", "1", "--iteration", "1")
 
 SCRIPTS = {
     # ImageNet: pretrained=True torchvision weights (the CPU shim builds them random), no checkpoint.
     "SRe2L/recover/data_synthesis.py": ScriptSpec(
         IMAGENET, num_classes=1000, arch=SMOKE_ARCH,
-        smoke_args=(*_SMOKE, "--verifier-arch", SMOKE_ARCH, "--batch-size", "50", "--store-best-images"),
+        smoke_args=(*SMOKE_ARGS, "--verifier-arch", SMOKE_ARCH, "--batch-size", "50", "--store-best-images"),
     ),
     # Tiny-ImageNet: torchvision-reference checkpoint, {"model": ...} without "module.".
     "SRe2L/*small_dataset/recover_tiny.py": ScriptSpec(
         TINY, num_classes=200, arch=SMOKE_ARCH, checkpoint_key="model", cifar_stem=True,
-        smoke_args=(*_SMOKE, "--batch-size", "100", "--arch-path", "{ckpt}", "--store-last-images"),
+        smoke_args=(*SMOKE_ARGS, "--batch-size", "100", "--arch-path", "{ckpt}", "--store-last-images"),
     ),
     # CIFAR-100: ResNet-18 is built by name; {"state_dict": ...} saved from a DataParallel model.
     # Two batches, so a run also goes through the start of a new batch of images.
     "SRe2L/*small_dataset/recover_cifar.py": ScriptSpec(
         CIFAR100, num_classes=100, checkpoint_key="state_dict", checkpoint_prefix="module.", cifar_stem=True,
-        smoke_args=(*_SMOKE, "--batch-size", "50", "--arch-path", "{ckpt}", "--store-best-images"),
+        smoke_args=(*SMOKE_ARGS, "--batch-size", "50", "--arch-path", "{ckpt}", "--store-best-images"),
     ),
 }
 
