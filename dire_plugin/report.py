@@ -16,11 +16,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .errors import DiReInputError
+from .errors import DiReInputError, require_extra
 
 __all__ = [
     "MetricsRow", "format_table", "markdown_report", "json_report",
-    "require_matplotlib", "require_sklearn", "project_2d", "embedding_scatter_png", "class_similarity_png",
+    "require_plotting", "project_2d", "embedding_scatter_png", "class_similarity_png",
 ]
 
 #: Real points drawn in the scatter plot / fed to t-SNE: enough to show the manifold, few enough to stay fast.
@@ -133,20 +133,10 @@ def json_report(rows: Sequence[MetricsRow], settings: Mapping[str, Any], real: M
 # --- plots ----------------------------------------------------------------------------------------
 
 
-def require_matplotlib() -> None:
-    """Fail early, in one line, when ``--plot`` is asked for without matplotlib."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise DiReInputError("--plot needs matplotlib: pip install 'dire-plugin[plot]' (or pip install matplotlib)") from None
-
-
-def require_sklearn() -> None:
-    """Fail early when t-SNE is asked for without scikit-learn."""
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        raise DiReInputError("--projection tsne needs scikit-learn: pip install scikit-learn (or use --projection pca)") from None
+def require_plotting(projection: str) -> None:
+    """Fail early, in one line, when ``--plot`` is asked for without the ``plot`` extra."""
+    require_extra(["matplotlib", "sklearn"] if projection == "tsne" else ["matplotlib"], "plot",
+                  f"--plot{' --projection tsne' if projection == 'tsne' else ''}")
 
 
 def _subsample(x: Tensor, n: int, seed: int) -> Tensor:

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from dire_plugin.cli.apply import main as dire_apply
 from dire_plugin.lockfile import ENV_LOCK
 from dire_plugin.patching import load_method
 from dire_plugin.demo.synth import RECOVER
+from envs import build_wheel, child_venv, site_packages
 from lookalike import build_checkout, write_demo_teacher, write_image_folder, write_lock
 
 HERE = Path(__file__).resolve().parent
@@ -33,22 +33,12 @@ ARGS = ["--num-classes", str(CLASSES), "--batch-size", "100", "--iteration", "3"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A venv (system packages visible) whose site-packages receives the .pth, a look-alike
+    """A venv (the test interpreter's packages visible) whose site-packages receives the .pth, a look-alike
     checkout with the fixture at the CIFAR script's path, a lock pinning it, real data, a teacher."""
     base = tmp_path_factory.mktemp("e2e")
-    env_dir = base / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
-    py = env_dir / "bin" / "python"
-    # The product as users get it: a wheel installed into the environment that runs the script
-    # (an editable install's finder comes from the system site-packages, which site.py reads
-    # after the venv's own .pth files).
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(HERE.parent), "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(base / "wheel")], check=True, capture_output=True)
-    (wheel,) = (base / "wheel").glob("dire_plugin-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
-                    str(wheel)], check=True, capture_output=True)
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    # The product as users get it: a wheel installed into the environment that runs the script.
+    py = child_venv(base / "venv", build_wheel(base))
+    site = site_packages(py)
     root = base / "SRe2L"
     files = {SCRIPT: RECOVER.read_text(), UTILS: (RECOVER.parent / "utils.py").read_text()}
     head = build_checkout(root, SRE2L, URL, files)

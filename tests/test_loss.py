@@ -38,9 +38,9 @@ def _reference(syn, labels, real, memory, reduction):
         if reduction == "mean":
             cd = cd / pairs if pairs else 0.0
             cdm, edm = cdm / (n * m), edm / (n * m)
-        out["cd"] += cd
-        out["cdm"] += cdm
-        out["edm"] += edm
+        out["cd"] += float(cd)
+        out["cdm"] += float(cdm)
+        out["edm"] += float(edm)
     return out
 
 

@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace):
     from ..demo.pipeline import DemoOptions
+    from ..errors import require_extra
 
+    # Before any work: the digits come with scikit-learn, the figures need matplotlib.
+    needed = (["sklearn"] if args.dataset == "digits" else []) + ([] if args.no_plots else ["matplotlib"])
+    require_extra(needed, "demo", "dire demo" + (" (figures; --no-plots skips them)" if args.dataset != "digits" else ""))
     if args.dataset == "digits" and args.data_path:
         raise DiReInputError("--data-path goes with --dataset cifar10/cifar100: the digits come with scikit-learn")
     if args.dataset != "digits" and not args.data_path:

@@ -318,11 +318,9 @@ def _run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise DiReInputError(f"--out {out} exists and is not a folder")
     if args.plot:
-        from ..report import require_matplotlib, require_sklearn
+        from ..report import require_plotting
 
-        require_matplotlib()
-        if args.projection == "tsne":
-            require_sklearn()
+        require_plotting(args.projection)
     from ..distilled import InputSpec, load_distilled
     from ..extractor import load_extractor
     from ..features import resolve_layer
