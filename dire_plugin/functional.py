@@ -22,8 +22,9 @@ is summed over the classes present in ``labels``; the loss is
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -42,7 +43,10 @@ from .pairwise import (
     unit_row_sums,
 )
 
-__all__ = ["COMPONENTS", "REDUCTIONS", "active_components", "check_components", "dire_components", "dire_loss", "weighted_total"]
+__all__ = [
+    "COMPONENTS", "REDUCTIONS", "active_components", "check_components", "check_weights", "dire_components", "dire_loss",
+    "weighted_total",
+]
 
 COMPONENTS = ("cd", "cdm", "edm")
 REDUCTIONS = ("mean", "sum")
@@ -54,6 +58,25 @@ def check_components(components: Iterable[str]) -> tuple:
     if unknown or not comps:
         raise DiReInputError(f"components must be a non-empty subset of {COMPONENTS}, got {comps}")
     return comps
+
+
+def check_weights(r_c: object, r_e: object, where: str = "") -> Tuple[float, float]:
+    """``(r_c, r_e)`` as floats; anything but a finite number >= 0 is a one-line
+    :class:`DiReInputError` (``where`` says where the value came from, e.g. a config file).
+
+    A negative weight would invert the term (pull images together, push them off the real data)
+    and NaN would poison every image: neither is a setting anybody means.
+    """
+    out = []
+    for name, value in (("r_c", r_c), ("r_e", r_e)):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+            raise DiReInputError(f"{where}{name} must be a finite number >= 0, got {value!r}")
+        out.append(number)
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
