@@ -2,7 +2,8 @@
 finished synthetic images it pushes away from.
 
 :class:`RealEmbeddingBank` is built once per run (optionally cached on disk, keyed by everything
-that determines its content) and keeps a packed copy per device, so the loss never re-packs it.
+that determines its content, with a checksum of its tensors verified on every load) and keeps a
+packed copy per device, so the loss never re-packs it.
 :class:`SyntheticMemory` keeps finished synthetic embeddings and the per-class unit sums that are
 all the loss needs of them.
 """
@@ -12,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -25,13 +25,15 @@ from .errors import DiReInputError
 from .features import EmbeddingCapture, resolve_layer, unwrap_model
 from .grouped import ClassSums, PackedEmbeddings, check_embeddings
 from .pairwise import DEFAULT_EPS, class_row_sums, normalize_rows
+from .safeio import atomic_torch_save, load_torch_file
 
 __all__ = ["RealEmbeddingBank", "SyntheticMemory", "CACHE_FORMAT"]
 
 logger = logging.getLogger("dire")
 
 #: Version of the on-disk bank layout; part of the cache key, so a new layout never reads an old file.
-CACHE_FORMAT = 1
+#: 2: a sha256 of the tensors is stored and verified on load.
+CACHE_FORMAT = 2
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -64,6 +66,22 @@ def _class_seed(seed: int, c: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{c}".encode()).digest()[:8], "little") >> 1
 
 
+def _nonfinite_rows(rows: Tensor) -> Tensor:
+    """Sorted indices of the rows of ``rows [N, D]`` that hold a NaN or an Inf.
+
+    Exact, but elementwise only where needed: a NaN or Inf always makes its row's sum NaN or Inf,
+    so only rows whose sum is not finite (those, or finite values whose sum overflows) get the
+    elementwise test. On the CPU an elementwise ``isfinite`` over a whole bank costs many times
+    the row sums (benchmarks/bench_bank_cache.py), and every cache hit checks the bank.
+    """
+    if rows.dim() != 2 or rows.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    suspect = (~torch.isfinite(rows.sum(1))).nonzero().reshape(-1)
+    if len(suspect) == 0:
+        return suspect
+    return suspect[~torch.isfinite(rows[suspect]).all(1)]
+
+
 def _check_classes(rows: Tensor, classes: Tensor, counts: Tensor, what: str = "real embeddings") -> None:
     """Every class non-empty, finite and not all zero, in one pass over the bank.
 
@@ -74,7 +92,12 @@ def _check_classes(rows: Tensor, classes: Tensor, counts: Tensor, what: str = "r
         raise DiReInputError(f"{what} of class {int(classes[empty[0]])} are empty")
     _check_finite_by_class(rows, classes, counts)
     slot = torch.repeat_interleave(torch.arange(len(classes)), counts)
-    mass = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, slot, rows.abs().sum(1).double())
+    if rows.shape[1]:
+        # Exact (no sum to underflow) and no temporary copy of the bank, unlike abs().sum().
+        nonzero = (rows.amax(1) != 0) | (rows.amin(1) != 0)
+    else:
+        nonzero = torch.zeros(rows.shape[0], dtype=torch.bool)
+    mass = torch.zeros(len(classes), dtype=torch.long).index_add_(0, slot, nonzero.long())
     zero = (mass == 0).nonzero()
     if len(zero):
         raise DiReInputError(f"{what} of class {int(classes[zero[0]])} are all zero: check the captured layer")
@@ -254,7 +277,8 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
         """Hex sha256 over the model's state dict (names, shapes, dtypes, bytes) and the settings.
 
         ``dataset_id`` / ``transform_id`` stand for what the key cannot see (the loader): change
-        them whenever the data or its preprocessing changes.
+        them whenever the data or its preprocessing changes
+        (:func:`dire_plugin.realdata.data_fingerprint` does for the data).
         """
         h = hashlib.sha256()
         settings = {
@@ -305,9 +329,16 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
                 reproducible for the same loader order).
             dtype: storage dtype (``torch.float16`` halves the memory; sums stay float32).
             device: where the images go (default: the model's parameters' device).
-            cache_dir: cache the bank in ``cache_dir/bank-<key>.pt`` (see :meth:`cache_key`).
+            cache_dir: cache the bank in ``cache_dir/bank-<key>.pt`` (see :meth:`cache_key`); a
+                file that is unreadable, of another key or layout, or whose tensors do not match
+                their stored checksum is rebuilt with one warning.
             dataset_id, transform_id: identify the data and preprocessing in the cache key.
             progress: show a tqdm bar.
+
+        Raises:
+            DiReInputError: bad settings, a loader that yields no data or non-finite embeddings,
+                or a loader error raised as a ``DiReInputError`` (also from a DataLoader worker,
+                whose traceback is reduced to the original one line).
         """
         _check_dtype(dtype)
         if max_per_class is not None and int(max_per_class) < 1:
@@ -329,9 +360,9 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
             rows, counts = _subsample(rows, classes, counts, int(max_per_class), seed)
         bank = cls(_to_storage(rows, dtype), classes, counts, fingerprint=key, layer=layer_name)
         if path is not None:
-            _save_atomic(path, {
-                "format": CACHE_FORMAT, "key": key, "classes": bank._classes,
-                "counts": bank._counts, "embeddings": bank._flat,
+            atomic_torch_save(path, {
+                "format": CACHE_FORMAT, "key": key, "classes": bank._classes, "counts": bank._counts,
+                "embeddings": bank._flat, "checksum": _checksum(bank._classes, bank._counts, bank._flat),
             })
         return bank
 
@@ -342,17 +373,54 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 def _check_finite_by_class(rows: Tensor, classes: Tensor, counts: Tensor) -> None:
-    bad = ~torch.isfinite(rows).all(1)
-    if bool(bad.any()):
+    bad = _nonfinite_rows(rows)
+    if len(bad):
         labels = torch.repeat_interleave(classes, counts)
-        raise DiReInputError(f"real embeddings of class {int(labels[bad][0])} contain NaN or Inf values")
+        raise DiReInputError(f"real embeddings of class {int(labels[bad[0]])} contain NaN or Inf values")
 
 
 def _to_storage(rows: Tensor, dtype: torch.dtype) -> Tensor:
     out = rows.to(dtype)
-    if out.dtype != rows.dtype and not bool(torch.isfinite(out).all()):
+    if out.dtype != rows.dtype and len(_nonfinite_rows(out)):
         raise DiReInputError(f"real embeddings overflow {dtype} storage: use dtype=torch.float32")
     return out
+
+
+def _checksum(classes: Tensor, counts: Tensor, embeddings: Tensor) -> str:
+    """sha256 over the cached tensors (shapes, dtypes, bytes): a damaged file is never reused."""
+    h = hashlib.sha256(b"dire-bank-cache")
+    for t in (classes, counts, embeddings):
+        _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def _worker_message(error: DiReInputError) -> str:
+    """The one line a DataLoader worker raised, out of the traceback text the main process gets.
+
+    torch re-raises a worker's exception in the main process as ``type(error)(text)``, where the
+    text is "Caught X in DataLoader worker ..." and the worker's whole traceback, whose last line
+    is ``<module>.<Class>: <the original message>``.
+    """
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    name = f"{type(error).__module__}.{type(error).__qualname__}: "
+    for line in reversed(lines):
+        if line.startswith(name):
+            return line[len(name):]
+    return lines[-1]
+
+
+def _batches(loader: Iterable) -> Iterator[Any]:
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except DiReInputError as e:  # e.g. an unreadable image, maybe raised in a worker
+            raise DiReInputError(_worker_message(e)) from None
+        yield batch
 
 
 def _embed(
@@ -367,7 +435,7 @@ def _embed(
         model.eval()
         with torch.no_grad(), EmbeddingCapture(model, layer, detach=True) as capture:
             total = len(loader) if hasattr(loader, "__len__") else None
-            for batch in tqdm(loader, total=total, desc="real embeddings", disable=not progress, leave=False):
+            for batch in tqdm(_batches(loader), total=total, desc="real embeddings", disable=not progress, leave=False):
                 if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                     raise DiReInputError("the loader must yield (images, labels) batches")
                 images, labels = batch[0], torch.as_tensor(batch[1]).reshape(-1)
@@ -379,10 +447,10 @@ def _embed(
                 if emb.shape[0] != labels.numel():
                     raise DiReInputError(f"{emb.shape[0]} embeddings for a batch of {labels.numel()} labels")
                 emb = emb.float().cpu() if emb.dtype != torch.float64 else emb.cpu()
-                bad = ~torch.isfinite(emb).all(1)
-                if bool(bad.any()):
+                bad = _nonfinite_rows(emb)
+                if len(bad):
                     raise DiReInputError(
-                        f"real embeddings of class {int(labels[bad][0])} contain NaN or Inf values"
+                        f"real embeddings of class {int(labels[bad[0]])} contain NaN or Inf values"
                     )
                 chunks.append(emb)
                 label_chunks.append(labels.to(torch.long).cpu())
@@ -409,14 +477,16 @@ def _subsample(rows: Tensor, classes: Tensor, counts: Tensor, k: int, seed: int)
 
 
 def _load_cached(path: Path, key: str, dtype: torch.dtype, layer: str) -> Optional[RealEmbeddingBank]:
-    """The cached bank, or ``None`` (with a warning) when the file is unreadable or not this key's."""
+    """The cached bank, or ``None`` (with one warning line) when the file is unreadable, not this
+    key's or layout's, or its tensors do not match the checksum stored with them."""
     try:
-        # weights_only: a cache file is data; never run pickled code from it.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a torch file at all
-        logger.warning("bank cache %s is unreadable (%s: %s); rebuilding", path, type(e).__name__, e)
+        state = load_torch_file(path, "bank cache")  # weights_only: a cache file is data, never code
+    except DiReInputError as e:  # truncated, corrupt, pickled objects, not a torch file at all
+        logger.warning("%s; rebuilding", e)
         return None
     problem = _cache_problem(state, key, dtype)
+    if problem is None and _checksum(state["classes"], state["counts"], state["embeddings"]) != state["checksum"]:
+        problem = "its tensors do not match their checksum: the file was changed or damaged after it was written"
     if problem is None:
         try:
             return RealEmbeddingBank(
@@ -430,35 +500,19 @@ def _load_cached(path: Path, key: str, dtype: torch.dtype, layer: str) -> Option
 
 def _cache_problem(state: Any, key: str, dtype: torch.dtype) -> Optional[str]:
     if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
-        return "not a format-1 bank"
+        return f"not a format-{CACHE_FORMAT} bank"
     if state.get("key") != key:
         return "stored key differs"
     classes, counts, emb = state.get("classes"), state.get("counts"), state.get("embeddings")
     if not all(isinstance(t, Tensor) for t in (classes, counts, emb)):
         return "missing tensors"
+    if not isinstance(state.get("checksum"), str):
+        return "no checksum"
     if classes.dtype != torch.long or counts.dtype != torch.long or classes.dim() != 1 or counts.shape != classes.shape:
         return "bad classes/counts"
     if emb.dim() != 2 or emb.dtype != dtype or int(counts.sum()) != emb.shape[0] or bool((counts < 1).any()):
         return "embeddings do not match counts or dtype"
     return None
-
-
-def _save_atomic(path: Path, state: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is a rename: readers see the old file or the new one, never half.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class SyntheticMemory:

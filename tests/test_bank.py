@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dire_plugin import DiReLoss
-from dire_plugin.bank import RealEmbeddingBank, SyntheticMemory
+from dire_plugin.bank import CACHE_FORMAT, RealEmbeddingBank, SyntheticMemory
 from dire_plugin.errors import DiReInputError
 from dire_plugin.grouped import ClassSums, PackedEmbeddings
 
@@ -177,8 +177,8 @@ def test_cache_file_is_plain_tensors(tmp_path):
     bank = build(LabelEncoder(), loader_of(x, y), cache_dir=tmp_path, dtype=torch.float16)
     (path,) = tmp_path.glob("bank-*.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(state) == {"format", "key", "classes", "counts", "embeddings"}
-    assert state["format"] == 1 and state["key"] == bank.fingerprint
+    assert set(state) == {"format", "key", "checksum", "classes", "counts", "embeddings"}
+    assert state["format"] == CACHE_FORMAT >= 2 and state["key"] == bank.fingerprint
     assert state["classes"].dtype == torch.long and state["counts"].tolist() == [int((y == c).sum()) for c in range(4)]
     assert state["embeddings"].dtype == torch.float16 and state["embeddings"].shape == (len(y), DIM)
 
@@ -220,13 +220,51 @@ def test_cache_recovers_from_bad_file(tmp_path, caplog, corrupt):
     with caplog.at_level(logging.WARNING, logger="dire"):
         rebuilt = build(model, loader_of(x, y), cache_dir=tmp_path)
     assert not rebuilt.cache_hit and model.forwards > n
-    assert any(r.name == "dire" and "rebuilding" in r.getMessage() for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dire" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "rebuilding" in warnings[0] and "\n" not in warnings[0], warnings
     for c in good.classes:
         assert torch.equal(rebuilt[c], good[c])
     # The bad file was overwritten with a good one.
     again = build(model, loader_of(x, y), cache_dir=tmp_path)
     assert again.cache_hit
     assert torch.load(path, weights_only=True)["key"] == good.fingerprint
+
+
+def _flip_two_bits_in_embeddings(path, embeddings):
+    """Flip the lowest bit of two stored floats in the file's bytes (the values stay finite)."""
+    raw = bytearray(path.read_bytes())
+    where = raw.find(embeddings.contiguous().numpy().tobytes())
+    assert where > 0, "the embeddings are stored uncompressed in the torch zip file"
+    step = embeddings.element_size()
+    raw[where] ^= 1
+    raw[where + 5 * step] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_flipped_bits_in_the_cache_are_a_warning_and_a_rebuild(tmp_path, caplog, dtype):
+    x, y = label_data()
+    model = LabelEncoder()
+    good = build(model, loader_of(x, y), cache_dir=tmp_path, dtype=dtype)
+    (path,) = tmp_path.glob("bank-*.pt")
+    stored = torch.load(path, weights_only=True)["embeddings"]
+    _flip_two_bits_in_embeddings(path, stored)
+    damaged = torch.load(path, weights_only=True)["embeddings"]
+    assert int((damaged != stored).sum()) == 2 and bool(torch.isfinite(damaged).all())
+
+    n = model.forwards
+    with caplog.at_level(logging.WARNING, logger="dire"):
+        rebuilt = build(model, loader_of(x, y), cache_dir=tmp_path, dtype=dtype)
+    assert not rebuilt.cache_hit and model.forwards > n, "damaged cache contents were reused"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dire" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "checksum" in warnings[0] and "rebuilding" in warnings[0]
+    assert "\n" not in warnings[0] and str(path) in warnings[0]
+    assert _same_bank(rebuilt, good)
+    assert build(model, loader_of(x, y), cache_dir=tmp_path, dtype=dtype).cache_hit
+
+
+def _same_bank(a, b):
+    return a.classes == b.classes and all(torch.equal(a[c], b[c]) for c in a.classes)
 
 
 def test_build_errors():
@@ -246,6 +284,34 @@ def test_build_errors():
     x[y == 1] = 0.0
     with pytest.raises(DiReInputError, match="class 1 are all zero"):
         build(model, loader_of(x, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_value_checks_are_exact_at_the_extremes(dtype):
+    """Finite rows whose sum overflows are accepted; one NaN or Inf anywhere is found; a class
+    of tiny or negative-zero values is told apart from an all-zero one."""
+    big = torch.finfo(dtype).max
+    x = torch.ones(8, DIM, dtype=dtype)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    x[2:4] = big  # class 1: every row sums past the dtype's range, yet each value is finite
+    x[4:6] = torch.finfo(dtype).tiny  # class 2: squares and sums underflow, yet it is not zero
+    bank = RealEmbeddingBank.from_tensors(x, y, dtype=dtype)
+    assert torch.equal(bank[1], x[2:4]) and bool((bank[2] > 0).all())
+
+    for value, where in ((float("nan"), 7), (float("inf"), 5), (-float("inf"), 0)):
+        bad = x.clone()
+        bad[where, DIM - 1] = value
+        with pytest.raises(DiReInputError, match=f"class {int(y[where])} contain NaN or Inf"):
+            RealEmbeddingBank.from_tensors(bad, y, dtype=dtype)
+    both = x.clone()
+    both[6, 0], both[6, 1] = float("inf"), -float("inf")  # the row sum is NaN, not Inf
+    with pytest.raises(DiReInputError, match="class 3 contain NaN or Inf"):
+        RealEmbeddingBank.from_tensors(both, y, dtype=dtype)
+
+    zero = x.clone()
+    zero[2:4] = -0.0
+    with pytest.raises(DiReInputError, match="class 1 are all zero"):
+        RealEmbeddingBank.from_tensors(zero, y, dtype=dtype)
 
 
 def test_build_restores_modes_after_error():
