@@ -10,7 +10,13 @@ Three layouts are recognised from the path alone:
   ``{"images": [N,C,H,W], "labels": [N]}``, a tuple ``(images, labels)``, DC-BENCH's
   ``{"data": [[images, labels], ...]}`` (the last entry, as DC-BENCH's own loader takes), or
   MTT's bare ``images_*.pt`` with its ``labels_*.pt`` beside it. Such tensors are already in the
-  network's input space (normalised, as the method optimised them); they are only resized.
+  network's input space (normalised, as the method optimised them).
+
+Sizes (:meth:`DistilledSet.check_size`): a tensor set was optimised at one resolution and its own
+evaluation feeds it to the network as it is, so tensors of another size than the real data's
+input mean another dataset or a wrong ``--image-size``: they are refused unless resizing is asked
+for (``resize_tensors``). Image files are decoded and resized/centre-cropped by the transform, as
+the evaluation of SRe²L/CDA/RDED does with its own JPEGs: a size difference there is noted.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .errors import DiReInputError
+from .safeio import load_torch_file
 
 __all__ = ["InputSpec", "DistilledSet", "load_distilled", "read_image", "IMAGE_SUFFIXES"]
 
@@ -62,10 +69,17 @@ class InputSpec:
             transforms.Normalize(self.mean, self.std),
         ])
 
-    def adapt_tensor(self, x: Tensor, normalized: bool) -> Tensor:
-        """A batch ``[B, 3, H, W]`` at the input size; ``normalized=False``: [0, 1] pixels, normalised here."""
+    def adapt_tensor(self, x: Tensor, normalized: bool, resize: bool = False) -> Tensor:
+        """A batch ``[B, 3, H, W]`` at the input size; ``normalized=False``: [0, 1] pixels, normalised here.
+
+        A batch of another size is resized (bilinear, antialiased) only with ``resize``; otherwise
+        it is a :class:`DiReInputError` (see the module doc).
+        """
         x = x.float()
         if tuple(x.shape[-2:]) != (self.size, self.size):
+            if not resize:
+                raise DiReInputError(f"images are {_size(x.shape[-1], x.shape[-2])}, the input is "
+                                     f"{_size(self.size, self.size)}: pass resize=True to resize them")
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
                                                 align_corners=False, antialias=True)
         if not normalized:
@@ -100,13 +114,43 @@ class DistilledSet:
         """Images per class, rounded (IPC), at least 1."""
         return max(1, round(len(self) / max(1, len(self.classes))))
 
-    def batches(self, spec: InputSpec, batch_size: int, normalized: bool = True,
-                workers: int = 4) -> Iterator[Tuple[Tensor, Tensor]]:
-        """``(images [B, 3, S, S], labels [B])`` in file order; an unreadable file is a one-line error."""
+    def check_size(self, spec: InputSpec, resize_tensors: bool = False) -> Optional[str]:
+        """``None`` when the images have the input size of ``spec``, else a note saying how they
+        are brought to it; a tensor set of another size without ``resize_tensors`` is a
+        :class:`DiReInputError` naming the file and both sizes (see the module doc).
+
+        Image files: only the first one is read (sets are written at one size).
+        """
+        want = _size(spec.size, spec.size)
         if self.images is not None:
+            h, w = int(self.images.shape[-2]), int(self.images.shape[-1])
+            if (h, w) == (spec.size, spec.size):
+                return None
+            if not resize_tensors:
+                raise DiReInputError(
+                    f"distilled set {self.path}: images are {_size(w, h)}, the real data's input is {want}: "
+                    f"another dataset or --image-size? (--resize-tensors resizes them)"
+                )
+            return f"{self.name}: {_size(w, h)} tensors resized to {want} (--resize-tensors)"
+        assert self.files is not None
+        first = self.files[0]
+        w, h = read_image(first).size
+        if (w, h) == (spec.size, spec.size):
+            return None
+        return (f"{self.name}: images are {_size(w, h)} ({first.name}), the input is {want}: resized (shorter side) "
+                f"and centre-cropped, as ImageFolder evaluation does")
+
+    def batches(self, spec: InputSpec, batch_size: int, normalized: bool = True,
+                workers: int = 4, resize_tensors: bool = False) -> Iterator[Tuple[Tensor, Tensor]]:
+        """``(images [B, 3, S, S], labels [B])`` in file order; an unreadable file is a one-line error.
+
+        Tensors of another size than the input are refused unless ``resize_tensors`` (:meth:`check_size`).
+        """
+        if self.images is not None:
+            self.check_size(spec, resize_tensors)
             for start in range(0, len(self), batch_size):
                 stop = start + batch_size
-                yield spec.adapt_tensor(self.images[start:stop], normalized), self.labels[start:stop]
+                yield spec.adapt_tensor(self.images[start:stop], normalized, resize=True), self.labels[start:stop]
             return
         transform = spec.pil_transform()
         assert self.files is not None
@@ -117,6 +161,10 @@ class DistilledSet:
                 chunk = self.files[start:start + batch_size]
                 images = list(pool.map(lambda p: transform(read_image(p)), chunk))
                 yield torch.stack(images), self.labels[start:start + len(chunk)]
+
+
+def _size(width: int, height: int) -> str:
+    return f"{width}x{height}"
 
 
 def read_image(path: Path) -> Any:
@@ -202,13 +250,9 @@ def _folder_set(p: Path, name: str, layout: str, folders: List[Path], labels: Li
 # --- tensor files ---------------------------------------------------------------------------------
 
 
-def _torch_load(p: Path) -> Any:
-    try:
-        # weights_only: a distilled set is data; never run code pickled into it.
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # a broken or foreign file: say which one, in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiReInputError(f"cannot load distilled set {p}: {first}") from None
+def _torch_load(p: Path, what: str = "distilled set") -> Any:
+    # Data only: a distilled set never runs code pickled into it; failures are one line naming p.
+    return load_torch_file(p, what)
 
 
 def _unpack(obj: Any, p: Path) -> Tuple[Any, Any, List[str]]:
@@ -229,7 +273,7 @@ def _unpack(obj: Any, p: Path) -> Tuple[Any, Any, List[str]]:
         if labels_file is None:
             raise DiReInputError(f"distilled set {p} holds images but no labels: save {{'images', 'labels'}} "
                                  f"or keep MTT's labels_*.pt beside images_*.pt")
-        return obj, _torch_load(labels_file), [f"{p.name}: labels from {labels_file.name}"]
+        return obj, _torch_load(labels_file, "labels of distilled set"), [f"{p.name}: labels from {labels_file.name}"]
     raise DiReInputError(f"distilled set {p} holds a {type(obj).__name__}: expected images and labels")
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .errors import DiReInputError
 from .features import find_last_linear
+from .safeio import load_torch_file
 
 __all__ = ["build_model", "load_checkpoint", "state_dict_from_checkpoint", "load_extractor", "check_fits"]
 
@@ -69,22 +70,16 @@ def build_model(arch: str, num_classes: int, cifar_stem: bool = False, seed: int
 
 
 def load_checkpoint(path: PathLike) -> Any:
-    """``torch.load`` a checkpoint with ``weights_only=True``, allowing the ``argparse.Namespace``
-    that torchvision-reference checkpoints pickle (and nothing else: a checkpoint is data)."""
+    """The checkpoint at ``path`` loaded as data (``weights_only``), allowing the
+    ``argparse.Namespace`` that torchvision-reference checkpoints pickle and nothing else.
+
+    Raises :class:`DiReInputError`, one line naming the file and what is wrong with it (missing,
+    truncated, not a torch file, holding code), never torch's advice to turn ``weights_only`` off.
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise DiReInputError(f"checkpoint {p} does not exist" if not p.exists() else f"checkpoint {p} is not a file")
-    try:
-        # The context manager keeps the allowance local to this load (torch >= 2.5).
-        safe = getattr(torch.serialization, "safe_globals", None)
-        if safe is not None:
-            with safe([argparse.Namespace]):
-                return torch.load(p, map_location="cpu", weights_only=True)
-        torch.serialization.add_safe_globals([argparse.Namespace])
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; all mean "not a loadable checkpoint"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiReInputError(f"cannot load checkpoint {p}: {first}") from None
+    return load_torch_file(p, "checkpoint", allow=[argparse.Namespace])
 
 
 def _strip_prefixes(state: Dict[str, Tensor]) -> Dict[str, Tensor]:

@@ -22,13 +22,13 @@ is summed over the classes present in ``labels``; the loss is
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch import Tensor
 
+from .defaults import COMPONENTS, REDUCTIONS, check_weights
 from .errors import DiReInputError
 from .grouped import ClassSums, PackedEmbeddings, check_embeddings
 from .pairwise import (
@@ -44,12 +44,10 @@ from .pairwise import (
 )
 
 __all__ = [
-    "COMPONENTS", "REDUCTIONS", "active_components", "check_components", "check_weights", "dire_components", "dire_loss",
-    "weighted_total",
+    "COMPONENTS", "REDUCTIONS", "active_components", "check_batch", "check_components", "check_weights", "dire_components",
+    "dire_loss", "weighted_total",
 ]
 
-COMPONENTS = ("cd", "cdm", "edm")
-REDUCTIONS = ("mean", "sum")
 
 
 def check_components(components: Iterable[str]) -> tuple:
@@ -60,23 +58,30 @@ def check_components(components: Iterable[str]) -> tuple:
     return comps
 
 
-def check_weights(r_c: object, r_e: object, where: str = "") -> Tuple[float, float]:
-    """``(r_c, r_e)`` as floats; anything but a finite number >= 0 is a one-line
-    :class:`DiReInputError` (``where`` says where the value came from, e.g. a config file).
+def check_batch(syn_emb: Tensor, syn_labels: Tensor, memory: Optional[ClassSums] = None) -> Tensor:
+    """The labels of a batch as int64 on the embeddings' device, after refusing (one line each) what
+    would otherwise fail deep in the kernels or compute the wrong loss: embeddings that are not
+    ``[N, D]``, an empty batch, a label count that differs from ``N``, labels that are not whole
+    numbers (a float label would be truncated to another class), and a memory of another width.
 
-    A negative weight would invert the term (pull images together, push them off the real data)
-    and NaN would poison every image: neither is a setting anybody means.
+    Costs no device sync for integer labels (the training loop's case).
     """
-    out = []
-    for name, value in (("r_c", r_c), ("r_e", r_e)):
-        try:
-            number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            number = math.nan
-        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
-            raise DiReInputError(f"{where}{name} must be a finite number >= 0, got {value!r}")
-        out.append(number)
-    return out[0], out[1]
+    if syn_emb.dim() != 2:
+        check_embeddings(syn_emb, "synthetic embeddings")
+    if syn_emb.shape[0] == 0:
+        raise DiReInputError("no synthetic embeddings: the batch is empty (DiRe needs at least one image)")
+    labels = torch.as_tensor(syn_labels).reshape(-1)
+    if labels.numel() != syn_emb.shape[0]:
+        raise DiReInputError(f"{syn_emb.shape[0]} synthetic embeddings but {labels.numel()} labels")
+    if labels.is_complex():
+        raise DiReInputError(f"labels must be whole numbers, got {labels.dtype}")
+    if labels.is_floating_point():
+        bad = ~(torch.isfinite(labels) & (labels == labels.round()))
+        if bool(bad.any()):
+            raise DiReInputError(f"labels must be whole numbers, got {labels[bad][0].item()!r}")
+    if memory is not None and len(memory.classes) and memory.dim != syn_emb.shape[1]:
+        raise DiReInputError(f"memory embeddings have dimension {memory.dim}, the synthetic ones {syn_emb.shape[1]}")
+    return labels.to(device=syn_emb.device, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -149,9 +154,9 @@ def dire_components(
 
     Args:
         syn_emb: ``[N, D]`` synthetic embeddings (differentiable); computed in float32 at least.
-        syn_labels: ``[N]`` integer labels, any order, any counts per class.
+        syn_labels: ``[N]`` integer labels (floats only if whole numbers), any order, any counts per class.
         real: packed real embeddings; every class in ``syn_labels`` must be present.
-        memory: per-class unit sums of finished synthetic embeddings (enter CD only).
+        memory: per-class unit sums of finished synthetic embeddings (enter CD only), of width ``D``.
         reduction: ``"mean"`` or ``"sum"``.
         components: which of ``"cd", "cdm", "edm"`` to compute.
         check_finite: refuse NaN/Inf synthetic embeddings, detected on the results (one small sync).
@@ -159,11 +164,7 @@ def dire_components(
     if reduction not in REDUCTIONS:
         raise DiReInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     comps = check_components(components)
-    if syn_emb.dim() != 2:
-        check_embeddings(syn_emb, "synthetic embeddings")
-    labels = syn_labels.reshape(-1).to(device=syn_emb.device, dtype=torch.long)
-    if labels.numel() != syn_emb.shape[0]:
-        raise DiReInputError(f"{syn_emb.shape[0]} synthetic embeddings but {labels.numel()} labels")
+    labels = check_batch(syn_emb, syn_labels, memory)
     if syn_emb.shape[-1] != real.dim:
         raise DiReInputError(f"synthetic embeddings have dimension {syn_emb.shape[-1]}, real ones {real.dim}")
     if real.classes.device != syn_emb.device:
@@ -239,9 +240,15 @@ def dire_loss(
     components: Iterable[str] = COMPONENTS,
     **kwargs,
 ) -> Tensor:
-    """``L_syn = r_c · (CD + CDM) + r_e · EDM`` over the enabled components (module doc)."""
+    """``L_syn = r_c · (CD + CDM) + r_e · EDM`` over the enabled components (module doc).
+
+    ``r_c`` and ``r_e`` must be finite numbers >= 0 (:func:`check_weights`).
+    """
+    r_c, r_e = check_weights(r_c, r_e)
     active = active_components(components, r_c, r_e)
     if not active:
+        # Nothing to compute, but the same input is refused whatever the weights.
+        check_batch(syn_emb, syn_labels, memory)
         return syn_emb.new_zeros((), dtype=torch.float32) * syn_emb.sum()
     terms = dire_components(syn_emb, syn_labels, real, memory, reduction, active, **kwargs)
     return weighted_total(terms, r_c, r_e)

@@ -6,7 +6,7 @@ from typing import Dict, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import COMPONENTS, REDUCTIONS, check_components, dire_components, dire_loss
+from .functional import COMPONENTS, REDUCTIONS, check_components, check_weights, dire_components, dire_loss
 from .errors import DiReInputError
 from .grouped import ClassSums, PackedEmbeddings, pack_mapping
 from .defaults import DEFAULT_R_C, DEFAULT_R_E
@@ -27,7 +27,8 @@ class DiReLoss(nn.Module):
     both reductions.
 
     Args:
-        r_c: weight of the cosine terms (``multiplier · r_cos`` in the released code).
+        r_c: weight of the cosine terms (``multiplier · r_cos`` in the released code); a finite
+            number >= 0, like ``r_e`` (anything else is a :class:`~dire_plugin.errors.DiReInputError`).
         r_e: weight of the Euclidean term (``multiplier · r_euc``).
         components: the terms to use, for the paper's 7-way ablation (Table 14).
         reduction: ``"mean"`` (default: means over pairs, robust to IPC and bank size) or
@@ -60,7 +61,7 @@ class DiReLoss(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise DiReInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.r_c, self.r_e = float(r_c), float(r_e)
+        self.r_c, self.r_e = check_weights(r_c, r_e)
         self.terms = check_components(components)
         self.reduction = reduction
         self.memory = memory
@@ -70,8 +71,19 @@ class DiReLoss(nn.Module):
 
     @classmethod
     def from_released(cls, multiplier: float = 0.1, r_cos: float = 1.0, r_euc: float = 0.01, **kwargs) -> "DiReLoss":
-        """Weights as the released code's flags: ``r_c = multiplier·r_cos``, ``r_e = multiplier·r_euc``."""
-        return cls(r_c=multiplier * r_cos, r_e=multiplier * r_euc, **kwargs)
+        """Weights as the released code's flags: ``r_c = multiplier·r_cos``, ``r_e = multiplier·r_euc``.
+
+        Each flag must be a finite number >= 0 on its own: two negative ones would multiply to a
+        weight that looks valid.
+        """
+        flags = {"multiplier": multiplier, "r_cos": r_cos, "r_euc": r_euc}
+        for name, value in flags.items():
+            try:
+                check_weights(value, 0.0)
+            except DiReInputError:
+                raise DiReInputError(f"DiReLoss.from_released: {name} must be a finite number >= 0, got {value!r}") from None
+        # The products are checked again by __init__ (finite flags can still overflow to inf).
+        return cls(r_c=float(multiplier) * float(r_cos), r_e=float(multiplier) * float(r_euc), **kwargs)
 
     def extra_repr(self) -> str:
         return f"r_c={self.r_c}, r_e={self.r_e}, components={self.terms}, reduction={self.reduction!r}"

@@ -258,3 +258,89 @@ def test_functional_accepts_packed_real_directly():
     b = DiReLoss().components(syn, labels, real)
     for k in a:
         assert float(a[k]) == float(b[k])
+
+
+# --- bad input: one line each, before anything is computed -----------------------------------------
+
+
+def _memory_of_width(width):
+    from dire_plugin.bank import SyntheticMemory
+
+    memory = SyntheticMemory()
+    memory.add(torch.randn(3, width, dtype=torch.float64), torch.tensor([0, 2, 2]))
+    return memory
+
+
+@pytest.mark.parametrize("case, match", [
+    ("empty batch", "no synthetic embeddings"),
+    ("mapping memory of another width", r"memory embeddings have dimension 4, the synthetic ones 6"),
+    ("SyntheticMemory of another width", r"memory embeddings have dimension 5, the synthetic ones 6"),
+    ("fractional labels", r"labels must be whole numbers, got 0.5"),
+    ("NaN labels", r"labels must be whole numbers, got nan"),
+])
+@pytest.mark.parametrize("call", ["forward", "components", "functional"])
+def test_bad_batches_are_one_line_errors(case, match, call):
+    syn, labels, real, _ = _data(12)
+    memory = None
+    if case == "empty batch":
+        syn, labels = syn[:0], labels[:0]
+    elif case == "mapping memory of another width":
+        memory = {2: torch.randn(3, 4, dtype=torch.float64)}
+    elif case == "SyntheticMemory of another width":
+        memory = _memory_of_width(5)
+    elif case == "fractional labels":
+        labels = labels.double()
+        labels[3] = 0.5
+    else:
+        labels = labels.float()
+        labels[0] = math.nan
+    loss = DiReLoss(r_c=1.0, r_e=0.1)
+    with pytest.raises(DiReInputError, match=match) as err:
+        if call == "forward":
+            loss(syn, labels, real, memory=memory)
+        elif call == "components":
+            loss.components(syn, labels, real, memory=memory)
+        else:
+            mem = loss._memory(memory, syn.device)
+            dire_components(syn, labels, pack_mapping(real, syn.device), mem)
+    assert "\n" not in str(err.value)
+
+
+def test_integral_float_labels_give_the_same_loss_as_integer_ones():
+    syn, labels, real, memory = _data(13)
+    loss = DiReLoss(r_c=1.0, r_e=0.1)
+    assert float(loss(syn, labels.double(), real, memory=memory)) == float(loss(syn, labels, real, memory=memory))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"r_c": -5}, r"r_c must be a finite number >= 0, got -5"),
+    ({"r_e": math.nan}, r"r_e must be a finite number >= 0, got nan"),
+    ({"r_c": math.inf}, r"r_c must be a finite number >= 0, got inf"),
+    ({"r_c": "0.1"}, None),  # a number in a string is fine (config files), bools and words are not
+    ({"r_e": True}, r"r_e must be a finite number >= 0, got True"),
+    ({"r_c": "lots"}, r"r_c must be a finite number >= 0, got 'lots'"),
+])
+def test_weights_are_checked(kwargs, match):
+    if match is None:
+        assert DiReLoss(**kwargs).r_c == pytest.approx(0.1)
+        return
+    with pytest.raises(DiReInputError, match=match):
+        DiReLoss(**kwargs)
+    syn, labels, real, _ = _data(14)
+    from dire_plugin.functional import dire_loss
+
+    weights = {"r_c": 0.1, "r_e": 0.001, **kwargs}
+    with pytest.raises(DiReInputError, match=match):
+        dire_loss(syn, labels, pack_mapping(real, syn.device), weights["r_c"], weights["r_e"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"multiplier": -0.1}, r"multiplier must be a finite number >= 0, got -0.1"),
+    ({"multiplier": -1.0, "r_cos": -1.0}, r"multiplier must be a finite number >= 0, got -1.0"),  # signs cancel
+    ({"r_cos": math.nan}, r"r_cos must be a finite number >= 0, got nan"),
+    ({"r_euc": math.inf}, r"r_euc must be a finite number >= 0, got inf"),
+    ({"multiplier": 1e200, "r_cos": 1e200}, r"r_c must be a finite number >= 0, got inf"),  # the product overflows
+])
+def test_released_weights_are_checked(kwargs, match):
+    with pytest.raises(DiReInputError, match=match):
+        DiReLoss.from_released(**kwargs)

@@ -6,13 +6,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from dire_plugin.cli.metrics import main
+from dire_plugin.cli.metrics import build_parser, main
 from dire_plugin.distilled import load_distilled
 from dire_plugin.errors import DiReInputError
 from dire_plugin.extractor import load_extractor
@@ -239,7 +240,7 @@ def test_plot_without_matplotlib_is_refused_before_any_work(data, tmp_path, caps
     out = tmp_path / "out"
     assert main(_args(data, out, data.sets[0], extra=["--plot"])) == 2
     captured = capsys.readouterr()
-    assert captured.err.count("\n") == 1 and "pip install 'dire-plugin[plot]'" in captured.err
+    assert captured.err.count("\n") == 1 and 'pip install "dire-plugin[plot]"' in captured.err
     assert captured.out == "" and not out.exists()
 
 
@@ -261,3 +262,89 @@ def test_checkpoint_that_is_not_one(tmp_path):
     torch.save({"model": {}, "fn": argparse.ArgumentParser}, tmp_path / "code.pth")
     with pytest.raises(DiReInputError, match="cannot load checkpoint"):
         load_extractor("resnet18", tmp_path / "code.pth")
+
+
+# --- images of another size than the real data's -------------------------------------------------
+
+
+def _small_sets(base: Path) -> Tuple[Path, Path]:
+    """An 8 px tensor set and an 8 px ImageFolder of the real set's classes (the real data is 16 px)."""
+    rng = np.random.default_rng(3)
+    base.mkdir(parents=True, exist_ok=True)
+    torch.save({"images": torch.randn(6, 3, 8, 8), "labels": torch.arange(3).repeat(2)}, base / "small.pt")
+    for name in CLASSES:
+        path = base / "small_folder" / name / "0.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    return base / "small.pt", base / "small_folder"
+
+
+def test_tensor_set_of_another_size_is_refused_naming_the_file_and_both_sizes(data, tmp_path, capsys):
+    small, _ = _small_sets(tmp_path)
+    out = tmp_path / "out"
+    assert main(_args(data, out, small)) == 2
+    lines = capsys.readouterr().err.strip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dire-metrics: error: "), lines
+    assert str(small) in lines[0] and "8x8" in lines[0] and "16x16" in lines[0] and "--resize-tensors" in lines[0]
+    assert not out.exists()
+
+
+def test_resize_is_explicit_for_tensors_and_noted_for_image_files(tmp_path):
+    from dire_plugin.distilled import InputSpec
+
+    small, folder = _small_sets(tmp_path)
+    spec = InputSpec(SIZE, (0.5,) * 3, (0.25,) * 3)
+    tensors = load_distilled(small, CLASSES)
+    with pytest.raises(DiReInputError, match=r"images are 8x8, the real data's input is 16x16"):
+        tensors.check_size(spec)
+    with pytest.raises(DiReInputError, match="8x8"):  # batches refuse too: no silent resize through the API
+        next(tensors.batches(spec, 4))
+    assert "resized to 16x16 (--resize-tensors)" in tensors.check_size(spec, resize_tensors=True)
+    images, _ = next(tensors.batches(spec, 4, resize_tensors=True))
+    assert images.shape == (4, 3, SIZE, SIZE)
+    # Image files are decoded and transformed like every ImageFolder pipeline does: a note, no refusal.
+    files = load_distilled(folder, CLASSES)
+    note = files.check_size(spec)
+    assert "8x8" in note and "16x16" in note and "centre-cropped" in note
+    images, _ = next(files.batches(spec, 4, workers=1))
+    assert images.shape == (3, 3, SIZE, SIZE)
+    same = load_distilled(small, CLASSES)
+    assert same.check_size(InputSpec(8, (0.5,) * 3, (0.25,) * 3)) is None
+    assert "--resize-tensors" in build_parser().format_help()
+
+
+# --- broken checkpoints and tensor files ---------------------------------------------------------
+
+
+def _damaged(good: bytes, damage: str) -> bytes:
+    if damage == "truncated":
+        return good[: len(good) // 2]
+    if damage == "not a zip":
+        return b"PK\x03\x04 this is not what torch.save writes" * 10
+    raise AssertionError(damage)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a zip", "pickled code"])
+@pytest.mark.parametrize("what", ["checkpoint", "tensor set"])
+def test_broken_torch_files_are_one_line_naming_the_file_without_torch_advice(what, damage, data, tmp_path, capsys):
+    path = tmp_path / ("teacher.pth" if what == "checkpoint" else "set.pt")
+    if damage == "pickled code":
+        torch.save({"images": torch.zeros(1), "fn": argparse.ArgumentParser}, path)
+    else:
+        # Small files: torch reports a small truncated zip as "[Errno 22] Invalid argument".
+        good = tmp_path / "good.pt"
+        torch.save({"state_dict": {"w": torch.randn(64, 64)}} if what == "checkpoint" else
+                   {"images": torch.randn(6, 3, SIZE, SIZE), "labels": torch.arange(3).repeat(2)}, good)
+        path.write_bytes(_damaged(good.read_bytes(), damage))
+    args = _args(data, tmp_path / "out", data.sets[0] if what == "checkpoint" else path)
+    if what == "checkpoint":
+        args = _swap(args, "--checkpoint", str(path))
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip("\n").splitlines()
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert f"cannot load {'checkpoint' if what == 'checkpoint' else 'distilled set'} {path}: " in line
+    assert "Errno" not in line and "weights_only" not in line.lower() and "weights only" not in line.lower()
+    if damage == "pickled code":
+        assert "never runs code" in line
+    assert not (tmp_path / "out").exists()

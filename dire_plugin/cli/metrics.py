@@ -6,6 +6,10 @@ same size per class is the reference. Real embeddings come from the same
 :class:`~dire_plugin.bank.RealEmbeddingBank` cache a training run fills, so pointing
 ``--cache-dir`` at that cache skips the pass over the real data.
 
+Every set is measured at the real data's input size: a tensor-file set of another size is
+refused unless ``--resize-tensors`` asks for the resize; image files are resized and
+centre-cropped as their own evaluation does, with a note (see :mod:`dire_plugin.distilled`).
+
 Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 1 the outputs could not
 be written.
 """
@@ -63,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std")
     data.add_argument("--raw-tensors", action="store_true",
                       help="tensor files hold [0, 1] pixels (default: already normalised, as MTT/DM save them)")
+    data.add_argument("--resize-tensors", action="store_true",
+                      help="resize tensor-file sets whose images are not the input size (bilinear, antialiased); "
+                      "without it such a set is refused: tensors were optimised at one size, so another one "
+                      "usually means other real data or a wrong --image-size. Image files (SRe2L folders, "
+                      "ImageFolders) are always resized and centre-cropped to the input size, as their own "
+                      "evaluation does, with a note when their size differs")
     run = p.add_argument_group("run")
     run.add_argument("--k", type=positive_int, default=5, help="nearest neighbours for coverage (default 5)")
     run.add_argument("--max-real-per-class", type=positive_int, metavar="M",
@@ -211,7 +221,8 @@ def _embed_set(model: Any, layer: Optional[str], dset: Any, spec: Any, args: arg
     rows = []
     with EmbeddingCapture(model, layer, detach=True) as cap, torch.no_grad():
         bar = tqdm(total=len(dset), desc=f"embedding {dset.name}", unit="img", disable=not _progress(), leave=False)
-        for images, _ in dset.batches(spec, args.batch_size, normalized=not args.raw_tensors, workers=max(1, args.workers)):
+        for images, _ in dset.batches(spec, args.batch_size, normalized=not args.raw_tensors, workers=max(1, args.workers),
+                                      resize_tensors=args.resize_tensors):
             model(images.to(device))
             rows.append(cap.embeddings.float().cpu())
             bar.update(images.shape[0])
@@ -336,11 +347,14 @@ def _run(args: argparse.Namespace) -> int:
     print(f"real: {len(loader.dataset)} images, {len(class_names)} classes in {real_root} "
           f"(input {spec.crop}px{f', resized to {spec.resize}' if spec.resize else ''}, mean {spec.mean}, std {spec.std})")
 
+    input_spec = InputSpec(spec.crop, tuple(spec.mean), tuple(spec.std))
     names = _set_names(args)
     sets = [load_distilled(path, class_names, name) for path, name in zip(args.sets, names)]
-    for s in sets:
+    # Every set's size is checked before the first is printed or embedded: a refusal is the only line.
+    size_notes = [s.check_size(input_spec, args.resize_tensors) for s in sets]
+    for s, size_note in zip(sets, size_notes):
         print(f"set {s.name}: {s.layout}, {len(s)} images, {len(s.classes)} classes, ~{s.images_per_class} per class")
-        for note in s.notes:
+        for note in s.notes + ([size_note] if size_note else []):
             print(f"  note: {note}")
 
     model, described = load_extractor(args.arch, args.checkpoint, num_classes=args.num_classes,
@@ -351,7 +365,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"extractor: {described}, embedding = input of {layer!r}, device {device}")
 
     # Distilled sets first: they are small, and a broken file among them fails before the long real pass.
-    input_spec = InputSpec(spec.crop, tuple(spec.mean), tuple(spec.std))
     embeddings = [_embed_set(model, layer, s, input_spec, args, device) for s in sets]
     bank = _build_bank(model, layer, loader, dataset_id, transform_id, args, device)
     real_emb, _ = _real_matrix(bank)
@@ -372,6 +385,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = {
         "real": str(real_root), "extractor": described, "layer": layer, "k": args.k,
         "image_size": spec.crop, "resize": spec.resize, "mean": list(spec.mean), "std": list(spec.std),
+        "resize_tensors": args.resize_tensors,
         "real_embeddings": int(real_emb.shape[0]), "max_real_per_class": args.max_real_per_class, "seed": SEED,
         "projection": args.projection if args.plot else None,
     }

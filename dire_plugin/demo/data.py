@@ -7,12 +7,14 @@ values; CIFAR is 8-bit already.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from ..errors import DiReInputError
 from ..realdata import CIFAR_FOLDERS, open_torchvision_cifar, torchvision_cifar_root
+from .log import warn
 from .spec import DATASETS, DIGITS, SPLIT_SEED, TEST_SIZE, DatasetSpec
 
 __all__ = ["DemoData", "check_data", "check_images_per_class", "load_data", "load_digits_split", "load_cifar", "normalise", "denormalise", "real_subset",
@@ -173,8 +176,71 @@ def real_subset(data: DemoData, ipc: int, seed: int) -> Tuple[Tensor, Tensor]:
     return data.train_x[idx], data.train_y[idx]
 
 
+#: The marker a finished image folder holds: what it was written from and a checksum of each file.
+_MARKER = ".complete"
+_MARKER_FORMAT = 2
+
+
+def _source_key(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in (np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype=np.int64)):
+        h.update(f"{a.shape}:{a.dtype};".encode())
+        h.update(a)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _folder_problem(root: Path, source: str) -> Optional[str]:
+    """Why the image folder at ``root`` cannot be used for ``source`` (``"missing"`` when there
+    is none), or ``None`` when every file is there, unchanged, and nothing else is."""
+    if not root.exists() and not root.is_symlink():
+        return "missing"
+    if not root.is_dir():
+        return "is not a folder"
+    try:
+        marker = json.loads((root / _MARKER).read_text())
+    except FileNotFoundError:
+        return f"has no {_MARKER} marker (an interrupted write?)"
+    except (OSError, ValueError) as e:  # a folder in its place, bytes that are not JSON, ...
+        return f"has an unreadable {_MARKER} marker ({type(e).__name__})"
+    if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT or not isinstance(marker.get("files"), dict):
+        return "was written by an older version of the demo"
+    if marker.get("source") != source:
+        return "was written from other images"
+    expected = marker["files"]
+    try:
+        present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()} - {_MARKER}
+        folders = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()}
+        # An empty class folder would be one more class to ImageFolder; a stray file, one more image.
+        extra = sorted(present - set(expected)) + sorted(folders - {name.split("/")[0] for name in expected})
+        if extra:
+            return f"holds {extra[0]}, which the demo did not write"
+        for name, digest in expected.items():
+            path = root / name
+            if not path.is_file():
+                return f"lacks {name}"
+            if _sha256(path) != digest:
+                return f"holds a damaged {name}"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def write_image_folder(root: os.PathLike, images: np.ndarray, labels: np.ndarray) -> Path:
-    """``[N, H, W, 3]`` uint8 images as ``root/{class}/{i:04d}.png``, written once.
+    """``[N, H, W, 3]`` uint8 images as ``root/{class}/{i:04d}.png``, written once and checked on
+    every use: the marker keys the folder on the images and labels it was written from and holds a
+    checksum of each file. A folder that is not exactly what was written (a damaged, missing or
+    stray file, an unreadable marker, other images) is rebuilt with one warning line.
 
     Written to a temporary sibling and renamed, so an interrupted run never leaves a half
     folder that a later run (or the bank's cache key, which counts images) would trust.
@@ -182,17 +248,30 @@ def write_image_folder(root: os.PathLike, images: np.ndarray, labels: np.ndarray
     from PIL import Image
 
     root = Path(root)
-    done = root / ".complete"
-    if done.is_file() and done.read_text().strip() == str(len(images)):
+    source = _source_key(images, labels)
+    problem = _folder_problem(root, source)
+    if problem is None:
         return root
+    if problem != "missing":
+        warn(f"image cache {root} {problem}; rebuilding it")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    for i, (img, c) in enumerate(zip(images, labels.tolist())):
-        folder = tmp / str(c)
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(img, mode="RGB").save(folder / f"{i:04d}.png")
-    (tmp / ".complete").write_text(str(len(images)))
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    try:
+        files: Dict[str, str] = {}
+        for i, (img, c) in enumerate(zip(images, labels.tolist())):
+            folder = tmp / str(c)
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(img, mode="RGB").save(folder / f"{i:04d}.png")
+            files[f"{c}/{i:04d}.png"] = _sha256(folder / f"{i:04d}.png")
+        (tmp / _MARKER).write_text(json.dumps({"format": _MARKER_FORMAT, "source": source, "files": files}))
+        _remove(root)
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            # Another demo sharing the cache renamed its copy in first: use it if it is sound.
+            if _folder_problem(root, source) is not None:
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return root

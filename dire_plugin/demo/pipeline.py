@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..errors import DiReInputError
 from .data import DemoData, check_data, check_images_per_class, load_data, real_subset
 from .evaluate import StudentPool
+from .log import log
 from .measure import SetMetrics, embed, set_metrics
 from .relabel import StudentSettings
 from .synth import SynthContext, SynthJob, SynthResult, run_synthesis
@@ -29,7 +30,7 @@ from .spec import DATASETS, DIGITS, DatasetSpec
 from .teacher import load_or_train_teacher, teacher_settings
 from .variants import ABLATION_VARIANTS, MAIN_VARIANTS, REAL_KEY, REAL_LABEL, Variant
 
-__all__ = ["DemoOptions", "DemoResult", "default_cache_dir", "run_demo", "summary"]
+__all__ = ["DemoOptions", "DemoResult", "check_folders", "default_cache_dir", "run_demo", "summary"]
 
 
 def default_cache_dir() -> Path:
@@ -142,8 +143,18 @@ class _Sets:
     metrics: Dict[str, SetMetrics] = field(default_factory=dict)
 
 
-def _log(msg: str) -> None:
-    tqdm.write(f"[demo] {msg}", file=sys.stderr)
+def check_folders(out: Path, cache: Path) -> None:
+    """Refuse, before any work, an output or cache folder that cannot be one: the path itself, or
+    the nearest of its parents that exists, is a file (``mkdir`` would fail after minutes of work)."""
+    for flag, path in (("--out", out), ("--cache-dir", cache)):
+        existing = path
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if existing.is_dir():
+            continue
+        kind = "a file" if existing.is_file() else "something else"
+        where = f"{flag} {path} is" if existing == path else f"{flag} {path}: {existing} is"
+        raise DiReInputError(f"{where} {kind}, not a folder")
 
 
 def _name(ipc: int, key: str, seed: int) -> str:
@@ -172,7 +183,7 @@ def _synthesise_and_evaluate(opts: DemoOptions, data: DemoData, teacher_path: Pa
                                    on_done=lambda r: pool.submit(r.job.name, r.images, seeds))
         timings["recover"] = time.perf_counter() - t
         checked = sum(1 for r in sets.synth.values() if r.manifest)
-        _log(f"recover: {len(jobs)} sets in {timings['recover']:.1f} s; every one of the {checked} DiRe runs got "
+        log(f"recover: {len(jobs)} sets in {timings['recover']:.1f} s; every one of the {checked} DiRe runs got "
              f"the term on every synthesis step (dire_manifest.json checked)")
         sets.accuracy = pool.results()
     timings["recover+students"] = time.perf_counter() - t
@@ -226,7 +237,7 @@ def _figures(opts: DemoOptions, out: Path, rows: Sequence[ReportRow], sets: _Set
     from .plots import PlotSet, matplotlib_available, write_figures
 
     if not matplotlib_available():
-        _log("figures skipped: matplotlib is not installed (pip install 'dire-plugin[plot]')")
+        log("figures skipped: matplotlib is not installed (pip install 'dire-plugin[plot]')")
         return {}
     files: Dict[str, Path] = {}
     for ipc in opts.ipcs:
@@ -266,25 +277,26 @@ def run_demo(opts: DemoOptions) -> DemoResult:
     timings: Dict[str, float] = {}
     check_data(opts.dataset, opts.data_path)  # bad input stops the run before anything is written
     cache = Path(opts.cache_dir or default_cache_dir()).expanduser().resolve()
+    out = Path(opts.out).expanduser().resolve()
+    check_folders(out, cache)
     t = time.perf_counter()
     data = load_data(opts.dataset, opts.data_path, cache)
     check_images_per_class(data, max(opts.ipcs))
     timings["data"] = time.perf_counter() - t
-    out = Path(opts.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _log(f"{opts.mode} run: IPC {', '.join(map(str, opts.ipcs))}; {len(opts.variants)} synthetic sets per IPC "
+    log(f"{opts.mode} run: IPC {', '.join(map(str, opts.ipcs))}; {len(opts.variants)} synthetic sets per IPC "
          f"({', '.join(v.label for v in opts.variants)}) + a real reference; {opts.seeds} student{'s' * (opts.seeds != 1)} per set; "
          f"{opts.parallel} parallel jobs on {opts.torch_device.type}; output {out}; cache {cache}")
-    _log(f"data: {data.source}; {len(data.train_y)} train / {len(data.test_y)} test images")
+    log(f"data: {data.source}; {len(data.train_y)} train / {len(data.test_y)} test images")
 
     t = time.perf_counter()
     device = opts.torch_device
     settings = teacher_settings(opts.spec, opts.teacher_epochs)
     if device.type == "cpu" and opts.spec is not DIGITS:
-        _log("no GPU: the ResNet-18 teacher and students run on the CPU, which takes hours on full CIFAR")
+        log("no GPU: the ResNet-18 teacher and students run on the CPU, which takes hours on full CIFAR")
     teacher_path, teacher, teacher_acc, hit = load_or_train_teacher(data, cache, settings, device, opts.progress)
     timings["teacher"] = time.perf_counter() - t
-    _log(f"teacher: {100 * teacher_acc:.2f} % test accuracy ({'cached' if hit else 'trained'}, "
+    log(f"teacher: {100 * teacher_acc:.2f} % test accuracy ({'cached' if hit else 'trained'}, "
          f"{timings['teacher']:.1f} s) {teacher_path}")
 
     sets = _synthesise_and_evaluate(opts, data, teacher_path, cache, out, timings)

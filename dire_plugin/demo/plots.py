@@ -10,6 +10,7 @@ from typing import Dict, Sequence
 import numpy as np
 from torch import Tensor
 
+from ..safeio import atomic_write
 from .data import denormalise
 from .measure import SetMetrics
 from .spec import DIGITS, DatasetSpec
@@ -105,6 +106,6 @@ def write_figures(out: Path, ipc: int, real_embeddings: Tensor, sets: Sequence[P
     paths: Dict[str, Path] = {}
     for name, data in (("embeddings", scatter), ("intra_class_cosine", cosine), ("images", grid)):
         path = out / f"{name}_{tag}.png"
-        path.write_bytes(data)
+        atomic_write(path, data)
         paths[f"{name}_{tag}"] = path
     return paths

@@ -17,12 +17,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
+from ..errors import DiReInputError
+from ..safeio import load_torch_file
 from .errors import DemoRunError
+from .spec import DATASETS
 from .variants import Variant
 
 __all__ = ["SynthJob", "SynthResult", "SynthContext", "RECOVER", "job_folder", "recover_command", "run_synthesis"]
@@ -116,7 +120,12 @@ def _check_manifest(job: SynthJob, folder: Path, log: Path) -> Dict:
     path = folder / "dire_manifest.json"
     if not path.is_file():
         raise DemoRunError(f"{job.name}: DiRe run wrote no {path.name} (log: {log})")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # unreadable, or cut short: the run that wrote it did not finish it
+        raise DemoRunError(f"{job.name}: {path} is not valid JSON ({type(e).__name__}; log: {log})") from None
+    if not isinstance(manifest, dict):
+        raise DemoRunError(f"{job.name}: {path} holds a {type(manifest).__name__}, not a manifest (log: {log})")
     expected = job.ipc * job.iterations  # one batch (every class) per ipc index
     added, steps = manifest.get("terms_added"), manifest.get("synthesis_steps")
     if not (added == steps == expected):
@@ -131,11 +140,33 @@ def _finish(job: SynthJob, ctx: SynthContext, log: Path, code: int, seconds: flo
     folder = job_folder(job, ctx)
     if code != 0:
         raise DemoRunError(f"{job.name}: recover exited with {code}: {_tail(log, 1)} (log: {log})")
-    data = torch.load(folder / "synthetic.pt", map_location="cpu", weights_only=True)
+    images, labels = _read_synthetic(job, ctx, folder / "synthetic.pt", log)
     manifest = _check_manifest(job, folder, log) if job.variant.dire else None
     if not job.variant.dire and (folder / "dire_manifest.json").exists():
         raise DemoRunError(f"{job.name}: the vanilla run wrote a DiRe manifest: DiRe leaked into it (log: {log})")
-    return SynthResult(job, folder, data["images"], data["labels"], seconds, manifest)
+    return SynthResult(job, folder, images, labels, seconds, manifest)
+
+
+def _read_synthetic(job: SynthJob, ctx: SynthContext, path: Path, log: Path) -> Tuple[Tensor, Tensor]:
+    """``(images, labels)`` of a finished run, loaded as data and checked: one line naming the file
+    and the log when they are not ``ipc`` images per class of the dataset.
+
+    The folder is emptied before each run, so what is read here was written by this run; a run
+    killed while writing exits non-zero and never gets here.
+    """
+    try:
+        data = load_torch_file(path, "synthetic set")
+    except DiReInputError as e:
+        raise DemoRunError(f"{job.name}: {e} (log: {log})") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not (isinstance(images, Tensor) and isinstance(labels, Tensor)):
+        raise DemoRunError(f"{job.name}: {path} holds no images and labels tensors (log: {log})")
+    expected = job.ipc * DATASETS[ctx.dataset].num_classes
+    if images.dim() != 4 or len(images) != expected or labels.shape != (expected,):
+        raise DemoRunError(f"{job.name}: {path} holds images {tuple(images.shape)} and labels {tuple(labels.shape)}, "
+                           f"expected {expected} of each (log: {log})")
+    return images, labels.long()
 
 
 def run_synthesis(jobs: Sequence[SynthJob], ctx: SynthContext, parallel: int, log_dir: Path,

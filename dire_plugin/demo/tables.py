@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..safeio import atomic_write
 from .variants import VANILLA
 
 __all__ = ["ReportRow", "markdown_table", "compare", "verdict", "write_report"]
@@ -176,9 +177,10 @@ def write_report(out: Path, name: str, title: str, rows: Sequence[ReportRow], se
         md += ["", "## Figures", ""]
         md += [f"![{key}]({os.path.relpath(path, out)})" for key, path in figures.items()]
     md_path, json_path = out / f"{name}.md", out / f"{name}.json"
-    md_path.write_text("\n".join(md) + "\n")
+    # Atomic: a run killed here never leaves half a report for a script that reads report.json.
+    atomic_write(md_path, "\n".join(md) + "\n")
     doc = {"title": title, "settings": dict(settings), "rows": [r.as_json() for r in rows],
            "comparisons": comparisons, "verdict": sentences,
            "figures": {key: os.path.relpath(path, out) for key, path in figures.items()}, **(extra or {})}
-    json_path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    atomic_write(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return md_path, json_path, sentences

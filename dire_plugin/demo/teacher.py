@@ -1,23 +1,34 @@
-"""Squeeze: train the demo's teacher once and cache it, keyed on everything that shapes it."""
+"""Squeeze: train the demo's teacher once and cache it, keyed on everything that shapes it.
+
+The cache file ``teacher-{dataset}-{settings key}-{data key}.pt`` holds the weights, the settings
+and the data key they were trained with, and a checksum of the weights. Each use checks all of
+them: a file that cannot be loaded, was trained on something else or whose weights are not the
+ones written is retrained with one warning line, never reused and never a crash.
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..errors import DiReInputError
+from ..safeio import atomic_torch_save, load_torch_file
 from .data import DemoData
+from .log import warn
 from .model import Augmentation, build_model, nhwc
 from .spec import DIGITS, DatasetSpec
 
-__all__ = ["TeacherSettings", "teacher_settings", "load_or_train_teacher", "load_teacher", "accuracy", "autocast"]
+__all__ = ["TeacherSettings", "teacher_settings", "load_or_train_teacher", "load_teacher", "accuracy", "autocast",
+           "data_key"]
 
 
 @dataclass(frozen=True)
@@ -78,13 +89,77 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def data_key(data: DemoData) -> str:
+    """sha256 of the training images and labels (shapes and dtypes included): the teacher is
+    trained on them, so its cache is keyed on them, not on where they were read from."""
+    h = hashlib.sha256()
+    for t in (data.train_x, data.train_y):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _weights_digest(state: Mapping[str, Tensor]) -> str:
+    """sha256 of every tensor's name, shape, dtype and bytes: torch loads a file whose tensor data
+    was damaged without a word, so the checkpoint carries this to be checked."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _model_from(ckpt: Any, what: str) -> nn.Module:
+    """The teacher a loaded checkpoint describes, on the CPU; a one-line error when it does not."""
+    try:
+        s = TeacherSettings(**ckpt["settings"])
+        model = build_model(s.arch, s.num_classes)
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # missing keys, foreign settings, other shapes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiReInputError(f"{what} is not a teacher checkpoint of this demo ({first})") from None
+    return model
+
+
 def load_teacher(path: os.PathLike, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """The cached teacher, in eval mode; ``weights_only`` so a cache file can run no code."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    s = TeacherSettings(**ckpt["settings"])
-    model = build_model(s.arch, s.num_classes)
-    model.load_state_dict(ckpt["state_dict"])
-    return nhwc(model).to(device).eval()
+    """The cached teacher, in eval mode; loaded as data (``weights_only``), so a cache file can run
+    no code. A file that is not one is a one-line :class:`~dire_plugin.errors.DiReInputError`."""
+    ckpt = load_torch_file(path, "teacher checkpoint")
+    return nhwc(_model_from(ckpt, f"teacher checkpoint {path}")).to(device).eval()
+
+
+def _cached_teacher(path: Path, settings: TeacherSettings, data: str, device: torch.device) -> Optional[nn.Module]:
+    """The teacher cached at ``path`` if it is sound and this key's; otherwise ``None`` after one
+    warning line (nothing there: ``None`` without one). What is there is removed when it is not a file."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    if not path.is_file():
+        warn(f"cached teacher {path} is not a file; replacing it and retraining")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        return None
+    try:
+        ckpt = load_torch_file(path, "teacher checkpoint")
+        if not isinstance(ckpt, dict):
+            raise DiReInputError(f"teacher checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
+        problem = None
+        if ckpt.get("settings") != asdict(settings):
+            problem = "was trained with other settings"
+        elif ckpt.get("data") != data:
+            problem = "was trained on other data"
+        elif not isinstance(ckpt.get("state_dict"), dict) or ckpt.get("weights") != _weights_digest(ckpt["state_dict"]):
+            problem = "holds weights that do not match their checksum (damaged)"
+        else:
+            return nhwc(_model_from(ckpt, f"teacher checkpoint {path}")).to(device).eval()
+    except DiReInputError as e:
+        warn(f"cached teacher unusable: {e}; retraining it")
+        return None
+    warn(f"cached teacher {path} {problem}; retraining it")
+    return None
 
 
 def _train(data: DemoData, s: TeacherSettings, device: torch.device, progress: bool) -> nn.Module:
@@ -126,22 +201,16 @@ def _train_loop(data: DemoData, s: TeacherSettings, device: torch.device, progre
 def load_or_train_teacher(data: DemoData, cache_dir: os.PathLike, settings: TeacherSettings,
                           device: torch.device = torch.device("cpu"),
                           progress: bool = True) -> Tuple[Path, nn.Module, float, bool]:
-    """``(checkpoint path, teacher, test accuracy, cache hit)``; trains only on a cache miss.
-
-    A CIFAR teacher is also keyed on the data folder, so two copies of CIFAR never share one.
-    """
-    key = settings.key()
-    if settings.dataset != DIGITS.name:
-        key += "-" + hashlib.sha256(str(data.real_dir).encode()).hexdigest()[:8]
-    path = Path(cache_dir) / f"teacher-{settings.dataset}-{key}.pt"
-    hit = path.is_file()
-    if hit:
-        model = load_teacher(path, device)
-    else:
+    """``(checkpoint path, teacher, test accuracy, cache hit)``; trains only when no sound cached
+    teacher of these settings and this training data exists (see the module doc)."""
+    data_digest = data_key(data)
+    path = Path(cache_dir) / f"teacher-{settings.dataset}-{settings.key()}-{data_digest[:12]}.pt"
+    model = _cached_teacher(path, settings, data_digest, device)
+    hit = model is not None
+    if model is None:
         model = _train(data, settings, device, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        state = {k: v.cpu() for k, v in model.state_dict().items()}
-        torch.save({"state_dict": state, "settings": asdict(settings)}, tmp)
-        os.replace(tmp, path)  # concurrent demos never read a half-written file
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # Atomic: a concurrent demo, the recover runs and the students never read half a file.
+        atomic_torch_save(path, {"state_dict": state, "settings": asdict(settings), "data": data_digest,
+                                 "weights": _weights_digest(state)})
     return path, model, accuracy(model, data.test_x, data.test_y), hit
