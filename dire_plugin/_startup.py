@@ -14,7 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .activation import ENV_ACTIVATE, ENV_DISABLE, find_checkout, read_config
+from .activation import (
+    CONFIG_DIR,
+    ENV_ACTIVATE,
+    ENV_DISABLE,
+    LEGACY_CONFIG,
+    applied_methods,
+    config_path,
+    find_checkout,
+    read_config,
+)
 
 __all__ = ["activate", "activate_from_startup", "disabled", "active_method"]
 
@@ -47,17 +56,65 @@ def _script_path() -> Optional[Path]:
     return Path(candidate).resolve() if candidate else None
 
 
+def _checkout_settings(script: Path) -> Optional[Dict[str, Any]]:
+    """The settings of the applied method that covers ``script`` in its checkout, if any."""
+    from .errors import DiReHookError
+    from .patching import load_method
+
+    root = find_checkout(script)
+    if root is None:
+        return None
+    methods = applied_methods(root)
+    if not methods:
+        raise DiReHookError(
+            f"{root / CONFIG_DIR / LEGACY_CONFIG} was written by an older dire-plugin: re-run "
+            f"dire-apply METHOD {root} --real-data DIR (or remove it with dire-apply --remove METHOD {root})"
+        )
+    rel = script.relative_to(root).as_posix()
+    for method in methods:
+        if rel in load_method(method).SCRIPTS:
+            config = read_config(root, method) or {}
+            return {**config, "method": method, "root": str(root), "script": rel,
+                    "_source": str(config_path(root, method))}
+    return {"method": methods[0], "root": str(root), "script": rel, "_source": ""}  # not covered: vanilla
+
+
 def _settings_for(script: Optional[Path], overrides: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
-    """Settings of the run: the inherited ``DIRE_ACTIVATE`` of a parent, else the checkout's
-    ``.dire/config.json``, with ``overrides`` (launcher flags) on top."""
+    """Settings of the run: the inherited ``DIRE_ACTIVATE`` of a parent, else the settings of the
+    applied method covering the script, with ``overrides`` (launcher flags) on top."""
     inherited = os.environ.get(ENV_ACTIVATE)
     if inherited:
-        return {**json.loads(inherited), **(overrides or {})}
-    root = find_checkout(script)
-    config = read_config(root) if root is not None else None
+        try:
+            data = json.loads(inherited)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            from .errors import DiReInputError
+
+            raise DiReInputError(f"{ENV_ACTIVATE} does not hold the JSON settings of a run: unset it")
+        return {**data, "_source": ENV_ACTIVATE, "_inherited": True, **(overrides or {})}
+    config = _checkout_settings(script) if script is not None else None
     if config is None:
-        return None if overrides is None else {**overrides}
-    return {**config, "root": str(root), "script": script.relative_to(root).as_posix(), **(overrides or {})}
+        return None if overrides is None else {**overrides, "_source": "dire-run"}
+    if overrides:
+        return {**config, **overrides, "_source": "dire-run" + (f" and {config['_source']}" if config["_source"] else "")}
+    return config
+
+
+def _check_inputs(settings: Dict[str, Any], spec: Any) -> None:
+    """The run's data and cache, checked before the script does any work (a parent of an
+    inherited run has checked them already)."""
+    from .errors import DiReInputError
+    from .validation import check_cache_dir, check_real_data_for_script
+
+    where = settings.get("_source") or "the settings"
+    if not settings.get("real_data"):
+        raise DiReInputError(
+            f"no real data for DiRe in {where}: pass --real-data DIR to dire-apply or dire-run"
+        )
+    check_real_data_for_script(settings["real_data"], spec.for_argv(sys.argv[1:]))
+    if settings.get("cache_dir"):
+        check_cache_dir(settings["cache_dir"], f"cache folder (from {where})")
 
 
 def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str, Any]] = None, required: bool = False) -> Optional[str]:
@@ -97,16 +154,19 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
     if disabled():
         logger.info("[dire] %s=1: %s runs vanilla (upstream %s)", ENV_DISABLE, settings["method"], commit)
         return None
+    from .runtime import RunConfig
+
+    source = settings.get("_source") or "the settings"
+    config = RunConfig.from_dict({**settings, "script": rel}, where=f"{source}: ")
+    if not settings.get("_inherited"):
+        _check_inputs(settings, method.SCRIPTS[rel])
     root = settings.get("root")
     # Our own scripts (the demo) have no upstream commit to be checked against.
     if root and settings.get("verify", True) and getattr(method, "PINNED", True):
         _verify_targets(settings["method"], Path(root), rel, commit)
     # Children (mp.spawn, DataLoader workers started with spawn) have no script path to match:
     # they inherit the settings instead.
-    os.environ[ENV_ACTIVATE] = json.dumps({**settings, "script": rel})
-    from .runtime import RunConfig
-
-    config = RunConfig.from_dict({**settings, "script": rel})
+    os.environ[ENV_ACTIVATE] = json.dumps({**{k: v for k, v in settings.items() if not k.startswith("_")}, "script": rel})
     method.patch(config, root=root)
     _ACTIVE = settings["method"]
     logger.info(

@@ -1,11 +1,16 @@
 """How an unchanged upstream command finds out that DiRe is applied.
 
-``dire-apply`` writes ``<checkout>/.dire/config.json`` (hidden by ``.git/info/exclude``) and
-lists the checkout in one ``.pth`` file in site-packages. Python runs that line at every start;
-it only compares ``sys.argv[0]`` with the listed roots and the ``DIRE_ACTIVATE`` variable, so an
-unrelated process pays a few string operations and imports nothing. A match imports
-:mod:`dire_plugin._startup`, which installs the method's patch and exports ``DIRE_ACTIVATE``
-so child processes (``mp.spawn``, ``torchrun`` workers) activate too.
+``dire-apply`` writes ``<checkout>/.dire/<method>.json`` (one file per applied method, so SRe²L
+and CDA applied to one clone of VILA-Lab/SRe2L each keep their settings; the folder is hidden by
+``.git/info/exclude``) and lists the checkout in one ``.pth`` file in site-packages. Python runs
+that line at every start; it only compares ``sys.argv[0]`` with the listed roots and the
+``DIRE_ACTIVATE`` variable, so an unrelated process pays a few string operations and imports
+nothing. A match imports :mod:`dire_plugin._startup`, which installs the patch of the method
+covering the script and exports ``DIRE_ACTIVATE`` so child processes (``mp.spawn``, ``torchrun``
+workers) activate too.
+
+Edits of the ``.pth`` file and of a checkout's configs are read-modify-write: each runs under an
+exclusive lock on the folder, and writes go through a temporary file of the writer's own.
 """
 from __future__ import annotations
 
@@ -15,24 +20,38 @@ import sysconfig
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .errors import DiReInputError
+from .safeio import atomic_write, locked
+
 __all__ = [
     "CONFIG_DIR",
-    "CONFIG_FILE",
     "ENV_ACTIVATE",
     "ENV_DISABLE",
     "ENV_SITE_DIR",
+    "EXCLUDE_RECORD",
+    "LEGACY_CONFIG",
     "PTH_NAME",
     "applied_checkouts",
+    "applied_methods",
+    "config_path",
     "find_checkout",
     "read_config",
+    "read_exclude_record",
     "register_checkout",
+    "remove_config",
     "site_dir",
     "unregister_checkout",
     "write_config",
+    "write_exclude_record",
 ]
 
 CONFIG_DIR = ".dire"
-CONFIG_FILE = "config.json"
+#: ``.dire/<method>.json`` holds a method's settings; this file holds what ``.git/info/exclude``
+#: looked like before the first apply, so the last ``--remove`` restores it byte for byte.
+EXCLUDE_RECORD = "exclude.json"
+#: One settings file for the whole checkout, as dire-apply 0.1 wrote it (a second method replaced
+#: the first): the next dire-apply converts it.
+LEGACY_CONFIG = "config.json"
 PTH_NAME = "dire_plugin_activate.pth"
 #: JSON ``{"root": ..., ...}`` of the active run; inherited by child processes.
 ENV_ACTIVATE = "DIRE_ACTIVATE"
@@ -42,6 +61,7 @@ ENV_DISABLE = "DIRE_DISABLE"
 ENV_SITE_DIR = "DIRE_SITE_DIR"
 
 _MARK = "# dire-plugin roots: "
+_NOT_METHODS = (EXCLUDE_RECORD, LEGACY_CONFIG)
 
 
 def site_dir() -> Path:
@@ -79,58 +99,91 @@ def _pth_text(roots: List[str]) -> str:
     return f"{_MARK}{json.dumps(roots)}\n{gate}\n"
 
 
-def _write_roots(roots: List[str]) -> None:
+def _edit_roots(edit) -> Path:
+    """Apply ``edit(roots) -> roots`` to the ``.pth`` file under the site folder's lock; the
+    line is always rewritten, so a ``.pth`` of an older dire-plugin gets today's gate."""
     path = _pth_path()
-    if not roots:
-        path.unlink(missing_ok=True)
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_pth_text(roots))
-    os.replace(tmp, path)
+    with locked(path.parent):
+        roots = edit(applied_checkouts())
+        if roots:
+            atomic_write(path, _pth_text(sorted(set(roots))))
+        else:
+            path.unlink(missing_ok=True)
+    return path
 
 
 def register_checkout(root: os.PathLike) -> Path:
-    """List ``root`` in the ``.pth`` file (idempotent); returns the ``.pth`` path."""
+    """List ``root`` in the ``.pth`` file (idempotent, safe against concurrent callers)."""
     root_s = str(Path(root).resolve())
-    roots = applied_checkouts()
-    if root_s not in roots:
-        _write_roots(sorted(roots + [root_s]))
-    return _pth_path()
+    return _edit_roots(lambda roots: roots + [root_s])
 
 
 def unregister_checkout(root: os.PathLike) -> None:
     """Remove ``root`` from the ``.pth`` file; the file goes when no root is left."""
     root_s = str(Path(root).resolve())
-    roots = applied_checkouts()
-    if root_s in roots:
-        _write_roots([r for r in roots if r != root_s])
+    _edit_roots(lambda roots: [r for r in roots if r != root_s])
 
 
-def config_path(root: os.PathLike) -> Path:
-    return Path(root) / CONFIG_DIR / CONFIG_FILE
+# --- a checkout's settings --------------------------------------------------------------------------
 
 
-def write_config(root: os.PathLike, config: Dict[str, Any]) -> Path:
-    path = config_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+def config_path(root: os.PathLike, method: str) -> Path:
+    return Path(root) / CONFIG_DIR / f"{method}.json"
 
 
-def read_config(root: os.PathLike) -> Optional[Dict[str, Any]]:
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
     try:
-        return json.loads(config_path(root).read_text())
+        text = path.read_text()
     except FileNotFoundError:
         return None
+    except OSError as e:
+        raise DiReInputError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DiReInputError(f"{path} is not valid JSON ({e}): fix it, or re-run dire-apply") from None
+    if not isinstance(data, dict):
+        raise DiReInputError(f"{path} does not hold a JSON object: fix it, or re-run dire-apply")
+    return data
+
+
+def read_config(root: os.PathLike, method: str) -> Optional[Dict[str, Any]]:
+    """The settings of ``method`` in the checkout ``root`` (``None`` when it is not applied).
+
+    A file that cannot be read or parsed is a one-line :class:`DiReInputError` naming it.
+    """
+    return _read_json(config_path(root, method))
+
+
+def write_config(root: os.PathLike, method: str, config: Dict[str, Any]) -> Path:
+    return atomic_write(config_path(root, method), json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def remove_config(root: os.PathLike, method: str) -> None:
+    config_path(root, method).unlink(missing_ok=True)
+
+
+def applied_methods(root: os.PathLike) -> List[str]:
+    """Methods with a settings file in the checkout, sorted."""
+    folder = Path(root) / CONFIG_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json") if p.name not in _NOT_METHODS)
+
+
+def read_exclude_record(root: os.PathLike) -> Optional[Dict[str, Any]]:
+    return _read_json(Path(root) / CONFIG_DIR / EXCLUDE_RECORD)
+
+
+def write_exclude_record(root: os.PathLike, record: Dict[str, Any]) -> Path:
+    return atomic_write(Path(root) / CONFIG_DIR / EXCLUDE_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def find_checkout(script: os.PathLike) -> Optional[Path]:
-    """The applied checkout (a folder with ``.dire/config.json``) that contains ``script``."""
+    """The applied checkout (a folder with a ``.dire/`` settings folder) that contains ``script``."""
     path = Path(script).resolve()
     for parent in [path] + list(path.parents):
-        if config_path(parent).is_file():
+        if (parent / CONFIG_DIR).is_dir() and (applied_methods(parent) or (parent / CONFIG_DIR / LEGACY_CONFIG).is_file()):
             return parent
     return None

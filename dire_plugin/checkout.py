@@ -25,6 +25,7 @@ from .lockfile import Drift, MethodLock, check_fingerprints
 __all__ = [
     "EXCLUDE_LINE",
     "CheckoutState",
+    "git_reason",
     "hide_config_dir",
     "inspect_checkout",
     "normalize_remote_url",
@@ -145,8 +146,25 @@ def _head(repo: git.Repo, root: Path) -> str:
         raise DiReInputError(f"{root} has no commit checked out: clone the upstream repository there") from None
 
 
+def git_reason(exc: git.GitCommandError) -> str:
+    """The last line git printed on stderr, without GitPython's ``stderr: '...'`` wrapping."""
+    text = str(exc.stderr or "").strip()
+    if text.startswith("stderr:"):
+        text = text[len("stderr:"):].strip()
+    text = text.strip("'\"").strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip().strip("'\"")]
+    return lines[-1] if lines else f"git exited with status {exc.status}"
+
+
+def _is_bytecode(path: str) -> bool:
+    # Python writes __pycache__/ beside every upstream module a run imports (vanilla runs too):
+    # generated, never read by the fingerprints, not a change to the code.
+    return "__pycache__/" in path or path.endswith((".pyc", ".pyo"))
+
+
 def _dirty_paths(repo: git.Repo) -> List[str]:
-    """Changed, staged and untracked paths, leaving out our own ``.dire/`` folder.
+    """Changed, staged and untracked paths, leaving out our own ``.dire/`` folder and Python's
+    bytecode caches.
 
     ``.git/info/exclude`` hides ``.dire/`` once applied, but not before (or if a user edits it).
     """
@@ -162,7 +180,7 @@ def _dirty_paths(repo: git.Repo) -> List[str]:
         status, path = entry[:2], entry[3:]
         if "R" in status or "C" in status:
             i += 1  # renames and copies carry their source path as the next entry
-        if path == CONFIG_DIR or path.startswith(CONFIG_DIR + "/"):
+        if path == CONFIG_DIR or path.startswith(CONFIG_DIR + "/") or (status == "??" and _is_bytecode(path)):
             continue
         paths.append(path)
     return paths

@@ -41,6 +41,8 @@ from .errors import DiReHookError
 from .features import unwrap_model
 from .functional import COMPONENTS, active_components, dire_components, weighted_total
 from .defaults import DEFAULT_R_C, DEFAULT_R_E
+from .safeio import atomic_write
+from .validation import check_run_settings
 
 __all__ = ["RunConfig", "DiReRuntime", "current_runtime", "start_runtime", "stop_runtime"]
 
@@ -68,11 +70,12 @@ class RunConfig:
     manifest_dir: str = ""
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: Dict[str, Any], where: str = "") -> "RunConfig":
+        """The config of ``data`` (checked: a bad value is one line prefixed with ``where``)."""
+        data = check_run_settings(data, where)
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in data.items() if k in known}
-        if "components" in kwargs:
-            kwargs["components"] = tuple(kwargs["components"])
+        kwargs["components"] = tuple(kwargs.get("components", COMPONENTS))
         return cls(**kwargs)
 
 
@@ -127,6 +130,7 @@ class DiReRuntime:
         self.enabled = True
         self.started = time.time()
         self.output_dirs: List[str] = []
+        self.manifest_written = False
         self._terms = active_components(config.components, config.r_c, config.r_e)
         self._handles: List[Any] = []
         self._lock = threading.Lock()
@@ -334,10 +338,12 @@ class DiReRuntime:
         if folder not in self.output_dirs:
             self.output_dirs.append(folder)
 
-    def manifest(self) -> Dict[str, Any]:
+    def manifest(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
         bank = self.bank
         return {
             "method": self.config.method,
+            "status": "finished" if error is None else "failed",
+            "error": None if error is None else f"{type(error).__name__}: {error}",
             "upstream_commit": self.config.commit,
             "script": self.config.script,
             "argv": list(sys.argv),
@@ -358,23 +364,35 @@ class DiReRuntime:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 
-    def write_manifest(self) -> List[Path]:
-        dirs = self.output_dirs or [self.config.manifest_dir or os.getcwd()]
+    def fallback_manifest_path(self) -> Path:
+        """Where the manifest goes when no image was saved (a run that failed early): the
+        configured manifest folder, else ``<cache>/runs/``, else ``~/.cache/dire/runs/``; never the
+        current folder, which is usually inside the upstream checkout."""
+        base = self.config.manifest_dir or (os.path.join(self.config.cache_dir, "runs") if self.config.cache_dir else "")
+        folder = Path(base or Path.home() / ".cache" / "dire" / "runs").expanduser()
+        stem = Path(self.config.script or sys.argv[0] or "run").stem or "run"
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started))
+        return folder / f"{stem}-{stamp}-{os.getpid()}-{MANIFEST_NAME}"
+
+    def write_manifest(self, error: Optional[BaseException] = None) -> List[Path]:
+        """Write the manifest beside the saved images (or to :meth:`fallback_manifest_path`)."""
         rank = os.environ.get("RANK")
         name = MANIFEST_NAME if rank in (None, "0") else f"dire_manifest.rank{rank}.json"
+        paths = [Path(d) / name for d in self.output_dirs] or [self.fallback_manifest_path()]
+        data = json.dumps(self.manifest(error), indent=2) + "\n"
         written = []
-        data = json.dumps(self.manifest(), indent=2) + "\n"
-        for d in dirs:
-            path = Path(d) / name
+        for path in paths:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(data)
-                os.replace(tmp, path)
-                written.append(path)
+                written.append(atomic_write(path, data))
             except OSError as e:
                 logger.warning("[dire] could not write %s: %s", path, e)
+        self.manifest_written = True
         return written
+
+    def report_failure(self, error: BaseException) -> Optional[Path]:
+        """The run is ending with ``error``: write its manifest now and return where it went."""
+        written = self.write_manifest(error)
+        return written[0] if written else None
 
 
 _RUNTIME: Optional[DiReRuntime] = None
@@ -385,12 +403,14 @@ def current_runtime() -> Optional[DiReRuntime]:
 
 
 def start_runtime(config: RunConfig, bank_factory: BankFactory) -> DiReRuntime:
-    """Install the process-wide runtime (idempotent) and write the manifest at exit."""
+    """Install the process-wide runtime (idempotent); the manifest is written at exit, and an
+    uncaught error of ours ends the run with one line and exit code 2."""
     global _RUNTIME
     if _RUNTIME is None:
         _RUNTIME = DiReRuntime(config, bank_factory)
         _RUNTIME.install()
         atexit.register(_finish)
+        _install_excepthook()
     return _RUNTIME
 
 
@@ -404,7 +424,53 @@ def stop_runtime() -> None:
 
 def _finish() -> None:
     runtime = _RUNTIME
-    if runtime is None or runtime.stats.computed == 0 and runtime.stats.steps == 0:
+    if runtime is None or runtime.manifest_written or runtime.stats.computed == 0 and runtime.stats.steps == 0:
         return
     for path in runtime.write_manifest():
         logger.info("[dire] manifest: %s (DiRe added to %d of %d synthesis steps)", path, runtime.stats.terms_added, runtime.stats.steps)
+
+
+def fail_run(error: BaseException, prog: str = "dire") -> int:
+    """End a patched run that raised ``error``: write the manifest where the user can find it and
+    say where. A :class:`~dire_plugin.errors.DiReError` (ours) is one line on stderr and exit code
+    2; ``KeyboardInterrupt`` one line and 130; anything else (the upstream's own error) is left to
+    the caller to report, exit code 1."""
+    from .errors import DiReError
+
+    runtime = _RUNTIME
+    path = runtime.report_failure(error) if runtime is not None else None
+    where = f" (manifest of this run: {path})" if path is not None else ""
+    if isinstance(error, KeyboardInterrupt):
+        print(f"{prog}: interrupted{where}", file=sys.stderr, flush=True)
+        return 130
+    if isinstance(error, DiReError):
+        print(f"{prog}: error: {' '.join(str(error).split())}{where}", file=sys.stderr, flush=True)
+        return 2
+    if path is not None:
+        logger.info("[dire] manifest of this failed run: %s", path)
+    return 1
+
+
+_PREVIOUS_HOOK = None
+
+
+def _install_excepthook() -> None:
+    """Uncaught errors of a script activated by the ``.pth`` line or ``import dire_plugin.auto``
+    (``dire-run`` catches them itself): ours become one line and exit code 2."""
+    global _PREVIOUS_HOOK
+    if _PREVIOUS_HOOK is not None:
+        return
+    _PREVIOUS_HOOK = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        code = fail_run(exc)
+        if code == 1:  # not ours: the usual traceback, the usual exit code
+            _PREVIOUS_HOOK(exc_type, exc, tb)
+            return
+        sys.stderr.flush()
+        # The exit code Python gives an uncaught exception is 1; ours is 2. Run what atexit holds
+        # (wandb, DataLoader workers, our own finish) before leaving with it.
+        atexit._run_exitfuncs()
+        os._exit(code)
+
+    sys.excepthook = hook

@@ -6,7 +6,7 @@ done, and a lock for files several processes edit.
   (never torch's own advice to turn ``weights_only`` off).
 * :func:`atomic_write` / :func:`atomic_torch_save`: a temporary file of this process's own in the
   same folder, flushed, then renamed over the target.
-* :func:`locked`: an exclusive ``flock`` on ``<path>.lock`` around a read-modify-write.
+* :func:`locked`: an exclusive ``flock`` on a folder around a read-modify-write in it.
 
 torch is imported only by the torch functions: the start-up path uses the other two.
 """
@@ -61,46 +61,48 @@ def atomic_torch_save(path: PathLike, obj: Any) -> Path:
 
 
 @contextlib.contextmanager
-def locked(path: PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``<path>.lock`` (created if needed) for the ``with`` block.
+def locked(folder: PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the directory ``folder`` (created if needed) for the block.
 
-    POSIX ``flock``: released by the kernel when the process dies, so a killed writer never
-    leaves a stale lock. Where ``fcntl`` does not exist the block runs unlocked.
+    POSIX ``flock`` on the folder itself: no lock file is left behind in site-packages or in a
+    user's checkout, and the kernel releases the lock when the process dies, so a killed writer
+    never leaves a stale one. Where ``fcntl`` does not exist the block runs unlocked.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def torch_file_problem(path: Path, error: BaseException) -> str:
-    """Why ``torch.load`` failed on ``path``, in our words."""
-    if isinstance(error, OSError) and not isinstance(error, zipfile.BadZipFile):
-        return error.strerror or str(error) or type(error).__name__
+    """Why ``torch.load`` failed on ``path``, in our words (torch's advice to load with
+    ``weights_only=False`` is never passed on)."""
     text = str(error)
-    if "Weights only load failed" in text or "Unsupported global" in text or "UnpicklingError" in type(error).__name__:
-        if "Unsupported global" in text or "GLOBAL" in text:
-            return ("it holds pickled Python objects, not only tensors; dire-plugin loads such files as data "
-                    "and never runs code from them")
+    if "Unsupported global" in text or "GLOBAL" in text:
+        return ("it holds pickled Python objects, not only tensors; dire-plugin loads such files as data "
+                "and never runs code from them")
     try:
         size = path.stat().st_size
-    except OSError:
-        size = -1
+    except OSError as e:
+        return e.strerror or str(e)
     if size == 0:
         return "the file is empty"
+    # torch reports a cut-off archive as anything from EOFError to OSError(22, "Invalid argument").
     if not zipfile.is_zipfile(path):
         return "it is truncated or not a file written by torch.save"
+    if isinstance(error, OSError) and not isinstance(error, zipfile.BadZipFile) and error.errno not in (None, 22):
+        return error.strerror or str(error)
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    if "weights_only" in first or "download" in first:
+    if isinstance(error, OSError) or "weights_only" in first or "download" in first:
         return "it is truncated or damaged"
     return first
 

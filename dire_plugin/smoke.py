@@ -135,6 +135,13 @@ def _run(cmd: Sequence[str], cwd: Path, env: Dict[str, str], log: Path, timeout:
             return None
 
 
+def _untracked_and_changed(root: Path) -> List[str]:
+    """``git status`` of the checkout, one path per line, without our ``.dire/`` folder."""
+    out = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all"],
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if not line[3:].startswith(".dire/")]
+
+
 def _images(out: Path) -> List[Path]:
     return [p for p in out.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.parent.name.startswith("new")]
 
@@ -191,14 +198,15 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
         # Launcher options before METHOD SCRIPT: everything after SCRIPT belongs to the script.
         cmd = [sys.executable, "-m", "dire_plugin.launcher", "--real-data", str(real), "--cache-dir", str(work / "cache"),
                *_config_flags(config), method, str(script), "--", *args]
-    # A manifest in the script's folder means the run never saw an image being saved.
-    stray = script.parent / MANIFEST_NAME
-    stray_before = stray.exists()
+    # The checkout must come out of a run as it went in (our hidden .dire/ aside).
+    before = _untracked_and_changed(Path(root))
     log = work / "log.txt"
     rc = _run(cmd, script.parent, _environment(work), log, timeout)
     seconds = time.time() - start
-    if not stray_before and stray.exists():
-        shutil.move(str(stray), str(work / ("stray-" + MANIFEST_NAME)))
+    left = sorted(set(_untracked_and_changed(Path(root))) - set(before))
+    if left:
+        return SmokeResult(rel, False, seconds, f"the run left files in the checkout: {', '.join(left[:5])} "
+                           f"(log kept in {work})\n{_tail(log)}", work)
     if rc is None:
         problem = f"timed out after {timeout} s"
     elif rc != 0:

@@ -40,12 +40,20 @@ def commit_all(repo: git.Repo, message: str) -> str:
     return repo.head.commit.hexsha
 
 
-def build_checkout(root: Path, patch_module, url: str, files: Optional[Mapping[str, str]] = None) -> str:
-    """Write every script and target file of ``patch_module`` under ``root`` (``files`` gives real
-    contents for some paths, stand-ins otherwise), commit, add ``origin``; return the commit."""
-    wanted: Dict[str, List[str]] = {script: [] for script in patch_module.SCRIPTS}
-    for target in patch_module.TARGETS:
-        wanted.setdefault(target.file, []).append(target.symbol)
+def _modules(patch_modules) -> list:
+    return list(patch_modules) if isinstance(patch_modules, (list, tuple)) else [patch_modules]
+
+
+def build_checkout(root: Path, patch_modules, url: str, files: Optional[Mapping[str, str]] = None) -> str:
+    """Write every script and target file of the patch module(s) under ``root`` (``files`` gives
+    real contents for some paths, stand-ins otherwise), commit, add ``origin``; return the commit."""
+    wanted: Dict[str, List[str]] = {}
+    for module in _modules(patch_modules):
+        for script in module.SCRIPTS:
+            wanted.setdefault(script, [])
+        for target in module.TARGETS:
+            if target.symbol not in wanted.setdefault(target.file, []):
+                wanted[target.file].append(target.symbol)
     for rel, symbols in wanted.items():
         path = root / rel  # a literal "*small_dataset" folder, as upstream has
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,11 +66,12 @@ def build_checkout(root: Path, patch_module, url: str, files: Optional[Mapping[s
     return head
 
 
-def write_lock(path: Path, root: Path, patch_module, url: str, head: str) -> Path:
-    """The shipped lock with ``patch_module``'s method pinned to the look-alike at ``head``."""
-    prints = {(t.file, t.symbol): fingerprint_symbol(root / t.file, t.symbol) for t in patch_module.TARGETS}
+def write_lock(path: Path, root: Path, patch_modules, url: str, head: str) -> Path:
+    """The shipped lock with each patch module's method pinned to the look-alike at ``head``."""
     locks = dict(load_lock())
-    locks[patch_module.METHOD] = MethodLock(patch_module.METHOD, url, head, tuple(patch_module.SCRIPTS), prints)
+    for module in _modules(patch_modules):
+        prints = {(t.file, t.symbol): fingerprint_symbol(root / t.file, t.symbol) for t in module.TARGETS}
+        locks[module.METHOD] = MethodLock(module.METHOD, url, head, tuple(module.SCRIPTS), prints)
     path.write_text(format_lock(locks.values()))
     return path
 

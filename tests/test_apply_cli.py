@@ -2,9 +2,11 @@
 checkout byte-identical, and every bad input is refused with exit 2, one line, and no change."""
 import importlib.machinery
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -16,10 +18,11 @@ from dire_plugin.checkout import normalize_remote_url
 from dire_plugin.cli.apply import ENV_CLONE_URL, main
 from dire_plugin.lockfile import ENV_LOCK, MethodLock, format_lock, load_lock, parse_lock
 from dire_plugin.patching import load_method
-from lookalike import build_checkout, commit_all, write_lock
+from lookalike import build_checkout, commit_all, write_image_folder, write_lock
 
 URL = "https://github.com/VILA-Lab/SRe2L"
 SRE2L = load_method("sre2l")
+CDA = load_method("cda")
 # The first target, and a file no target lives in.
 TARGET = SRE2L.TARGETS[0]
 UNRELATED = "README.md"
@@ -28,22 +31,35 @@ UNRELATED = "README.md"
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """A git repository with the sre2l scripts and targets at their paths, and a lock pinning it."""
+    """A git repository with the sre2l and cda scripts and targets at their paths (one clone of
+    VILA-Lab/SRe2L holds both), and a lock pinning it for both."""
     base = tmp_path_factory.mktemp("template")
     root = base / "SRe2L"
-    head = build_checkout(root, SRE2L, URL)
+    head = build_checkout(root, [SRE2L, CDA], URL)
     (root / UNRELATED).write_text("look-alike\n")
-    lock = write_lock(base / "lock.toml", root, SRE2L, URL, head)
+    lock = write_lock(base / "lock.toml", root, [SRE2L, CDA], URL, head)
     return root, lock, head
 
 
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    """CIFAR-100-shaped real data (100 class folders, one tiny image each): the CIFAR recover
+    script's teacher has 100 classes."""
+    return write_image_folder(tmp_path_factory.mktemp("real") / "cifar100", 100, per_class=1, size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Tiny-ImageNet-shaped real data (200 classes): what CDA's tiny script's teacher was trained on."""
+    return write_image_folder(tmp_path_factory.mktemp("real") / "tiny", 200, per_class=1, size=4)
+
+
 @pytest.fixture
-def env(tmp_path, template, monkeypatch):
+def env(tmp_path, template, real_data, monkeypatch):
     """A fresh copy of the look-alike (``env.root``), a real-data folder and a private site dir."""
     src, lock, head = template
     root = tmp_path / "SRe2L"
     shutil.copytree(src, root, symlinks=True)
-    (tmp_path / "data").mkdir()
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.setenv(ENV_LOCK, str(lock))
@@ -54,7 +70,7 @@ def env(tmp_path, template, monkeypatch):
         pass
 
     e = Env()
-    e.base, e.root, e.data, e.site, e.lock, e.pinned = tmp_path, root, tmp_path / "data", site, lock, head
+    e.base, e.root, e.data, e.site, e.lock, e.pinned = tmp_path, root, real_data, site, lock, head
     e.repo = git.Repo(root)
     yield e
     e.repo.close()
@@ -109,7 +125,7 @@ def test_apply_then_remove_leaves_the_checkout_byte_identical(env, capsys):
 
     assert _apply(env, "--r-c", "0.5", "--reduction", "sum") == 0
     out = capsys.readouterr().out
-    config = activation.read_config(env.root)
+    config = activation.read_config(env.root, "sre2l")
     assert config["method"] == "sre2l" and config["commit"] == env.pinned and config["repository"] == URL
     assert (config["r_c"], config["r_e"], config["reduction"]) == (0.5, 0.001, "sum")
     assert config["real_data"] == str(env.data) and config["cache_dir"] == str(env.root / ".dire" / "cache")
@@ -135,7 +151,7 @@ def test_reapply_is_idempotent(env, capsys):
     assert "re-applied" in capsys.readouterr().out
     assert (env.root / ".git/info/exclude").read_bytes().count(b"/.dire/") == 1
     assert activation.applied_checkouts() == [str(env.root)]
-    assert activation.read_config(env.root)["r_e"] == 0.02
+    assert activation.read_config(env.root, "sre2l")["r_e"] == 0.02
     # Someone drops our exclude line: .dire/ shows up untracked, which is not a dirty tree.
     exclude = env.root / ".git/info/exclude"
     exclude.write_bytes(exclude.read_bytes().replace(b"/.dire/\n", b""))
@@ -172,7 +188,7 @@ def test_ssh_remote_and_allow_drift_on_unrelatedcommit_all(env, capsys):
     assert_refused(capsys, rc, head, env.pinned, "none changed", "--allow-drift")
     assert _apply(env, "--allow-drift") == 0
     assert "accepted with --allow-drift" in capsys.readouterr().out
-    assert activation.read_config(env.root)["commit"] == head
+    assert activation.read_config(env.root, "sre2l")["commit"] == head
 
 
 def test_remote_urls_normalise():
@@ -211,6 +227,20 @@ def _plain_dir(e):
     (e.base / "plain").mkdir()
 
 
+def _empty_data(e):
+    (e.base / "empty").mkdir()
+
+
+def _ten_classes(e):
+    write_image_folder(e.base / "ten", 10, per_class=1, size=4)
+
+
+def _class_without_image(e):
+    write_image_folder(e.base / "holes", 100, per_class=1, size=4)
+    for image in (e.base / "holes" / "class_042").iterdir():
+        image.unlink()
+
+
 REFUSALS = {
     # name: (setup, argv with {root}/{data}/{base}, fragments of the message)
     "missing-path": (None, ["sre2l", "{base}/absent", "--real-data", "{data}"], ["absent does not exist"]),
@@ -234,6 +264,13 @@ REFUSALS = {
     "remove-with-options": (None, ["--remove", "sre2l", "{root}", "--r-c", "1"], ["--remove takes no --r-c"]),
     "smoke-without-verify": (None, ["sre2l", "{root}", "--smoke"], ["--smoke goes with --verify"]),
     "cache-dir-is-a-file": (None, ["sre2l", "{root}", "--real-data", "{data}", "--cache-dir", "{root}/README.md"], ["--cache-dir"]),
+    "cache-dir-under-a-file": (None, ["sre2l", "{root}", "--real-data", "{data}", "--cache-dir", "{root}/README.md/c"],
+                               ["--cache-dir", "README.md"]),
+    "empty-real-data": (_empty_data, ["sre2l", "{root}", "--real-data", "{base}/empty"], ["{base}/empty"]),
+    "real-data-of-another-class-count": (_ten_classes, ["sre2l", "{root}", "--real-data", "{base}/ten"], ["10"]),
+    "real-data-class-without-image": (_class_without_image, ["sre2l", "{root}", "--real-data", "{base}/holes"],
+                                      ["class_042"]),
+    "weight-inf": (None, ["sre2l", "{root}", "--real-data", "{data}", "--r-c", "inf"], ["--r-c"]),
 }
 
 
@@ -298,6 +335,73 @@ def test_remove_keeps_an_outside_cache(env, capsys):
     assert cache.is_dir() and str(cache) in capsys.readouterr().out
 
 
+def test_two_methods_on_one_checkout_each_keep_their_settings(env, capsys, tiny_data):
+    before = snapshot(env.base)
+    assert _apply(env, "--r-c", "0.3") == 0
+    assert main(["cda", str(env.root), "--real-data", str(tiny_data), "--r-c", "0.7"]) == 0
+    out = capsys.readouterr().out
+    assert "also       sre2l" in out
+    assert activation.applied_methods(env.root) == ["cda", "sre2l"]
+    assert activation.read_config(env.root, "sre2l")["r_c"] == 0.3  # the second apply kept the first
+    assert activation.read_config(env.root, "cda")["r_c"] == 0.7
+    assert main(["--status"]) == 0
+    status = capsys.readouterr().out
+    assert f"{env.root}: sre2l @" in status and f"{env.root}: cda @" in status
+    assert main(["--remove", "cda", str(env.root)]) == 0
+    assert "still applied for sre2l" in capsys.readouterr().out
+    assert activation.applied_methods(env.root) == ["sre2l"] and activation.applied_checkouts() == [str(env.root)]
+    assert env.repo.git.status("--porcelain") == ""
+    assert main(["--remove", "sre2l", str(env.root)]) == 0
+    assert snapshot(env.base) == before
+
+
+def test_a_config_of_dire_plugin_0_1_is_converted(env, capsys, tiny_data):
+    # dire-apply 0.1 wrote one .dire/config.json (the second method replaced the first).
+    assert _apply(env, "--r-c", "0.3") == 0
+    folder = env.root / ".dire"
+    config = activation.read_config(env.root, "sre2l")
+    config["git_exclude"] = activation.read_exclude_record(env.root)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "sre2l.json").unlink()
+    (folder / "exclude.json").unlink()
+    assert main(["cda", str(env.root), "--real-data", str(tiny_data)]) == 0
+    assert activation.applied_methods(env.root) == ["cda", "sre2l"] and not (folder / "config.json").exists()
+    assert activation.read_config(env.root, "sre2l")["r_c"] == 0.3
+
+
+CONCURRENT_REGISTRATION = """
+import sys, time
+from dire_plugin import activation
+start, base, n = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+for i in range(n):
+    activation.register_checkout(f"{base}/checkout-{i}")
+"""
+
+
+def test_concurrent_registrations_are_never_lost(env):
+    # Each registration reads, edits and rewrites the .pth: eight processes at once must all land.
+    start = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_REGISTRATION, str(start), f"{env.base}/p{k}", "10"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(8)]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), [err for _, err, rc in results if rc]
+    roots = activation.applied_checkouts()
+    assert len(roots) == 80 and len(set(roots)) == 80
+    assert sorted(p.name for p in env.site.iterdir()) == [activation.PTH_NAME]  # no temporaries, no lock file
+
+
+def test_invalid_config_is_named_and_can_still_be_removed(env, capsys):
+    assert _apply(env) == 0
+    capsys.readouterr()
+    path = env.root / ".dire" / "sre2l.json"
+    path.write_text("{not json")
+    assert main(["--status"]) == 0
+    assert str(path) in capsys.readouterr().out
+    assert main(["--remove", "sre2l", str(env.root)]) == 0  # the way out of a broken config
+    assert not (env.root / ".dire").exists()
+
+
 # --- clone ---------------------------------------------------------------------------------------
 
 
@@ -309,7 +413,7 @@ def test_clone_checks_out_the_pin_then_applies(env, capsys, monkeypatch, templat
         assert repo.head.commit.hexsha == env.pinned and repo.head.is_detached
         assert URL in [u for r in repo.remotes for u in r.urls]
         assert repo.git.status("--porcelain") == ""
-    assert activation.read_config(dest)["method"] == "sre2l"
+    assert activation.read_config(dest, "sre2l")["method"] == "sre2l"
     # An existing checkout is applied to, not cloned over.
     assert main(["sre2l", str(dest), "--real-data", str(env.data), "--clone"]) == 0
     assert "instead of cloning" in capsys.readouterr().out
@@ -322,6 +426,7 @@ def test_failed_clone_leaves_nothing(env, capsys, monkeypatch):
     rc = main(["sre2l", str(dest), "--real-data", str(env.data), "--clone"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("dire-apply: error: cannot clone") and err.count("\n") == 1
+    assert "does not exist" in err and not err.rstrip().endswith("'"), err  # git's reason, not a stray quote
     assert not dest.exists() and snapshot(env.base) == before
 
 
@@ -382,6 +487,13 @@ def test_verify(env, capsys):
     assert main(["--verify", "sre2l", str(env.root), "--allow-drift"]) == 0
     capsys.readouterr()
 
+    # An uncommitted change that touches no target: dire-apply would refuse the tree, so does --verify.
+    (env.root / UNRELATED).write_text("edited, not committed\n")
+    assert main(["--verify", "sre2l", str(env.root), "--allow-drift"]) == 1
+    out = capsys.readouterr().out
+    assert "result: DIRTY" in out and "result: OK" not in out
+    (env.root / UNRELATED).write_text("moved on\n")
+
     _change_target(env)
     assert main(["--verify", "sre2l", str(env.root), "--allow-drift"]) == 1
     out = capsys.readouterr().out
@@ -409,7 +521,7 @@ def test_verify_smoke_calls_run_smoke(env, capsys, monkeypatch):
     assert (method, root, config["r_c"], config["method"]) == ("sre2l", env.root, 0.3, "sre2l")
     assert _apply(env) == 0
     assert main(["--verify", "--smoke", "sre2l", str(env.root)]) == 1
-    assert calls[-1][2] == activation.read_config(env.root)  # an applied checkout's own config
+    assert calls[-1][2] == activation.read_config(env.root, "sre2l")  # an applied checkout's own config
     capsys.readouterr()
 
 

@@ -24,6 +24,7 @@ from lookalike import build_checkout, write_demo_teacher, write_image_folder, wr
 HERE = Path(__file__).resolve().parent
 URL = "https://github.com/VILA-Lab/SRe2L"
 SRE2L = load_method("sre2l")
+CDA = load_method("cda")  # one clone of VILA-Lab/SRe2L holds both
 SCRIPT = "SRe2L/*small_dataset/recover_cifar.py"
 UTILS = "SRe2L/*small_dataset/utils.py"
 CLASSES = 100  # the CIFAR-100 script's teacher
@@ -41,8 +42,8 @@ def world(tmp_path_factory):
     site = site_packages(py)
     root = base / "SRe2L"
     files = {SCRIPT: RECOVER.read_text(), UTILS: (RECOVER.parent / "utils.py").read_text()}
-    head = build_checkout(root, SRE2L, URL, files)
-    lock = write_lock(base / "lock.toml", root, SRE2L, URL, head)
+    head = build_checkout(root, [SRE2L, CDA], URL, files)
+    lock = write_lock(base / "lock.toml", root, [SRE2L, CDA], URL, head)
     data = write_image_folder(base / "real", CLASSES, per_class=2, size=16)
     ckpt = write_demo_teacher(base / "teacher.pth", num_classes=CLASSES)
     return {"base": base, "py": py, "site": Path(site), "root": root, "lock": lock, "head": head,
@@ -54,7 +55,8 @@ def env(world, monkeypatch):
     monkeypatch.setenv(ENV_LOCK, str(world["lock"]))
     monkeypatch.setenv(activation.ENV_SITE_DIR, str(world["site"]))
     yield world
-    dire_apply(["--remove", "sre2l", str(world["root"])]) if activation.read_config(world["root"]) else None
+    for method in activation.applied_methods(world["root"]):
+        dire_apply(["--remove", method, str(world["root"])])
 
 
 def _run(world, out, extra_env=None, script=SCRIPT, args=ARGS, shim_only=False):
@@ -187,3 +189,122 @@ def test_child_processes_inherit_the_activation(env, tmp_path):
         parent.write_text(original)
     assert "parent sre2l" in run.stdout, run.stderr
     assert "child sre2l 0" in run.stdout, run.stderr
+
+
+# --- faults: a second method, failed runs, bad settings, Ctrl-C ------------------------------------
+
+
+def _checkout_files(root):
+    """Every file of the checkout outside .git/ and our hidden .dire/, with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not {".git", ".dire", "__pycache__"} & set(p.relative_to(root).parts)}
+
+
+def _one_line_error(run, code=2):
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == code, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    return lines[-1]
+
+
+def test_a_second_method_keeps_the_first_working(env, tmp_path):
+    from lookalike import write_image_folder
+
+    root = env["root"]
+    tiny = write_image_folder(tmp_path / "tiny", 200, per_class=1, size=8)  # CDA's tiny teacher: 200 classes
+    assert dire_apply(["sre2l", str(root), "--real-data", str(env["data"])]) == 0
+    assert dire_apply(["cda", str(root), "--real-data", str(tiny)]) == 0
+    run = _run(env, tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert "[dire] sre2l patch active" in run.stderr
+    assert json.loads((tmp_path / "out" / "test" / "dire_manifest.json").read_text())["terms_added"] == 6
+
+
+def test_a_failed_run_writes_nothing_into_the_checkout(env, tmp_path):
+    import torch
+
+    root = env["root"]
+    cache = tmp_path / "cache"
+    assert dire_apply(["sre2l", str(root), "--real-data", str(env["data"]), "--cache-dir", str(cache)]) == 0
+    state = torch.load(env["ckpt"], weights_only=True)
+    first = next(k for k, v in state["state_dict"].items() if v.dim() == 4)
+    state["state_dict"][first].view(-1)[0] = float("nan")  # one NaN weight: every embedding is NaN
+    bad = tmp_path / "nan-teacher.pth"
+    torch.save(state, bad)
+    before = _checkout_files(root)
+    run = _run(env, tmp_path / "out", args=[*ARGS, "--arch-path", str(bad)])
+    line = _one_line_error(run)
+    assert line.startswith("dire: error: ") and "NaN" in line, run.stderr
+    assert f"manifest of this run: {cache / 'runs'}" in line
+    manifest = Path(line.rsplit("manifest of this run: ", 1)[1].rstrip(")"))
+    assert manifest.is_file() and json.loads(manifest.read_text())["status"] == "failed"
+    assert _checkout_files(root) == before
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout == ""
+    assert dire_apply(["--remove", "sre2l", str(root)]) == 0
+    assert dire_apply(["sre2l", str(root), "--real-data", str(env["data"])]) == 0  # not refused as dirty
+
+
+def _dire_run(env, tmp_path, *options, args=ARGS, timeout=300, popen=False):
+    script = env["root"] / SCRIPT
+    cmd = [str(env["py"]), "-m", "dire_plugin.launcher", "sre2l", str(script), *options, "--",
+           "--arch-path", str(env["ckpt"]), "--syn-data-path", str(tmp_path / "out"), *args]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_") or k == ENV_LOCK}
+    environ.update(DIRE_CPU_SHIM="1", PYTHONUNBUFFERED="1")
+    if popen:
+        return subprocess.Popen(cmd, cwd=script.parent, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(cmd, cwd=script.parent, env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+def test_dire_run_refuses_bad_settings_before_any_work(env, tmp_path):
+    from lookalike import write_image_folder
+
+    data = str(env["data"])
+    (tmp_path / "a-file").write_text("x")
+    ten = write_image_folder(tmp_path / "ten", 10, per_class=1, size=8)
+    cases = {
+        "negative r_c": (["--real-data", data, "--r-c", "-5"], "--r-c"),
+        "nan r_c": (["--real-data", data, "--r-c", "nan"], "--r-c"),
+        "no real data": ([], "no real data"),
+        "cache under a file": (["--real-data", data, "--cache-dir", str(tmp_path / "a-file" / "cache")], "a-file"),
+        "another class count": (["--real-data", str(ten)], "10"),
+    }
+    for name, (options, fragment) in cases.items():
+        run = _dire_run(env, tmp_path, *options)
+        line = _one_line_error(run)
+        assert line.startswith("dire-run: error: ") and fragment in line, (name, run.stderr)
+        assert not (tmp_path / "out").exists(), name
+
+
+def test_settings_edited_by_hand_are_checked(env, tmp_path):
+    root = env["root"]
+    assert dire_apply(["sre2l", str(root), "--real-data", str(env["data"])]) == 0
+    path = root / ".dire" / "sre2l.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "r_c": -5}))
+    line = _one_line_error(_run(env, tmp_path / "neg"))
+    assert str(path) in line and "r_c must be a finite number >= 0" in line
+    path.write_text("{ not json")
+    line = _one_line_error(_run(env, tmp_path / "broken"))
+    assert str(path) in line and "not valid JSON" in line
+    assert not (tmp_path / "neg").exists() and not (tmp_path / "broken").exists()
+
+
+def test_ctrl_c_under_dire_run_is_one_line_and_130(env, tmp_path):
+    import signal
+    import time
+
+    args = [a if a != "3" else "100000" for a in ARGS]  # --iteration: long enough to interrupt
+    proc = _dire_run(env, tmp_path, "--real-data", str(env["data"]), "--cache-dir", str(tmp_path / "cache"),
+                     args=args, popen=True)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stderr:
+        seen.append(line)
+        if "[dire] step 1:" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("dire-run: interrupted"), err

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["OneLineParser", "echo", "fail", "positive_int", "run_command", "run_main"]
+__all__ = ["OneLineParser", "echo", "fail", "positive_int", "run_command", "run_main", "weight"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -39,6 +39,17 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (a whole number >= 1)")
     return value
+
+
+def weight(text: str) -> float:
+    """argparse type: a term weight, a finite number >= 0 (the check every entry point shares)."""
+    from ..defaults import check_weights
+    from ..errors import DiReInputError
+
+    try:
+        return check_weights(text, 0.0)[0]
+    except DiReInputError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0") from None
 
 
 def run_command(prog: str, command: Callable[[Any], int], args: Any) -> int:

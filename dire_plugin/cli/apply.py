@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import math
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ import dire_plugin
 from .. import activation
 from ..checkout import (
     CheckoutState,
+    git_reason,
     hide_config_dir,
     inspect_checkout,
     open_repo,
@@ -34,9 +34,11 @@ from ..checkout import (
     unhide_config_dir,
 )
 from ..errors import DiReError, DiReInputError
+from ..safeio import locked
+from ..validation import check_cache_dir, check_real_data_for_scripts
 from ..lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..patching import METHODS, load_method
-from ._common import OneLineParser, run_main
+from ._common import OneLineParser, run_main, weight
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
 
@@ -46,16 +48,6 @@ PROG = "dire-apply"
 ENV_CLONE_URL = "DIRE_CLONE_URL"
 #: Options that only make sense when applying (``--verify --smoke`` reads them too).
 _APPLY_OPTIONS = ("real_data", "r_c", "r_e", "reduction", "cache_dir", "clone")
-
-
-def _weight(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--verify", action="store_true", help="check PATH against the pinned commit and fingerprints")
     p.add_argument("--smoke", action="store_true", help="with --verify: also run a tiny CPU synthesis")
     p.add_argument("--real-data", metavar="DIR", help="real images of the dataset (required to apply)")
-    p.add_argument("--r-c", type=_weight, metavar="F", help="weight of the cosine term (default: dire_plugin.DEFAULT_R_C)")
-    p.add_argument("--r-e", type=_weight, metavar="F", help="weight of the Euclidean term (default: dire_plugin.DEFAULT_R_E)")
+    p.add_argument("--r-c", type=weight, metavar="F", help="weight of the cosine term (default: dire_plugin.DEFAULT_R_C)")
+    p.add_argument("--r-e", type=weight, metavar="F", help="weight of the Euclidean term (default: dire_plugin.DEFAULT_R_E)")
     p.add_argument("--reduction", choices=("mean", "sum"), help="over classes (default mean)")
     p.add_argument("--cache-dir", metavar="DIR", help="real-embedding cache (default PATH/.dire/cache)")
     p.add_argument("--allow-drift", action="store_true",
@@ -137,12 +129,7 @@ def _existing_dir(path: Optional[str], option: str) -> Path:
 
 
 def _cache_dir(path: Optional[str]) -> Optional[Path]:
-    if path is None:
-        return None
-    resolved = Path(path).expanduser().resolve()
-    if resolved.exists() and not resolved.is_dir():
-        raise DiReInputError(f"--cache-dir {resolved} exists and is not a directory")
-    return resolved
+    return None if path is None else check_cache_dir(path)
 
 
 def _config(args: argparse.Namespace, lock: MethodLock, root: Path, head: str,
@@ -186,22 +173,37 @@ def _clone(lock: MethodLock, path: Path) -> Tuple[Path, Path]:
                 repo.create_remote("upstream", lock.repository)
     except git.GitCommandError as exc:
         shutil.rmtree(created, ignore_errors=True)
-        detail = (exc.stderr or str(exc)).strip().splitlines()
-        raise DiReInputError(f"cannot clone {url} at {lock.commit}: {detail[-1] if detail else exc}") from None
+        raise DiReInputError(f"cannot clone {url} at {lock.commit}: {git_reason(exc)}") from None
     return path.resolve(), created
 
 
-def _read_config(root: Path) -> Optional[Dict[str, Any]]:
-    """The checkout's config; an unreadable one counts as present but empty."""
+def _migrate_legacy(root: Path) -> None:
+    """Turn the single ``.dire/config.json`` of dire-plugin 0.1 into today's per-method file."""
+    legacy = root / activation.CONFIG_DIR / activation.LEGACY_CONFIG
+    if not legacy.is_file():
+        return
+    data = activation._read_json(legacy) or {}
+    record = data.pop("git_exclude", None)
+    if data.get("method"):
+        activation.write_config(root, data["method"], data)
+    if activation.read_exclude_record(root) is None:
+        activation.write_exclude_record(root, record or {"added": False})
+    legacy.unlink()
+
+
+def _readable_config(root: Path, method: str) -> Optional[Dict[str, Any]]:
+    """The method's settings; an unreadable file counts as present but empty, so re-applying or
+    removing is the way out of a broken one."""
     try:
-        return activation.read_config(root)
-    except ValueError:
+        return activation.read_config(root, method)
+    except DiReInputError:
         return {}
 
 
 def _apply(args: argparse.Namespace) -> int:
     lock, module = _supported(args.method)
     real_data = _existing_dir(args.real_data, "--real-data")
+    fits = check_real_data_for_scripts(real_data, module.SCRIPTS)
     cache_dir = _cache_dir(args.cache_dir)
     path = Path(args.path).expanduser()
     cloned = None
@@ -217,25 +219,31 @@ def _apply(args: argparse.Namespace) -> int:
         raise
     root = state.root
 
-    # Every check passed: from here on we write.
-    previous = _read_config(root)
-    config = _config(args, lock, root, state.head, real_data, cache_dir)
-    config["git_exclude"] = hide_config_dir(root, (previous or {}).get("git_exclude"))
+    # Every check passed: from here on we write, one dire-apply at a time per checkout.
+    folder = root / activation.CONFIG_DIR
+    first = not folder.exists()
     try:
-        config_file = activation.write_config(root, config)
-        pth = activation.register_checkout(root)
+        with locked(folder):
+            _migrate_legacy(root)
+            previous = _readable_config(root, lock.method)
+            record = hide_config_dir(root, activation.read_exclude_record(root))
+            activation.write_exclude_record(root, record)
+            config = _config(args, lock, root, state.head, real_data, cache_dir)
+            config_file = activation.write_config(root, lock.method, config)
+            pth = activation.register_checkout(root)
+            others = [m for m in activation.applied_methods(root) if m != lock.method]
     except BaseException:
-        if previous is None:  # a first apply that failed half-way: take back what we wrote
-            unhide_config_dir(root, config["git_exclude"])
-            shutil.rmtree(root / activation.CONFIG_DIR, ignore_errors=True)
+        if first:  # a first apply that failed half-way: take back what we wrote
+            unhide_config_dir(root, activation.read_exclude_record(root) if folder.exists() else None)
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    _print_applied(state, module, config, config_file, pth, previous)
+    _print_applied(state, module, config, config_file, pth, previous, fits, others)
     return 0
 
 
-def _print_applied(state: CheckoutState, module: ModuleType, config: Dict[str, Any],
-                   config_file: Path, pth: Path, previous: Optional[Dict[str, Any]]) -> None:
-    again = " (re-applied: configuration replaced)" if previous is not None else ""
+def _print_applied(state: CheckoutState, module: ModuleType, config: Dict[str, Any], config_file: Path, pth: Path,
+                   previous: Optional[Dict[str, Any]], fits: Sequence[str], others: Sequence[str]) -> None:
+    again = f" (re-applied: its {config['method']} settings replaced)" if previous is not None else ""
     pin = "the pinned commit" if state.at_pin else f"pinned {state.pinned}; accepted with --allow-drift, all fingerprints match"
     print(f"DiRe applied to {state.root} for {config['method']}{again}")
     print(f"  upstream   {config['repository']} @ {state.head} ({pin})")
@@ -246,10 +254,12 @@ def _print_applied(state: CheckoutState, module: ModuleType, config: Dict[str, A
     print(f"  r_c        {config['r_c']}")
     print(f"  r_e        {config['r_e']}")
     print(f"  reduction  {config['reduction']}")
-    print(f"  real data  {config['real_data']}")
+    print(f"  real data  {config['real_data']} (fits {', '.join(fits)})")
     print(f"  cache      {config['cache_dir']}")
     print(f"  config     {config_file} (hidden from git by .git/info/exclude)")
     print(f"  start-up   {pth}")
+    if others:
+        print(f"  also       {', '.join(others)} (applied before; each keeps its own settings and scripts)")
     print(f"Run the upstream commands as usual; {activation.ENV_DISABLE}=1 runs vanilla; "
           f"undo with: {PROG} --remove {config['method']} {state.root}")
 
@@ -270,18 +280,29 @@ def _remove(args: argparse.Namespace) -> int:
         return 0
     root, repo = open_repo(resolved)
     repo.close()
-    config = _read_config(root)
-    if config is None and not registered:
-        raise DiReInputError(f"DiRe is not applied to {root} (no {activation.CONFIG_DIR}/{activation.CONFIG_FILE}): nothing to remove")
-    applied_method = (config or {}).get("method")
-    if applied_method and applied_method != method:
-        raise DiReInputError(f"{root} has DiRe applied for {applied_method}, not {method}: run {PROG} --remove {applied_method} {root}")
-
-    unhide_config_dir(root, (config or {}).get("git_exclude"))
-    shutil.rmtree(root / activation.CONFIG_DIR, ignore_errors=True)
+    folder = root / activation.CONFIG_DIR
+    if not folder.is_dir() and not registered:
+        raise DiReInputError(f"DiRe is not applied to {root} (no {activation.CONFIG_DIR}/ folder): nothing to remove")
+    with locked(folder):
+        _migrate_legacy(root)
+        methods = activation.applied_methods(root)
+        if methods and method not in methods:
+            others = ", ".join(methods)
+            raise DiReInputError(f"{root} has DiRe applied for {others}, not {method}: run {PROG} --remove "
+                                 f"{methods[0]} {root}")
+        config = _readable_config(root, method) or {}
+        activation.remove_config(root, method)
+        left = [m for m in methods if m != method]
+        if not left:
+            unhide_config_dir(root, activation.read_exclude_record(root))
+            shutil.rmtree(folder, ignore_errors=True)
+    if left:
+        print(f"DiRe removed from {root} for {method}; still applied for {', '.join(left)} "
+              f"(undo with {PROG} --remove {left[0]} {root})")
+        return 0
     activation.unregister_checkout(root)
     print(f"DiRe removed from {root} ({method}): config, cache and start-up entry are gone")
-    cache = (config or {}).get("cache_dir")
+    cache = config.get("cache_dir")
     if cache and not Path(cache).resolve().is_relative_to(root / activation.CONFIG_DIR) and Path(cache).exists():
         print(f"  the cache outside the checkout is left in place: {cache}")
     return 0
@@ -313,17 +334,19 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(f"DiRe is applied to {len(roots)} checkout(s) (start-up file: {where}):")
     for root in roots:
-        try:
-            config = activation.read_config(root)
-        except ValueError:
-            print(f"  {root}: config unreadable; undo with {PROG} --remove METHOD {root}")
-            continue
         if not Path(root).is_dir():
             print(f"  {root}: checkout missing; forget it with {PROG} --remove METHOD {root}")
-        elif config is None:
+            continue
+        methods = activation.applied_methods(root)
+        if not methods:
             print(f"  {root}: config missing; forget it with {PROG} --remove METHOD {root}")
-        else:
-            print(f"  {root}: {config.get('method')} @ {config.get('commit')}, config present "
+        for method in methods:
+            try:
+                config = activation.read_config(root, method) or {}
+            except DiReInputError as e:
+                print(f"  {root}: {method}: {e}; undo with {PROG} --remove {method} {root}")
+                continue
+            print(f"  {root}: {method} @ {config.get('commit')}, config present "
                   f"(r_c {config.get('r_c')}, r_e {config.get('r_e')}, applied {config.get('applied_at')})")
     return 0
 
@@ -342,7 +365,7 @@ def _verify(args: argparse.Namespace) -> int:
     if state.drift:
         print("smoke run skipped: the patch does not fit changed targets")
         return 1
-    config = _read_config(state.root) or _config(
+    config = activation.read_config(state.root, lock.method) or _config(
         args, lock, state.root, state.head,
         _existing_dir(args.real_data, "--real-data") if args.real_data else None, _cache_dir(args.cache_dir),
     )
@@ -373,11 +396,13 @@ def _print_report(state: CheckoutState, module: ModuleType, allow_drift: bool) -
             print(f"    CHANGED  {drift.target} (pinned {drift.expected}, found {drift.actual})")
         else:
             print(f"    MISSING  {drift.target} ({drift.reason})")
-    ok = not state.drift and (state.at_pin or allow_drift)
+    ok = not state.drift and not state.dirty and (state.at_pin or allow_drift)
     if ok:
         print("result: OK" + ("" if state.at_pin else " with --allow-drift (every fingerprint matches)"))
     elif state.drift:
         print(f"result: DRIFT: changed targets: {state.changed_targets()}")
+    elif state.dirty:
+        print("result: DIRTY: dire-apply refuses a tree with uncommitted or untracked files (commit or stash them)")
     else:
         print("result: DRIFT: another commit, but every fingerprint matches: apply with --allow-drift")
     return ok
