@@ -37,6 +37,7 @@ __all__ = [
     "find_checkout",
     "read_config",
     "read_exclude_record",
+    "refresh_startup_line",
     "register_checkout",
     "remove_config",
     "site_dir",
@@ -117,6 +118,21 @@ def register_checkout(root: os.PathLike) -> Path:
     """List ``root`` in the ``.pth`` file (idempotent, safe against concurrent callers)."""
     root_s = str(Path(root).resolve())
     return _edit_roots(lambda roots: roots + [root_s])
+
+
+def refresh_startup_line() -> bool:
+    """Rewrite the ``.pth`` file if its start-up line is not today's (written by an older
+    dire-plugin, whose line may import a module that no longer exists); True if rewritten."""
+    path = _pth_path()
+    if not path.is_file():
+        return False
+    with locked(path.parent):
+        roots = applied_checkouts()
+        current = path.read_text() if path.is_file() else ""
+        if not roots or current == _pth_text(sorted(set(roots))):
+            return False
+        atomic_write(path, _pth_text(sorted(set(roots))))
+    return True
 
 
 def unregister_checkout(root: os.PathLike) -> None:

@@ -469,6 +469,12 @@ def test_status(env, capsys):
     assert main(["--status"]) == 0
     out = capsys.readouterr().out
     assert f"{env.root}: sre2l @ {env.pinned}, config present" in out
+    # A .pth of an older dire-plugin (its line imported a module that has moved): --status rewrites it.
+    pth = env.site / activation.PTH_NAME
+    current = pth.read_text()
+    pth.write_text(current.replace("dire_plugin.", "dire_plugin_old."))
+    assert main(["--status"]) == 0
+    assert "rewritten" in capsys.readouterr().out and pth.read_text() == current
     shutil.rmtree(env.root / ".dire")
     assert main(["--status"]) == 0
     assert f"{env.root}: config missing" in capsys.readouterr().out

@@ -329,6 +329,8 @@ def _list(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     roots = activation.applied_checkouts()
     where = activation.site_dir() / activation.PTH_NAME
+    if activation.refresh_startup_line():
+        print(f"start-up line in {where} was written by an older dire-plugin: rewritten")
     if not roots:
         print(f"DiRe is not applied to any checkout (start-up file: {where})")
         return 0
