@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What the real-data checks and the bank cache checks cost at every start, at ImageNet scale.
 
-Benchmark 1 ("fingerprint"): :func:`dire_plugin.realdata.data_fingerprint` (one ``stat`` per
+Benchmark 1 ("fingerprint"): :func:`dire_plugin.embeddings.realdata.data_fingerprint` (one ``stat`` per
 file, sha256 over path, class, size, mtime) on a generated ImageFolder of ``--classes`` folders
 with ``--per-class`` files each, against the baseline every start pays anyway: building
 torchvision's ``ImageFolder`` on the same tree (its ``os.walk`` listing); and the floor, a bare
@@ -9,13 +9,13 @@ torchvision's ``ImageFolder`` on the same tree (its ``os.walk`` listing); and th
 stubs (neither step opens them) except one real JPEG per class. Warm page cache; median of
 ``--repeats`` interleaved runs.
 
-Benchmark 2 ("check"): :func:`dire_plugin.realdata.check_real_data` on the same tree (one
+Benchmark 2 ("check"): :func:`dire_plugin.embeddings.realdata.check_real_data` on the same tree (one
 directory listing and one ~500x375 JPEG decoded per class), against the same ImageFolder
 baseline; and a second call in the same process, where unchanged images are not decoded again.
 
 Benchmark 3 ("checksum"): a cached bank of ``--rows`` x 512 embeddings (1,281,167: ImageNet-1K's
 train set) in float32 and float16: the sha256 verified on a cache hit against the
-``torch.load(weights_only=True)`` of the same file (``safeio.load_torch_file``), and the whole
+``torch.load(weights_only=True)`` of the same file (``dire_plugin.io.files.load_torch_file``), and the whole
 cache hit (load, checksum, layout and value checks). zlib's crc32 of the same bytes is printed
 for comparison, and so are the two passes the value checks made before (an elementwise
 ``isfinite`` and an ``abs().sum()`` over the whole bank). The file was just written, so it is
@@ -52,8 +52,8 @@ except ImportError:  # pragma: no cover
 
 from dire_plugin import bank as bank_module  # noqa: E402
 from dire_plugin import realdata  # noqa: E402
-from dire_plugin.patching import RealDataSpec  # noqa: E402
-from dire_plugin.safeio import atomic_torch_save, load_torch_file  # noqa: E402
+from dire_plugin.embeddings.realdata import RealDataSpec  # noqa: E402
+from dire_plugin.io.files import atomic_torch_save, load_torch_file  # noqa: E402
 from _machine import machine_line  # noqa: E402  (benchmarks/)
 
 SPEC = RealDataSpec("imagefolder", crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resize=256)

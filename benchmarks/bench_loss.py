@@ -49,8 +49,8 @@ except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dire_plugin import DiReLoss
-from dire_plugin.grouped import ClassSums, pack_mapping
-from dire_plugin.pairwise import DEFAULT_CHUNK_ELEMENTS
+from dire_plugin.regularizer.grouped import ClassSums, pack_mapping
+from dire_plugin.regularizer.kernels import DEFAULT_CHUNK_ELEMENTS
 from _machine import machine_line, peak_kb, reset_peak_rss, status_kb  # noqa: E402  (benchmarks/)
 
 SEED = 0

@@ -17,9 +17,10 @@ import torch
 import torchvision
 from torch import nn
 
-from dire_plugin.bank import RealEmbeddingBank
+from dire_plugin.embeddings.bank import RealEmbeddingBank
 from dire_plugin.patches import sre2l
-from dire_plugin.runtime import RunConfig, current_runtime
+from dire_plugin.hooks.runtime import current_runtime
+from dire_plugin.hooks.settings import RunConfig
 
 NUM_CLASSES, REAL_PER_CLASS, IPC, D = 100, 500, 50, 512
 

@@ -1,7 +1,7 @@
 """dire-plugin: the DiRe diversity regulariser for existing dataset-condensation codebases.
 
 The top-level names are imported lazily: the start-up hook that activates patches imports
-``dire_plugin._startup`` in every Python process of a patched checkout, and must not pay for
+``dire_plugin.activation.startup`` in every Python process of a patched checkout, and must not pay for
 importing torch unless DiRe is actually switched on.
 """
 from __future__ import annotations
@@ -12,15 +12,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DiReLoss": "dire_plugin.loss",
-    "DEFAULT_R_C": "dire_plugin.loss",
-    "DEFAULT_R_E": "dire_plugin.loss",
+    "DiReLoss": "dire_plugin.regularizer.loss",
+    "DEFAULT_R_C": "dire_plugin.regularizer.defaults",
+    "DEFAULT_R_E": "dire_plugin.regularizer.defaults",
     "DiReError": "dire_plugin.errors",
     "DiReInputError": "dire_plugin.errors",
-    "RealEmbeddingBank": "dire_plugin.bank",
-    "SyntheticMemory": "dire_plugin.bank",
-    "EmbeddingCapture": "dire_plugin.features",
-    "capture_embeddings": "dire_plugin.features",
+    "RealEmbeddingBank": "dire_plugin.embeddings.bank",
+    "SyntheticMemory": "dire_plugin.embeddings.memory",
+    "EmbeddingCapture": "dire_plugin.embeddings.capture",
+    "capture_embeddings": "dire_plugin.embeddings.capture",
 }
 
 __all__ = ["__version__", *_LAZY]

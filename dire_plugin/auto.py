@@ -3,7 +3,7 @@
 The script must lie in a checkout prepared with ``dire-apply`` (its settings are read from
 there). Asking for DiRe and not getting it is an error, not a silent vanilla run.
 """
-from ._startup import activate
+from .activation.startup import activate
 
 activate(required=True)
 

@@ -1,5 +1,3 @@
-"""One module per upstream method (installed as ``dire_plugin.patches``).
-
-Each module declares its hook targets as data and offers idempotent ``patch(config)`` /
-``unpatch()`` built on ``wrapt``; see the drop-in patching issue.
-"""
+"""One module per upstream method (installed as ``dire_plugin.patches``): its entry scripts, the
+upstream symbols it relies on and its capture family, as data; ``patch(config)`` / ``unpatch()``
+come from :func:`dire_plugin.hooks.patcher.method_patch`. May import ``hooks`` and below."""

@@ -1,9 +1,10 @@
 """CDA (VILA-Lab/SRe2L, folder CDA/): SRe²L's loss with a crop curriculum."""
 from __future__ import annotations
 
-from dire_plugin.patching import ScriptSpec, Target, lazy_patch
+from dire_plugin.hooks.declare import ScriptSpec, Target
+from dire_plugin.hooks.patcher import method_patch
 
-from .sre2l import IMAGENET, SMOKE_ARCH, SMOKE_ARGS, TINY
+from dire_plugin.patches.sre2l import IMAGENET, SMOKE_ARCH, SMOKE_ARGS, TINY
 
 METHOD = "cda"
 
@@ -34,4 +35,4 @@ TARGETS = (
 
 # The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS (dire-apply
 # --list/--verify/--remove) stays fast.
-patch, unpatch = lazy_patch(METHOD, lambda: SCRIPTS, TARGETS)
+patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="decoupled")

@@ -1,7 +1,9 @@
 """SRe²L (VILA-Lab/SRe2L): ImageNet-1K, Tiny-ImageNet and CIFAR-100 recover scripts."""
 from __future__ import annotations
 
-from dire_plugin.patching import RealDataSpec, ScriptSpec, Target, lazy_patch
+from dire_plugin.embeddings.realdata import RealDataSpec
+from dire_plugin.hooks.declare import ScriptSpec, Target
+from dire_plugin.hooks.patcher import method_patch
 
 METHOD = "sre2l"
 
@@ -51,4 +53,4 @@ TARGETS = (
 
 # The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS (dire-apply
 # --list/--verify/--remove) stays fast.
-patch, unpatch = lazy_patch(METHOD, lambda: SCRIPTS, TARGETS)
+patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="decoupled")

@@ -6,7 +6,7 @@ from typing import Dict, List, Mapping, Optional
 
 import git
 
-from dire_plugin.lockfile import MethodLock, fingerprint_symbol, format_lock, load_lock
+from dire_plugin.upstream.lockfile import MethodLock, fingerprint_symbol, format_lock, load_lock
 
 IDENTITY = {
     "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",

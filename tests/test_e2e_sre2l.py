@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dire_plugin import activation
+from dire_plugin.activation import applied as activation
 from dire_plugin.cli.apply import main as dire_apply
-from dire_plugin.lockfile import ENV_LOCK
-from dire_plugin.patching import load_method
+from dire_plugin.upstream.lockfile import ENV_LOCK
+from dire_plugin.hooks.registry import load_method
 from dire_plugin.demo.synth import RECOVER
 from envs import build_wheel, child_venv, site_packages
 from lookalike import build_checkout, write_demo_teacher, write_image_folder, write_lock
@@ -67,7 +67,7 @@ def _run(world, out, extra_env=None, script=SCRIPT, args=ARGS, shim_only=False):
     path = world["root"] / script
     argv = [path.name, "--arch-path", str(world["ckpt"]), "--syn-data-path", str(out), *args]
     if shim_only:
-        code = ("import sys, runpy, dire_plugin.shim as s; s.install(); sys.path.insert(0, '.'); "
+        code = ("import sys, runpy, dire_plugin.upstream.shim as s; s.install(); sys.path.insert(0, '.'); "
                 f"sys.argv = {argv!r}; runpy.run_path({path.name!r}, run_name='__main__')")
         cmd = [str(world["py"]), "-c", code]
     else:
@@ -128,7 +128,7 @@ def test_moved_hook_target_stops_the_run(env, tmp_path):
 
 def test_pth_is_inert_for_other_processes(env, tmp_path):
     assert dire_apply(["sre2l", str(env["root"]), "--real-data", str(env["data"])]) == 0
-    probe = "import sys; print('dire_plugin._startup' in sys.modules, 'torch' in sys.modules)"
+    probe = "import sys; print('dire_plugin.activation.startup' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([str(env["py"]), "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
     # A script inside the checkout that no patch covers (a squeeze/relabel script) stays vanilla.
@@ -143,7 +143,7 @@ def test_pth_is_inert_for_other_processes(env, tmp_path):
 
 def test_dire_run_launcher_without_apply(env, tmp_path):
     script = env["root"] / SCRIPT
-    cmd = [str(env["py"]), "-m", "dire_plugin.launcher", "sre2l", str(script), "--real-data", str(env["data"]),
+    cmd = [str(env["py"]), "-m", "dire_plugin.cli.run", "sre2l", str(script), "--real-data", str(env["data"]),
            "--r-c", "0.5", "--cache-dir", str(tmp_path / "cache"), "--",
            "--arch-path", str(env["ckpt"]), "--syn-data-path", str(tmp_path / "out"), *ARGS]
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_") or k == ENV_LOCK}
@@ -171,7 +171,7 @@ def test_child_processes_inherit_the_activation(env, tmp_path):
     code = (
         "import json, os, subprocess, sys\n"
         "import torch  # activation happens at the script's first torch import\n"
-        "child = 'import torch, dire_plugin._startup as s; print(s.active_method())'\n"
+        "child = 'import torch, dire_plugin.activation.startup as s; print(s.active_method())'\n"
         "out = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True)\n"
         "print('parent', json.loads(os.environ['DIRE_ACTIVATE'])['method'])\n"
         "print('child', out.stdout.strip(), out.returncode)\n"
@@ -246,7 +246,7 @@ def test_a_failed_run_writes_nothing_into_the_checkout(env, tmp_path):
 
 def _dire_run(env, tmp_path, *options, args=ARGS, timeout=300, popen=False):
     script = env["root"] / SCRIPT
-    cmd = [str(env["py"]), "-m", "dire_plugin.launcher", "sre2l", str(script), *options, "--",
+    cmd = [str(env["py"]), "-m", "dire_plugin.cli.run", "sre2l", str(script), *options, "--",
            "--arch-path", str(env["ckpt"]), "--syn-data-path", str(tmp_path / "out"), *args]
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_") or k == ENV_LOCK}
     environ.update(DIRE_CPU_SHIM="1", PYTHONUNBUFFERED="1")

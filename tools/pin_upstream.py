@@ -17,10 +17,10 @@ from typing import Dict, List, Optional
 
 import git
 
-from dire_plugin.checkout import normalize_remote_url
+from dire_plugin.upstream.checkout import normalize_remote_url
 from dire_plugin.errors import DiReError
-from dire_plugin.lockfile import MethodLock, fingerprint_symbol, format_lock, parse_lock
-from dire_plugin.patching import load_method
+from dire_plugin.upstream.lockfile import MethodLock, fingerprint_symbol, format_lock, parse_lock
+from dire_plugin.hooks.registry import load_method
 
 REPO_LOCK = Path(__file__).resolve().parents[1] / "upstream.lock"
 

@@ -43,7 +43,7 @@ def positive_int(text: str) -> int:
 
 def weight(text: str) -> float:
     """argparse type: a term weight, a finite number >= 0 (the check every entry point shares)."""
-    from ..defaults import check_weights
+    from ..regularizer.defaults import check_weights
     from ..errors import DiReInputError
 
     try:

@@ -1,7 +1,7 @@
 """``dire-apply``: switch DiRe on for an upstream checkout, off again, and report.
 
 Applying writes ``<checkout>/.dire/config.json``, hides ``.dire/`` in ``.git/info/exclude`` and
-lists the checkout in the start-up ``.pth`` (see :mod:`dire_plugin.activation`); the upstream's
+lists the checkout in the start-up ``.pth`` (see :mod:`dire_plugin.activation.applied`); the upstream's
 files are never touched. Every check runs before the first write, so a refused command leaves
 everything as it was. Exit codes: 0 done, 1 ``--verify`` found drift (or a write failed),
 2 bad input (or a lock file that does not fit the patches).
@@ -23,8 +23,8 @@ import git
 
 import dire_plugin
 
-from .. import activation
-from ..checkout import (
+from ..activation import applied as activation
+from ..upstream.checkout import (
     CheckoutState,
     git_reason,
     hide_config_dir,
@@ -34,10 +34,10 @@ from ..checkout import (
     unhide_config_dir,
 )
 from ..errors import DiReError, DiReInputError
-from ..safeio import locked
-from ..validation import check_cache_dir, check_real_data_for_scripts
-from ..lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
-from ..patching import METHODS, load_method
+from ..io.files import locked
+from ..activation.checks import check_cache_dir, check_real_data_for_scripts
+from ..upstream.lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
+from ..hooks.registry import METHODS, load_method
 from ._common import OneLineParser, run_main, weight
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
@@ -134,8 +134,8 @@ def _cache_dir(path: Optional[str]) -> Optional[Path]:
 
 def _config(args: argparse.Namespace, lock: MethodLock, root: Path, head: str,
             real_data: Optional[Path], cache_dir: Optional[Path]) -> Dict[str, Any]:
-    # Late: dire_plugin.loss imports torch (seconds), which --list/--status/--remove never need.
-    from ..loss import DEFAULT_R_C, DEFAULT_R_E
+    # Late: dire_plugin.regularizer.loss imports torch (seconds), which --list/--status/--remove never need.
+    from ..regularizer.loss import DEFAULT_R_C, DEFAULT_R_E
 
     return {
         "method": lock.method,
@@ -357,9 +357,9 @@ def _verify(args: argparse.Namespace) -> int:
     lock, module = _supported(args.method)
     smoke = None
     if args.smoke:
-        if importlib.util.find_spec("dire_plugin.smoke") is None:
+        if importlib.util.find_spec("dire_plugin.upstream.smoke") is None:
             raise DiReInputError("smoke runs are not available in this version")
-        smoke = importlib.import_module("dire_plugin.smoke")
+        smoke = importlib.import_module("dire_plugin.upstream.smoke")
     state = survey_checkout(args.path, lock)
     ok = _print_report(state, module, args.allow_drift)
     if smoke is None:

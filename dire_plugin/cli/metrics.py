@@ -3,12 +3,12 @@
 For each distilled set: coverage of the real embeddings, Vendi score (whole set and per class)
 and intra-class cosine similarity, as in the DiRe paper; a seeded random real subset of the
 same size per class is the reference. Real embeddings come from the same
-:class:`~dire_plugin.bank.RealEmbeddingBank` cache a training run fills, so pointing
+:class:`~dire_plugin.embeddings.bank.RealEmbeddingBank` cache a training run fills, so pointing
 ``--cache-dir`` at that cache skips the pass over the real data.
 
 Every set is measured at the real data's input size: a tensor-file set of another size is
 refused unless ``--resize-tensors`` asks for the resize; image files are resized and
-centre-cropped as their own evaluation does, with a note (see :mod:`dire_plugin.distilled`).
+centre-cropped as their own evaluation does, with a note (see :mod:`dire_plugin.metrics.distilled`).
 
 Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 1 the outputs could not
 be written.
@@ -118,7 +118,7 @@ def _set_names(args: argparse.Namespace) -> List[str]:
 
 
 def _first_image_size(root: Path) -> int:
-    from ..distilled import IMAGE_SUFFIXES, read_image
+    from ..metrics.distilled import IMAGE_SUFFIXES, read_image
 
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(folder.iterdir()):
@@ -135,7 +135,7 @@ def _real_spec(root: Path, args: argparse.Namespace) -> Any:
     """
     from ..patches.sre2l import CIFAR100, IMAGENET, TINY
 
-    from ..realdata import CIFAR_FOLDERS, torchvision_cifar_root
+    from ..embeddings.realdata import CIFAR_FOLDERS, torchvision_cifar_root
 
     cifar = torchvision_cifar_root(root)
     if cifar is not None:
@@ -180,7 +180,7 @@ def _real_class_count(root: Path, kind: Optional[str]) -> int:
 
 
 def _real_loader(root: Path, spec: Any, args: argparse.Namespace) -> Tuple[Any, str, str, List[str]]:
-    from ..realdata import real_data_loader, torchvision_cifar_root
+    from ..embeddings.realdata import real_data_loader, torchvision_cifar_root
 
     cifar = torchvision_cifar_root(root)
     count = _real_class_count(root, cifar[1] if cifar else None)
@@ -216,7 +216,7 @@ def _embed_set(model: Any, layer: Optional[str], dset: Any, spec: Any, args: arg
     import torch
     from tqdm import tqdm
 
-    from ..features import EmbeddingCapture
+    from ..embeddings.capture import EmbeddingCapture
 
     rows = []
     with EmbeddingCapture(model, layer, detach=True) as cap, torch.no_grad():
@@ -235,7 +235,7 @@ def _embed_set(model: Any, layer: Optional[str], dset: Any, spec: Any, args: arg
 
 def _build_bank(model: Any, layer: Optional[str], loader: Any, dataset_id: str, transform_id: str,
                 args: argparse.Namespace, device: Any) -> Any:
-    from ..bank import RealEmbeddingBank
+    from ..embeddings.bank import RealEmbeddingBank
 
     try:
         return RealEmbeddingBank.build(
@@ -256,8 +256,8 @@ def _build_bank(model: Any, layer: Optional[str], loader: Any, dataset_id: str, 
 
 def _score(name: str, real: Any, emb: Any, labels: Any, k: int, **meta: Any) -> Any:
     """One table row: coverage against ``real``, Vendi (set and per class), intra-class cosine."""
-    from .. import metrics
-    from ..report import MetricsRow
+    from ..metrics import diversity as metrics
+    from ..metrics.report import MetricsRow
 
     vendi_mean, vendi_classes = metrics.vendi_score_per_class(emb, labels)
     cos_mean, cos_classes = metrics.intra_class_cosine(emb, labels, per_class=True)
@@ -298,7 +298,7 @@ def _real_matrix(bank: Any) -> Tuple[Any, Any]:
 
 def _render(rows: List[Any], settings: Dict[str, Any], real: Dict[str, Any]) -> Dict[str, bytes]:
     """``metrics.md`` and ``metrics.json`` as bytes, by file name."""
-    from ..report import json_report, markdown_report
+    from ..metrics.report import json_report, markdown_report
 
     md_settings = {k: v for k, v in settings.items() if v is not None}
     return {
@@ -310,7 +310,7 @@ def _render(rows: List[Any], settings: Dict[str, Any], real: Dict[str, Any]) -> 
 def _plots(args: argparse.Namespace, rows: List[Any], sets: List[Any], embeddings: List[Any],
            real_emb: Any, class_names: List[str]) -> Dict[str, bytes]:
     """The two PNG figures as bytes, by file name."""
-    from ..report import class_similarity_png, embedding_scatter_png
+    from ..metrics.report import class_similarity_png, embedding_scatter_png
 
     return {
         "embedding_scatter.png": embedding_scatter_png(
@@ -329,13 +329,13 @@ def _run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise DiReInputError(f"--out {out} exists and is not a folder")
     if args.plot:
-        from ..report import require_plotting
+        from ..metrics.report import require_plotting
 
         require_plotting(args.projection)
-    from ..distilled import InputSpec, load_distilled
-    from ..extractor import load_extractor
-    from ..features import resolve_layer
-    from ..report import format_table
+    from ..metrics.distilled import InputSpec, load_distilled
+    from ..metrics.extractor import load_extractor
+    from ..embeddings.capture import resolve_layer
+    from ..metrics.report import format_table
 
     device = _device(args.device)
     real_root = Path(args.real).expanduser()

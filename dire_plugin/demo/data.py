@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DiReInputError
-from ..realdata import CIFAR_FOLDERS, open_torchvision_cifar, torchvision_cifar_root
+from ..embeddings.realdata import CIFAR_FOLDERS, open_torchvision_cifar, torchvision_cifar_root
 from .log import warn
 from .spec import DATASETS, DIGITS, SPLIT_SEED, TEST_SIZE, DatasetSpec
 

@@ -7,8 +7,8 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-from .. import metrics
-from ..features import EmbeddingCapture
+from ..metrics import diversity as metrics
+from ..embeddings.capture import EmbeddingCapture
 
 __all__ = ["SetMetrics", "embed", "set_metrics"]
 

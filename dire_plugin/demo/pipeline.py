@@ -264,7 +264,7 @@ def _settings(opts: DemoOptions, data: DemoData, teacher_acc: float, coverage_re
                    f"KL at T={student.temperature:g}, ±{student.max_shift} px shift{flip}",
         "coverage reference": f"{coverage_real} of {len(data.train_y)} real training images",
         "teacher test accuracy %": round(100 * teacher_acc, 2),
-        "DiRe": "through the hook runtime (python -m dire_plugin.launcher demo recover.py ...), reduction mean",
+        "DiRe": "through the hook runtime (python -m dire_plugin.cli.run demo recover.py ...), reduction mean",
     }
     if opts.ablation:
         settings["ablation weights"] = "r_c 1, r_e 0.01, terms switched with the launcher's --components"

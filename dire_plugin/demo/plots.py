@@ -1,5 +1,5 @@
 """The demo's figures. Figure 1 (embedding scatter) and Figure 2 (class-wise intra-class cosine)
-come from :mod:`dire_plugin.report`, shared with ``dire-metrics``; the image grid is the demo's own."""
+come from :mod:`dire_plugin.metrics.report`, shared with ``dire-metrics``; the image grid is the demo's own."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from typing import Dict, Sequence
 import numpy as np
 from torch import Tensor
 
-from ..safeio import atomic_write
+from ..io.files import atomic_write
 from .data import denormalise
 from .measure import SetMetrics
 from .spec import DIGITS, DatasetSpec
@@ -87,7 +87,7 @@ def image_grid_png(sets: Sequence[PlotSet], spec: DatasetSpec, per_class: int = 
 def write_figures(out: Path, ipc: int, real_embeddings: Tensor, sets: Sequence[PlotSet], spec: DatasetSpec,
                   suffix: str = "") -> Dict[str, Path]:
     """Write the three figures of one IPC; returns ``{figure: path}``."""
-    from ..report import MetricsRow, class_similarity_png, embedding_scatter_png
+    from ..metrics.report import MetricsRow, class_similarity_png, embedding_scatter_png
 
     tag = f"ipc{ipc}{suffix}"
     scatter = embedding_scatter_png(

@@ -1,6 +1,6 @@
 """Fixed facts of the demo's datasets, importable without torch.
 
-The patch module (:mod:`dire_plugin.patches.demo`) reads them to preprocess the bank's real
+The patch module (:mod:`dire_plugin.demo.patch`) reads them to preprocess the bank's real
 images, the recover script to clip and save its images, and the data module to normalise: one
 place, so the teacher, the bank and the synthetic images always agree.
 """

@@ -1,5 +1,5 @@
 """Run the recover script as users would: ``python recover.py`` (vanilla) and
-``python -m dire_plugin.launcher demo recover.py ...`` (+ DiRe), several at once.
+``python -m dire_plugin.cli.run demo recover.py ...`` (+ DiRe), several at once.
 
 Each run is a separate process with one torch thread: the batches are ten 8×8 images, far too
 small for intra-op parallelism, so two single-threaded runs on two cores finish sooner than two
@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import DiReInputError
-from ..safeio import load_torch_file
+from ..io.files import load_torch_file
 from .errors import DemoRunError
 from .spec import DATASETS
 from .variants import Variant
@@ -91,7 +91,7 @@ def recover_command(job: SynthJob, ctx: SynthContext) -> List[str]:
     if not job.variant.dire:
         return [sys.executable, str(RECOVER), *script_args]
     launcher = [
-        sys.executable, "-m", "dire_plugin.launcher", "demo", str(RECOVER), "--real-data", str(ctx.real_data),
+        sys.executable, "-m", "dire_plugin.cli.run", "demo", str(RECOVER), "--real-data", str(ctx.real_data),
         "--r-c", repr(job.variant.r_c), "--r-e", repr(job.variant.r_e), "--cache-dir", str(ctx.bank_cache),
     ]
     if job.variant.components:

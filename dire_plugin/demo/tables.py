@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..safeio import atomic_write
+from ..io.files import atomic_write
 from .variants import VANILLA
 
 __all__ = ["ReportRow", "markdown_table", "compare", "verdict", "write_report"]

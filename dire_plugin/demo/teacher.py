@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import DiReInputError
-from ..safeio import atomic_torch_save, load_torch_file
+from ..io.files import atomic_torch_save, load_torch_file
 from .data import DemoData
 from .log import warn
 from .model import Augmentation, build_model, nhwc

@@ -1,0 +1,70 @@
+"""``dire-run METHOD SCRIPT [--options] -- [ARGS...]``: run an upstream script with DiRe, explicitly.
+
+The script runs exactly as ``python SCRIPT ARGS`` would (see :mod:`dire_plugin.activation.launcher`).
+Settings come from the checkout's ``dire-apply`` config when there is one; flags override them.
+"""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ._common import OneLineParser, fail, positive_int, weight
+
+__all__ = ["main"]
+
+PROG = "dire-run"
+
+
+def _parser(remainder: bool = True) -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="dire-run",
+        description="Run an upstream condensation script with the DiRe term added.",
+        epilog="Example: dire-run sre2l 'SRe2L/*small_dataset/recover_cifar.py' --real-data ~/data -- --ipc-end 10",
+    )
+    p.add_argument("method", help="patch to use (see dire-apply --list)")
+    p.add_argument("script", help="the upstream entry script")
+    p.add_argument("--real-data", help="real training data of the teacher (ImageFolder or torchvision CIFAR layout)")
+    p.add_argument("--r-c", type=weight, help="weight of the cosine terms")
+    p.add_argument("--r-e", type=weight, help="weight of the Euclidean term")
+    p.add_argument("--reduction", choices=("mean", "sum"))
+    p.add_argument("--cache-dir", help="where the real-embedding bank is cached")
+    p.add_argument("--components", help="comma-separated subset of cd,cdm,edm (ablation)")
+    p.add_argument("--log-every", type=positive_int, help="log DiRe values every N steps")
+    if remainder:
+        p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script (after --)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if "--" in argv:  # options may then stand anywhere before the separator
+            cut = argv.index("--")
+            opts = _parser(remainder=False).parse_args(argv[:cut])
+            opts.args = argv[cut + 1:]
+        else:  # everything after SCRIPT belongs to the script
+            opts = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed in one line
+        return exc.code if isinstance(exc.code, int) else 0
+    from ..activation.launcher import launch
+
+    overrides = {}
+    if opts.real_data:
+        real = Path(opts.real_data).expanduser()
+        if not real.is_dir():
+            fail(PROG, f"--real-data {real} {'is not a directory' if real.exists() else 'does not exist'}")
+            return 2
+        overrides["real_data"] = str(real.resolve())
+    for key in ("r_c", "r_e", "reduction", "cache_dir", "log_every"):
+        if getattr(opts, key) is not None:
+            overrides[key] = getattr(opts, key)
+    if opts.components:
+        overrides["components"] = [c.strip() for c in opts.components.split(",") if c.strip()]
+    return launch(PROG, opts.method, Path(opts.script).expanduser().resolve(), opts.args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

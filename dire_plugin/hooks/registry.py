@@ -1,0 +1,31 @@
+"""The methods dire-plugin has a patch for, by name, and how to load one."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Dict
+
+from ..errors import DiReInputError
+
+__all__ = ["INTERNAL_METHODS", "METHODS", "load_method"]
+
+#: method name → patch module. Order is the order ``dire-apply --list`` prints.
+METHODS: Dict[str, str] = {
+    "sre2l": "dire_plugin.patches.sre2l",
+    "cda": "dire_plugin.patches.cda",
+}
+
+#: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any
+#: upstream, so ``dire-apply`` does not list them.
+INTERNAL_METHODS: Dict[str, str] = {
+    "demo": "dire_plugin.demo.patch",
+}
+
+
+def load_method(name: str) -> ModuleType:
+    """The patch module of ``name``; an unknown name is a one-line error listing the known ones."""
+    known = {**METHODS, **INTERNAL_METHODS}
+    module = known.get(name.lower()) if isinstance(name, str) else None
+    if module is None:
+        raise DiReInputError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    return importlib.import_module(module)

@@ -1,0 +1,76 @@
+"""The settings of a patched run (:class:`RunConfig`) and their checks, without torch: ``dire-apply``,
+``dire-run``, a hand-edited ``.dire/<method>.json`` and an inherited ``DIRE_ACTIVATE`` all go
+through :func:`check_run_settings`, so a value refused by one door is refused by all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from ..errors import DiReInputError
+from ..regularizer.defaults import COMPONENTS, DEFAULT_R_C, DEFAULT_R_E, REDUCTIONS, check_weights
+
+__all__ = ["RunConfig", "check_run_settings"]
+
+
+def _whole(value: Any, name: str, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DiReInputError(f"{where}{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def check_run_settings(settings: Mapping[str, Any], where: str = "") -> Dict[str, Any]:
+    """The run settings with their values checked; ``where`` prefixes every message (the file or
+    flag they came from). Unknown keys pass through (the config also records provenance)."""
+    out = dict(settings)
+    r_c, r_e = check_weights(out.get("r_c", DEFAULT_R_C), out.get("r_e", DEFAULT_R_E), where)
+    components = out.get("components", COMPONENTS)
+    if isinstance(components, str) or not isinstance(components, (list, tuple)) or not components or any(
+        c not in COMPONENTS for c in components
+    ):
+        raise DiReInputError(f"{where}components must be a non-empty list of {', '.join(COMPONENTS)}, got {components!r}")
+    weights = {"cd": r_c, "cdm": r_c, "edm": r_e}
+    if not any(weights[c] for c in components):
+        raise DiReInputError(
+            f"{where}the weights of {', '.join(components)} are all 0, so the run would add nothing: "
+            "set r_c/r_e, or run vanilla with DIRE_DISABLE=1"
+        )
+    reduction = out.get("reduction", "mean")
+    if reduction not in REDUCTIONS:
+        raise DiReInputError(f"{where}reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    _whole(out.get("log_every", 100), "log_every", where, 0)
+    if out.get("bank_max_per_class") is not None:
+        _whole(out["bank_max_per_class"], "bank_max_per_class", where, 1)
+    for key in ("real_data", "cache_dir", "manifest_dir", "method", "script", "commit", "root"):
+        if key in out and not isinstance(out[key], str):
+            raise DiReInputError(f"{where}{key} must be a string, got {out[key]!r}")
+    out.update(r_c=r_c, r_e=r_e, components=list(components))
+    return out
+
+
+@dataclass
+class RunConfig:
+    """Everything a patched run needs; written by ``dire-apply``, read at start-up."""
+
+    method: str
+    commit: str = ""
+    script: str = ""
+    r_c: float = DEFAULT_R_C
+    r_e: float = DEFAULT_R_E
+    reduction: str = "mean"
+    components: Tuple[str, ...] = COMPONENTS
+    real_data: str = ""
+    cache_dir: str = ""
+    log_every: int = 100
+    bank_max_per_class: Optional[int] = None
+    memory: bool = True
+    manifest_dir: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "") -> "RunConfig":
+        """The config of ``data`` (checked: a bad value is one line prefixed with ``where``)."""
+        data = check_run_settings(data, where)
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["components"] = tuple(kwargs.get("components", COMPONENTS))
+        return cls(**kwargs)

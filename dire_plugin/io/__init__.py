@@ -1,0 +1,2 @@
+"""Files we read and write: data-only torch loads with one-line reasons, atomic writes, folder
+locks. Imports nothing of ours but ``errors``; torch only inside the torch functions."""

@@ -1,0 +1,40 @@
+"""Default weights and the checks of the run settings, importable without torch (the CLIs print
+and validate them before anything heavy is imported).
+
+The defaults reproduce the paper's released SRe²L/CIFAR-100 code: ``multiplier · (r_cos·(CD + CDM) +
+r_euc·EDM)`` with multiplier 0.1, r_cos 1.0, r_euc 0.01, per-class means summed over classes,
+i.e. ``r_c = 0.1·1.0`` and ``r_e = 0.1·0.01``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+from ..errors import DiReInputError
+
+__all__ = ["COMPONENTS", "DEFAULT_R_C", "DEFAULT_R_E", "REDUCTIONS", "check_weights"]
+
+DEFAULT_R_C = 0.1
+DEFAULT_R_E = 0.001
+#: The three terms: cosine among synthetic (CD), 1 − cosine to real (CDM), distance to real (EDM).
+COMPONENTS = ("cd", "cdm", "edm")
+REDUCTIONS = ("mean", "sum")
+
+
+def check_weights(r_c: object, r_e: object, where: str = "") -> Tuple[float, float]:
+    """``(r_c, r_e)`` as floats; anything but a finite number >= 0 is a one-line
+    :class:`DiReInputError` (``where`` says where the value came from, e.g. a config file).
+
+    A negative weight would invert the term (pull images together, push them off the real data)
+    and NaN would poison every image: neither is a setting anybody means.
+    """
+    out = []
+    for name, value in (("r_c", r_c), ("r_e", r_e)):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+            raise DiReInputError(f"{where}{name} must be a finite number >= 0, got {value!r}")
+        out.append(number)
+    return out[0], out[1]

@@ -1,0 +1,246 @@
+"""``dire-apply --verify --smoke``: run each covered upstream script for a few steps on the CPU.
+
+For every entry script of a method, in a temporary folder: a random-init teacher checkpoint in the
+format that script loads (:class:`~dire_plugin.hooks.declare.ScriptSpec`), a fake real-data
+ImageFolder (two tiny random images per class, so the bank builds offline and as fast as the
+teacher allows), then the script itself through ``python -m dire_plugin.cli.run`` with
+``DIRE_CPU_SHIM=1``, ``WANDB_MODE=disabled`` (and a stand-in ``wandb`` module where wandb is not
+installed) and the spec's tiny ``smoke_args``. A script passes when it exits 0, wrote images, and
+its ``dire_manifest.json`` says the DiRe term was added to at least one synthesis step.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from ..hooks.declare import ScriptSpec
+from ..hooks.registry import load_method
+from ..hooks.runtime import MANIFEST_NAME
+
+__all__ = ["run_smoke", "smoke_script", "write_teacher_checkpoint", "write_fake_imagefolder", "SmokeResult"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: Real images written per class: enough for a bank, few enough to embed in seconds.
+IMAGES_PER_CLASS = 2
+#: Launcher flags for the run settings a config may hold.
+_CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "reduction": "--reduction", "log_every": "--log-every"}
+#: Environment variables of an enclosing DiRe run that must not leak into the smoke run.
+_INHERITED = ("DIRE_ACTIVATE", "DIRE_DISABLE")
+
+# What CDA's scripts call on wandb, for machines without it: the smoke checks DiRe, not logging.
+_WANDB_STUB = '''"""Stand-in for wandb written by dire-plugin's smoke run (wandb is not installed)."""
+class _Api:
+    api_key = None
+api = _Api()
+def login(*args, **kwargs): return True
+def init(*args, **kwargs): return None
+def log(*args, **kwargs): return None
+def finish(*args, **kwargs): return None
+'''
+
+
+@dataclass
+class SmokeResult:
+    """Outcome of one script's smoke run."""
+
+    script: str
+    ok: bool
+    seconds: float
+    detail: str
+    workdir: Optional[Path] = None
+
+
+def write_teacher_checkpoint(spec: ScriptSpec, path: Path, seed: int = 0) -> Path:
+    """Save a random-init teacher in the format ``spec`` says its script loads.
+
+    The checkpoint also pickles an ``argparse.Namespace`` under ``"args"``, as torchvision's
+    reference training (which made the Tiny-ImageNet teachers) does: loading it needs the same
+    ``weights_only`` allowance a real checkpoint needs.
+    """
+    import torch
+    import torchvision
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(spec.arch, weights=None, num_classes=spec.num_classes)
+        if spec.cifar_stem:
+            model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            model.maxpool = nn.Identity()
+    state = {spec.checkpoint_prefix + k: v for k, v in model.state_dict().items()}
+    args = argparse.Namespace(model=spec.arch, num_classes=spec.num_classes, epochs=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({spec.checkpoint_key or "model": state, "epoch": 0, "args": args}, path)
+    return path
+
+
+def write_fake_imagefolder(root: Path, num_classes: int, per_class: int = IMAGES_PER_CLASS, size: int = 8, seed: int = 0) -> Path:
+    """An ImageFolder of ``num_classes`` folders with ``per_class`` random ``size``x``size`` PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width = len(str(num_classes - 1))
+    for c in range(num_classes):
+        folder = root / f"class{c:0{width}d}"  # zero-padded: ImageFolder's sorted order is the label order
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _config_flags(config: Optional[Mapping[str, Any]]) -> List[str]:
+    flags: List[str] = []
+    for key, flag in _CONFIG_FLAGS.items():
+        if config and config.get(key) is not None:
+            flags += [flag, str(config[key])]
+    if config and config.get("components"):
+        flags += ["--components", ",".join(config["components"])]
+    return flags
+
+
+def _environment(work: Path) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
+    # No __pycache__ in the user's checkout: dire-apply refuses a work tree with untracked files.
+    env.update(DIRE_CPU_SHIM="1", WANDB_MODE="disabled", PYTHONDONTWRITEBYTECODE="1")
+    env["WANDB_DIR"] = str(work)
+    if importlib.util.find_spec("wandb") is None:
+        stubs = work / "stubs"
+        (stubs / "wandb").mkdir(parents=True, exist_ok=True)
+        (stubs / "wandb" / "__init__.py").write_text(_WANDB_STUB)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(stubs), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _run(cmd: Sequence[str], cwd: Path, env: Dict[str, str], log: Path, timeout: int) -> Optional[int]:
+    """Exit status of ``cmd`` (its output to ``log``), ``None`` when it ran past ``timeout``."""
+    with open(log, "wb") as out:
+        # Its own process group, so a timeout also ends the DataLoader workers it started.
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+def _untracked_and_changed(root: Path) -> List[str]:
+    """``git status`` of the checkout, one path per line, without our ``.dire/`` folder."""
+    out = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=all"],
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if not line[3:].startswith(".dire/")]
+
+
+def _images(out: Path) -> List[Path]:
+    return [p for p in out.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.parent.name.startswith("new")]
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def _check_outputs(out: Path, vanilla: bool) -> str:
+    """Empty when the run wrote images and (with DiRe) a manifest that counts added terms."""
+    images = _images(out)
+    if not images:
+        return f"no images written under {out}"
+    if vanilla:
+        return ""
+    folders = sorted({p.parent.parent for p in images})
+    manifests = [f / MANIFEST_NAME for f in folders if (f / MANIFEST_NAME).is_file()]
+    if not manifests:
+        return f"no {MANIFEST_NAME} beside the images in {', '.join(map(str, folders))}"
+    manifest = json.loads(manifests[0].read_text())
+    if not manifest.get("terms_added", 0) > 0:
+        return f"DiRe was added to no step ({manifest.get('synthesis_steps', 0)} synthesis steps, {manifests[0]})"
+    return ""
+
+
+def _summary(out: Path, vanilla: bool) -> str:
+    images = len(_images(out))
+    if vanilla:
+        return f"{images} images, vanilla"
+    manifests = list(out.rglob(MANIFEST_NAME))
+    manifest = json.loads(manifests[0].read_text()) if manifests else {}
+    return f"{images} images, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps"
+
+
+def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Optional[Mapping[str, Any]] = None,
+                 timeout: int = 600, vanilla: bool = False, keep: bool = False) -> SmokeResult:
+    """Smoke-run one entry script ``rel`` of ``root``; the work folder is kept when it fails."""
+    script = Path(root) / rel
+    start = time.time()
+    if not script.is_file():
+        return SmokeResult(rel, False, 0.0, f"{script} does not exist")
+    work = Path(tempfile.mkdtemp(prefix="dire-smoke-"))
+    ckpt = write_teacher_checkpoint(spec, work / "teacher.pth") if spec.checkpoint_key else None
+    real = write_fake_imagefolder(work / "real", spec.num_classes)
+    out = work / "out"
+    args = [a.format(ckpt=ckpt or "", out=out, arch=spec.arch) for a in spec.smoke_args]
+    if vanilla:
+        cmd = [sys.executable, "-m", "dire_plugin.upstream.shim", str(script), *args]
+    else:
+        # Launcher options before METHOD SCRIPT: everything after SCRIPT belongs to the script.
+        cmd = [sys.executable, "-m", "dire_plugin.cli.run", "--real-data", str(real), "--cache-dir", str(work / "cache"),
+               *_config_flags(config), method, str(script), "--", *args]
+    # The checkout must come out of a run as it went in (our hidden .dire/ aside).
+    before = _untracked_and_changed(Path(root))
+    log = work / "log.txt"
+    rc = _run(cmd, script.parent, _environment(work), log, timeout)
+    seconds = time.time() - start
+    left = sorted(set(_untracked_and_changed(Path(root))) - set(before))
+    if left:
+        return SmokeResult(rel, False, seconds, f"the run left files in the checkout: {', '.join(left[:5])} "
+                           f"(log kept in {work})\n{_tail(log)}", work)
+    if rc is None:
+        problem = f"timed out after {timeout} s"
+    elif rc != 0:
+        problem = f"exit status {rc}"
+    else:
+        problem = _check_outputs(out, vanilla)
+    if problem:
+        return SmokeResult(rel, False, seconds, f"{problem} (log and files kept in {work})\n{_tail(log)}", work)
+    detail = _summary(out, vanilla)
+    if keep:
+        return SmokeResult(rel, True, seconds, detail, work)
+    shutil.rmtree(work, ignore_errors=True)
+    return SmokeResult(rel, True, seconds, detail)
+
+
+def run_smoke(method: str, root: Path, config: Optional[Mapping[str, Any]] = None, scripts: Optional[list] = None,
+              timeout: int = 600, *, vanilla: bool = False) -> int:
+    """Smoke-run the entry scripts of ``method`` in the checkout ``root`` (all covered ones, or
+    ``scripts``), printing one PASS/FAIL line per script. Returns 0 when all pass, else 1.
+
+    ``config`` is the checkout's dire-apply config: its weights and components are passed on, its
+    real data and cache are not (the smoke uses fake data in a temporary folder). ``vanilla``
+    runs the scripts under the CPU shim only, without DiRe (the baseline).
+    """
+    module = load_method(method)
+    chosen = list(scripts) if scripts else list(module.SCRIPTS)
+    failed = 0
+    for rel in chosen:
+        spec = module.SCRIPTS.get(rel)
+        if spec is None:
+            result = SmokeResult(rel, False, 0.0, f"not an entry script of {method}: {', '.join(module.SCRIPTS)}")
+        else:
+            result = smoke_script(method, Path(root), rel, spec, config, timeout, vanilla)
+        failed += not result.ok
+        print(f"{'PASS' if result.ok else 'FAIL'} {method} {rel} ({result.seconds:.1f} s): {result.detail}", flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,194 @@
+"""The hook runtime on an in-process SRe²L-shaped loop: the images get exactly the vanilla
+gradient plus the DiRe gradient, memory spans batches, and a step without the term stops."""
+import pytest
+import torch
+from torch import nn
+
+from dire_plugin import DiReLoss
+from dire_plugin.embeddings.bank import RealEmbeddingBank
+from dire_plugin.embeddings.memory import SyntheticMemory
+from dire_plugin.errors import DiReHookError
+from dire_plugin.embeddings.capture import EmbeddingCapture
+from dire_plugin.hooks.runtime import current_runtime
+from dire_plugin.hooks.settings import RunConfig
+
+sre2l = pytest.importorskip("dire_plugin.patches.sre2l")
+
+NUM_CLASSES, D = 4, 8
+
+
+def _teacher(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(D, NUM_CLASSES),
+    )
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad = False
+    return net
+
+
+def _bank(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return RealEmbeddingBank.from_tensors(torch.rand(NUM_CLASSES * 5, D, generator=g) + 0.1, torch.arange(NUM_CLASSES).repeat(5))
+
+
+@pytest.fixture
+def patched():
+    bank = _bank()
+    config = RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0)
+    sre2l.patch(config, bank_factory=lambda teacher, layer, device: bank)
+    yield bank, config
+    sre2l.unpatch()
+
+
+def _step(model, inputs, targets, criterion, print_twice=True):
+    """One SRe²L-shaped iteration; returns the images' gradient before the step."""
+    optimizer = torch.optim.Adam([inputs], lr=0.1, betas=(0.5, 0.9))
+    optimizer.zero_grad()
+    outputs = model(torch.roll(inputs, shifts=(1, 1), dims=(2, 3)))
+    loss_ce = criterion(outputs, targets)
+    if print_twice:
+        criterion(outputs, targets).item()  # the upstream's print-time call
+    loss = loss_ce + 0.01 * inputs.pow(2).mean()
+    loss.backward()
+    grad = inputs.grad.clone()
+    optimizer.step()
+    return grad, optimizer
+
+
+def _expected_grad(model, inputs, targets, bank, memory=None, r_c=0.5, r_e=0.05):
+    """Vanilla and DiRe gradients computed directly, with the runtime switched off."""
+    runtime = current_runtime()
+    runtime.enabled = False
+    try:
+        return _direct_grads(model, inputs, targets, bank, memory, r_c, r_e)
+    finally:
+        runtime.enabled = True
+
+
+def _direct_grads(model, inputs, targets, bank, memory, r_c, r_e):
+    x = inputs.detach().clone().requires_grad_()
+    with EmbeddingCapture(model) as cap:
+        outputs = model(torch.roll(x, shifts=(1, 1), dims=(2, 3)))
+        loss = nn.CrossEntropyLoss()(outputs, targets) + 0.01 * x.pow(2).mean()
+        (g_vanilla,) = torch.autograd.grad(loss, x, retain_graph=True)
+        dire = DiReLoss(r_c=r_c, r_e=r_e)(cap.embeddings, targets, bank, memory=memory)
+        (g_dire,) = torch.autograd.grad(dire, x)
+    return g_vanilla, g_dire
+
+
+def test_images_get_vanilla_plus_dire_gradient(patched):
+    bank, _ = patched
+    model = _teacher()
+    targets = torch.arange(NUM_CLASSES)
+    inputs = torch.randn(NUM_CLASSES, 3, 6, 6, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    g_vanilla, g_dire = _expected_grad(model, inputs, targets, bank)
+    assert g_dire.abs().sum() > 0
+    grad, _ = _step(model, inputs, targets, nn.CrossEntropyLoss())
+    torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
+    stats = current_runtime().stats
+    assert (stats.steps, stats.terms_added, stats.computed) == (1, 1, 1)  # print-time call added nothing
+
+
+def test_printed_loss_is_untouched(patched):
+    model = _teacher()
+    targets = torch.arange(NUM_CLASSES)
+    inputs = torch.randn(NUM_CLASSES, 3, 6, 6).requires_grad_()
+    outputs = model(inputs)
+    assert float(nn.CrossEntropyLoss()(outputs, targets)) == float(nn.functional.cross_entropy(outputs, targets))
+
+
+def test_memory_carries_finished_batches_into_cd(patched):
+    bank, _ = patched
+    model = _teacher()
+    targets = torch.arange(NUM_CLASSES)
+    gen = torch.Generator().manual_seed(3)
+    first = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+    for _ in range(2):
+        _step(model, first, targets, nn.CrossEntropyLoss())
+    runtime = current_runtime()
+    assert len(runtime.memory) == 0  # the batch is not finished yet
+    # ipc index 1: a new tensor of images for the same classes
+    second = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+    finished = runtime.capture.last  # embeddings of the first batch's last step
+    memory = SyntheticMemory()
+    memory.add(*finished)
+    _step(model, second, targets, nn.CrossEntropyLoss())  # its step commits batch one
+    assert len(runtime.memory) == NUM_CLASSES and runtime.stats.batches_to_memory == 1
+    g_vanilla, g_dire = _expected_grad(model, second, targets, bank, memory=memory)
+    grad, _ = _step(model, second, targets, nn.CrossEntropyLoss())
+    torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
+    # without memory the CD part would be absent: the gradients differ
+    _, g_no_memory = _expected_grad(model, second, targets, bank)
+    assert not torch.allclose(g_dire, g_no_memory)
+
+
+def test_no_grad_and_unrelated_criterion_calls_add_nothing(patched):
+    model = _teacher()
+    targets = torch.arange(NUM_CLASSES)
+    with torch.no_grad():
+        nn.CrossEntropyLoss()(model(torch.randn(NUM_CLASSES, 3, 6, 6)), targets)  # verifier/validate
+    logits = torch.randn(NUM_CLASSES, NUM_CLASSES, requires_grad=True)
+    nn.CrossEntropyLoss()(logits, targets)  # not the output of a classifier forward
+    runtime = current_runtime()
+    assert runtime.stats.computed == 0 and runtime.capture.criterion_calls_skipped == 1
+
+
+def test_a_synthesis_step_without_the_term_stops_the_run(patched):
+    model = _teacher()
+    inputs = torch.randn(NUM_CLASSES, 3, 6, 6).requires_grad_()
+    optimizer = torch.optim.Adam([inputs])
+    model(inputs).pow(2).mean().backward()  # no criterion call: the hook cannot fire
+    with pytest.raises(DiReHookError, match="DiRe was not added to synthesis step 1"):
+        optimizer.step()
+
+
+def test_training_a_model_is_left_alone(patched):
+    net = nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    nn.CrossEntropyLoss()(net(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1])).backward()
+    opt.step()  # parameters, not images: no DiRe expected, no error
+    assert current_runtime().stats.steps == 0
+
+
+def test_unpatch_restores_vanilla_behaviour():
+    bank = _bank()
+    original = nn.CrossEntropyLoss.forward
+    sre2l.patch(RunConfig(method="sre2l", script="fixture.py", log_every=0), bank_factory=lambda *a: bank)
+    sre2l.patch(RunConfig(method="sre2l", script="fixture.py", log_every=0), bank_factory=lambda *a: bank)
+    wrapped = vars(nn.CrossEntropyLoss)["forward"]
+    assert wrapped is not original and wrapped.__wrapped__ is original  # wrapped once, not twice
+    sre2l.unpatch()
+    sre2l.unpatch()
+    assert vars(nn.CrossEntropyLoss)["forward"] is original and current_runtime() is None
+    sre2l.patch(RunConfig(method="sre2l", script="fixture.py", log_every=0), bank_factory=lambda *a: bank)
+    assert vars(nn.CrossEntropyLoss)["forward"].__wrapped__ is original
+    sre2l.unpatch()
+    model = _teacher()
+    inputs = torch.randn(NUM_CLASSES, 3, 6, 6).requires_grad_()
+    optimizer = torch.optim.Adam([inputs])
+    nn.CrossEntropyLoss()(model(inputs), torch.arange(NUM_CLASSES)).backward()
+    optimizer.step()  # no runtime: nothing checks, nothing added
+
+
+def test_teacher_with_several_linear_layers_uses_the_classifier_input(patched):
+    # MobileNet-style heads have Linear -> act -> Linear: the embedding is the last one's input.
+    bank, _ = patched
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, D), nn.ReLU(), nn.Linear(D, NUM_CLASSES),
+    ).eval()
+    for p in model.parameters():
+        p.requires_grad = False
+    targets = torch.arange(NUM_CLASSES)
+    inputs = torch.randn(NUM_CLASSES, 3, 6, 6, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    g_vanilla, g_dire = _expected_grad(model, inputs, targets, bank)
+    grad, _ = _step(model, inputs, targets, nn.CrossEntropyLoss())
+    torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,109 @@
+"""``dire-apply --verify --smoke``: the teacher checkpoints and fake data it writes, the way it runs
+and judges a script (offline, on the SRe²L-like fixture), and the real CIFAR script when a
+mirror of the upstream is at hand."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision import datasets
+
+from dire_plugin.upstream import shim
+from dire_plugin.hooks.declare import ScriptSpec
+from dire_plugin.hooks.registry import load_method
+from dire_plugin.upstream.smoke import run_smoke, smoke_script, write_fake_imagefolder, write_teacher_checkpoint
+
+from dire_plugin.demo.synth import RECOVER
+from lookalike import write_demo_teacher
+
+MIRROR = os.environ.get("DIRE_UPSTREAM_MIRROR")
+
+_WITH_CHECKPOINT = [
+    (method, rel) for method in ("sre2l", "cda") for rel, spec in load_method(method).SCRIPTS.items() if spec.checkpoint_key
+]
+
+
+@pytest.mark.parametrize("method,rel", _WITH_CHECKPOINT, ids=[r for _, r in _WITH_CHECKPOINT])
+def test_teacher_checkpoint_loads_as_the_script_loads_it(tmp_path, method, rel):
+    spec = load_method(method).SCRIPTS[rel]
+    path = write_teacher_checkpoint(spec, tmp_path / "t.pth")
+    model = torchvision.models.get_model(spec.arch, num_classes=spec.num_classes)
+    if spec.cifar_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
+        model.maxpool = nn.Identity()
+    if spec.checkpoint_prefix == "module.":
+        model = nn.DataParallel(model)
+    shim.install()  # the checkpoint pickles argparse.Namespace, as torchvision-reference ones do
+    try:
+        checkpoint = torch.load(path)
+    finally:
+        shim.uninstall()
+    model.load_state_dict(checkpoint[spec.checkpoint_key])  # strict: every key, no prefix mismatch
+
+
+def test_every_spec_has_smoke_arguments():
+    for method in ("sre2l", "cda"):
+        for rel, spec in load_method(method).SCRIPTS.items():
+            args = " ".join(spec.smoke_args)
+            assert "{out}" in args and "--ipc-end 1" in args, rel
+            assert ("{ckpt}" in args) == bool(spec.checkpoint_key), rel
+
+
+def test_fake_imagefolder_has_the_teacher_classes(tmp_path):
+    root = write_fake_imagefolder(tmp_path / "real", num_classes=12)
+    folder = datasets.ImageFolder(str(root))
+    assert len(folder.classes) == 12 and len(folder) == 24
+    # Label order is numeric order: class 2 is not sorted after class 10.
+    assert folder.class_to_idx[folder.classes[2]] == 2 and folder.classes[2].endswith("02")
+
+
+def test_unknown_script_fails(capsys):
+    assert run_smoke("sre2l", Path("/nonexistent"), {}, scripts=["nope.py", "SRe2L/*small_dataset/recover_cifar.py"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("FAIL sre2l ") for line in lines)
+    assert "does not exist" in lines[1]
+
+
+def _fixture_spec(ckpt: Path, *extra: str) -> ScriptSpec:
+    cifar = load_method("sre2l").SCRIPTS["SRe2L/*small_dataset/recover_cifar.py"].real_data
+    args = ("--arch-path", str(ckpt), "--syn-data-path", "{out}", "--exp-name", "smoke", "--iteration", "2",
+            "--batch-size", "3", "--num-classes", "6", "--ipc-end", "1", "--device", "cuda", *extra)
+    return ScriptSpec(cifar, num_classes=6, smoke_args=args)
+
+
+def test_smoke_runs_a_script_under_the_shim(tmp_path):
+    ckpt = write_demo_teacher(tmp_path / "teacher.pth", num_classes=6)
+    # The demo's recover script, which calls CUDA with --device cuda, as an upstream one.
+    result = smoke_script("sre2l", RECOVER.parent.parent, "recover/recover.py", _fixture_spec(ckpt, "--store-best-images"),
+                          vanilla=True, keep=True)
+    try:
+        assert result.ok, result.detail
+        assert result.detail == "6 images, vanilla"
+        assert len(list((result.workdir / "real").iterdir())) == 6  # the fake real data, one folder per class
+    finally:
+        shutil.rmtree(result.workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("code,problem", [("raise SystemExit(3)", "exit status 3"), ("pass", "no images written")])
+def test_smoke_failures_keep_their_folder(tmp_path, code, problem):
+    (tmp_path / "script.py").write_text(code + "\n")
+    spec = _fixture_spec(tmp_path / "unused.pth")
+    result = smoke_script("sre2l", tmp_path, "script.py", spec, vanilla=True)
+    try:
+        assert not result.ok and problem in result.detail
+        assert result.workdir.is_dir() and str(result.workdir) in result.detail
+    finally:
+        shutil.rmtree(result.workdir, ignore_errors=True)
+
+
+@pytest.mark.skipif(not MIRROR, reason="DIRE_UPSTREAM_MIRROR is not set (a folder holding a clone 'SRe2L' of "
+                    "VILA-Lab/SRe2L at the pinned commit)")
+def test_smoke_of_the_real_cifar_script(capsys):
+    root = Path(MIRROR) / "SRe2L"
+    rc = run_smoke("sre2l", root, {}, scripts=["SRe2L/*small_dataset/recover_cifar.py"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert out.startswith("PASS sre2l SRe2L/*small_dataset/recover_cifar.py") and "DiRe added to" in out
