@@ -43,6 +43,12 @@ class Capture:
         """Functions of torch, PIL or the upstream to wrap (see :data:`Wrapper`)."""
         return ()
 
+    def bank_factory(self, config: Any) -> Any:
+        """A ``(teacher, layer, device) -> RealEmbeddingBank`` of the family's own (MTT builds its
+        bank from the method's own training set), or ``None`` for the default: the real data of
+        ``--real-data``, preprocessed as the script's :class:`~dire_plugin.hooks.declare.ScriptSpec` says."""
+        return None
+
     def install(self, core: Any) -> None:
         """Register global hooks; ``core`` is the :class:`~dire_plugin.hooks.runtime.DiReRuntime`
         this capture serves."""

@@ -48,8 +48,27 @@ class ScriptSpec:
     checkpoint_prefix: str = ""
     #: Changes to the teacher torchvision builds, as the script makes them (CIFAR: 3x3 conv1, no maxpool).
     cifar_stem: bool = False
-    #: Arguments for a tiny CPU run (``{ckpt}``, ``{out}`` are filled in).
+    #: A checkpoint the script loads from a fixed path, relative to the folder it runs from
+    #: (DWA's ``./pretrain/save/...``): smoke runs redirect that load to a random-init teacher.
+    checkpoint_at: Optional[str] = None
+    #: Where the upstream's own commands run the script from: ``"script"`` (its folder, SRe²L's
+    #: ``cd ...; python recover_cifar.py``) or ``"root"`` (the checkout, DWA's ``scripts/run_*.sh``).
+    run_from: str = "script"
+    #: Arguments for a tiny CPU run (``{ckpt}``, ``{out}``, ``{arch}``, ``{init}``, ``{data}``,
+    #: ``{work}`` are filled in).
     smoke_args: Tuple[str, ...] = field(default_factory=tuple)
+    #: Real images the script starts from, made up for a smoke run in ``{init}``: ``"tensors"``
+    #: (``tensor_{ipc}.pt``, one normalised image per class) or ``"folders"`` (one folder per class).
+    smoke_init: Optional[str] = None
+    #: Training data the script reads itself through torchvision (``{data}``, DC-BENCH's and
+    #: MTT's ``--data_path``): ``"cifar10"`` or ``"cifar100"``, made up for a smoke run in
+    #: torchvision's layout, which the CPU shim lets pass torchvision's MD5 check.
+    smoke_data: Optional[str] = None
+    #: Seconds a smoke run may take on a laptop CPU.
+    smoke_timeout: int = 600
+    #: ``(file, exception type)`` of failures the pinned upstream has on its own: a smoke run that
+    #: ends in one is reported as that upstream defect, with file and line, not as a patch failure.
+    known_defects: Tuple[Tuple[str, str], ...] = ()
     #: For a script that picks its data with an option (the demo's ``--dataset cifar10``): the
     #: option and the spec of each value; without the option (or another value) this spec holds.
     by_option: Optional[Tuple[str, Tuple[Tuple[str, "ScriptSpec"], ...]]] = None

@@ -98,7 +98,8 @@ class MethodPatch:
         capture = _capture_class(self.family)(**self.capture_options)
         if hasattr(capture, "bind"):
             capture.bind(self)  # a capture that needs the patch's own data (targets, root)
-        start_runtime(config, bank_factory or self.default_bank_factory(config), capture)
+        factory = bank_factory or capture.bank_factory(config) or self.default_bank_factory(config)
+        start_runtime(config, factory, capture)
         self._wrappers = tuple(capture.wrappers())
         self.patched = True
         # wrapt keeps import hooks for good (they fire at once for modules already imported):

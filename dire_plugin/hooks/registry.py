@@ -13,6 +13,7 @@ __all__ = ["INTERNAL_METHODS", "METHODS", "load_method"]
 METHODS: Dict[str, str] = {
     "sre2l": "dire_plugin.patches.sre2l",
     "cda": "dire_plugin.patches.cda",
+    "dwa": "dire_plugin.patches.dwa",
 }
 
 #: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any

@@ -31,6 +31,7 @@ from ..errors import DiReHookError
 from ..io.files import atomic_write
 from ..regularizer.defaults import COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
+from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture
 from .settings import RunConfig
 
@@ -127,17 +128,19 @@ class DiReRuntime:
             self.bank = bank
         return self.bank
 
-    def term_gradient(self, emb: Tensor, labels: Tensor, memory: Optional[bool] = None) -> Tensor:
+    def term_gradient(self, emb: Tensor, labels: Tensor, memory: Optional[bool] = None,
+                      real: Optional[PackedEmbeddings] = None) -> Tensor:
         """∂L_syn/∂emb for synthetic embeddings ``emb [N, D]`` (detached here) of classes
-        ``labels``, against the bank (and the memory, unless ``memory`` is False); logs and counts
-        the values. The capture decides how the gradient reaches the images."""
-        assert self.bank is not None, "bank_for() first"
+        ``labels``, against ``real`` (the method's own real embeddings of this step, DM's) or the
+        bank, and the memory unless ``memory`` is False; logs and counts the values. The capture
+        decides how the gradient reaches the images."""
+        assert real is not None or self.bank is not None, "bank_for() first, or pass real"
         device = emb.device
         x = emb.detach().float().requires_grad_()
         use_memory = self.config.memory if memory is None else memory
         with torch.enable_grad():
             values = dire_components(
-                x, labels.to(device), self.bank.packed(device),
+                x, labels.to(device), real if real is not None else self.bank.packed(device),
                 memory=self.memory.class_sums(device) if use_memory and len(self.memory) else None,
                 reduction=self.config.reduction, components=self._terms,
             )

@@ -7,7 +7,7 @@ installed:
   factories (``torch.randn(..., device="cuda")``) map any CUDA device to the CPU;
 * ``torch.load`` maps storages to the CPU (a checkpoint saved on a GPU loads) and accepts
   ``argparse.Namespace`` under ``weights_only=True`` (torchvision-reference checkpoints pickle
-  their arguments);
+  their arguments); with ``DIRE_SHIM_REDIRECT`` it loads other files for the paths it names;
 * ``torch.cuda.is_available`` is ``False`` and ``device_count`` is 0, so ``nn.DataParallel`` runs
   its module directly; ``empty_cache``, ``synchronize``, ``set_device`` do nothing;
 * torchvision model builders get ``weights=None`` (random init) instead of downloading
@@ -28,12 +28,20 @@ from typing import Any, Callable, Dict, List, MutableMapping, Optional, Tuple
 
 import wrapt
 
-__all__ = ["ENV_SHIM", "install", "uninstall", "installed"]
+__all__ = ["ENV_FAKE_DATA", "ENV_REDIRECT", "ENV_SHIM", "install", "uninstall", "installed"]
 
 logger = logging.getLogger("dire")
 
 #: Set to anything but ``""``/``0`` to install the shim at start-up.
 ENV_SHIM = "DIRE_CPU_SHIM"
+#: JSON ``{path as the script spells it: file to load instead}`` for ``torch.load``: smoke runs give
+#: a script that loads its teacher from a hard-coded path (DWA's ``./pretrain/save/...``) a
+#: random-init one without writing into the checkout. Read at each load; unset: no effect.
+ENV_REDIRECT = "DIRE_SHIM_REDIRECT"
+#: A folder of made-up datasets in torchvision's layout (smoke runs): their files pass
+#: torchvision's MD5 check, so an upstream ``datasets.CIFAR10(..., download=True)`` reads them and
+#: never goes to the network. Files anywhere else are checked as usual.
+ENV_FAKE_DATA = "DIRE_SHIM_FAKE_DATA"
 
 #: Tensor factories that take ``device=``.
 FACTORIES = (
@@ -98,12 +106,15 @@ def install() -> None:
         # Fire at once for modules already imported, else right after their import finishes.
         wrapt.when_imported("torch")(_on_torch)
         wrapt.when_imported("torchvision.models")(_on_torchvision)
+        wrapt.when_imported("torchvision.datasets.cifar")(_on_torchvision_cifar)
     else:
         # The hooks stay registered after uninstall (wrapt cannot remove them); patch directly.
         if "torch" in sys.modules:
             _on_torch(sys.modules["torch"])
         if "torchvision.models" in sys.modules:
             _on_torchvision(sys.modules["torchvision.models"])
+        if "torchvision.datasets.cifar" in sys.modules:
+            _on_torchvision_cifar(sys.modules["torchvision.datasets.cifar"])
     logger.info("[dire] CPU shim installed: CUDA calls run on the CPU, torchvision weights are not downloaded")
 
 
@@ -182,8 +193,26 @@ def _w_factory(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> A
     return wrapped(*args, **_cpu_device_kwarg(kwargs))
 
 
+def _redirected(f: Any) -> Any:
+    import json
+    import os
+
+    table = os.environ.get(ENV_REDIRECT)
+    if not table or not isinstance(f, (str, os.PathLike)):
+        return f
+    wanted = os.path.abspath(os.fspath(f))
+    for spelled, target in json.loads(table).items():
+        if os.path.abspath(spelled) == wanted:
+            return target
+    return f
+
+
 def _w_load(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> Any:
     args = list(args)
+    if args:
+        args[0] = _redirected(args[0])
+    elif "f" in kwargs:
+        kwargs = {**kwargs, "f": _redirected(kwargs["f"])}
     if len(args) > 1:  # torch.load(f, map_location, ...)
         kwargs = {**kwargs, "map_location": args.pop(1)}
     where = kwargs.get("map_location")
@@ -288,6 +317,22 @@ def _on_torchvision(models: Any) -> None:
             if entry is not None and entry[0] is value:
                 setattr(module, attr, entry[1])
                 _patches.append(_Patch(module, attr, value, entry[1], own=True))
+
+
+def _w_check_integrity(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> bool:
+    import os
+
+    fake = os.environ.get(ENV_FAKE_DATA)
+    fpath = args[0] if args else kwargs.get("fpath")
+    if fake and fpath is not None and os.path.isfile(fpath):
+        if os.path.abspath(os.fspath(fpath)).startswith(os.path.join(os.path.abspath(fake), "")):
+            return True  # made up for a smoke run: no published MD5 sum can match it
+    return wrapped(*args, **kwargs)
+
+
+def _on_torchvision_cifar(cifar: Any) -> None:
+    if _active:
+        _wrap_attr(cifar, "check_integrity", _w_check_integrity)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,11 +23,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..hooks.declare import ScriptSpec
 from ..hooks.registry import load_method
 from ..hooks.runtime import MANIFEST_NAME
+from .shim import ENV_FAKE_DATA, ENV_REDIRECT
 
 __all__ = ["run_smoke", "smoke_script", "write_teacher_checkpoint", "write_fake_imagefolder", "SmokeResult"]
 
@@ -35,6 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGES_PER_CLASS = 2
 #: Launcher flags for the run settings a config may hold.
 _CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "reduction": "--reduction", "log_every": "--log-every"}
+_FRAME = re.compile(r'^\s*File "(.+)", line (\d+)')
 #: Environment variables of an enclosing DiRe run that must not leak into the smoke run.
 _INHERITED = ("DIRE_ACTIVATE", "DIRE_DISABLE")
 
@@ -52,13 +55,19 @@ def finish(*args, **kwargs): return None
 
 @dataclass
 class SmokeResult:
-    """Outcome of one script's smoke run."""
+    """Outcome of one script's smoke run; ``defect``: it ended in a failure the pinned upstream
+    has on its own (``ScriptSpec.known_defects``), which is no failure of the patch."""
 
     script: str
     ok: bool
     seconds: float
     detail: str
     workdir: Optional[Path] = None
+    defect: bool = False
+
+    @property
+    def status(self) -> str:
+        return "UPSTREAM DEFECT" if self.defect else "PASS" if self.ok else "FAIL"
 
 
 def write_teacher_checkpoint(spec: ScriptSpec, path: Path, seed: int = 0) -> Path:
@@ -98,6 +107,107 @@ def write_fake_imagefolder(root: Path, num_classes: int, per_class: int = IMAGES
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def write_init_images(spec: ScriptSpec, root: Path, ipcs: int = 1, seed: int = 0) -> Path:
+    """The real images a real-image-initialised script starts from, made up: ``tensor_{ipc}.pt``
+    (one image per class, normalised as the script expects) or one folder per class holding
+    ``ipcs`` JPEGs (``os.listdir(folder)[ipc]`` is what DWA reads)."""
+    import numpy as np
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    size = spec.real_data.crop
+    if spec.smoke_init == "tensors":
+        g = torch.Generator().manual_seed(seed)
+        for ipc in range(ipcs):
+            torch.save(torch.randn(spec.num_classes, 3, size, size, generator=g).clamp(-1.5, 1.5), root / f"tensor_{ipc}.pt")
+    elif spec.smoke_init == "folders":
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        width = len(str(spec.num_classes - 1))
+        for c in range(spec.num_classes):
+            folder = root / f"n{c:0{width}d}"
+            folder.mkdir(exist_ok=True)
+            for i in range(ipcs):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"img{i}.JPEG")
+    return root
+
+
+#: Training and test images per class of a made-up CIFAR: enough for DM's real initialisation at
+#: IPC 10 and its real batches, few enough to load in a blink.
+FAKE_CIFAR_TRAIN, FAKE_CIFAR_TEST = 12, 2
+
+
+def write_fake_cifar(root: Path, kind: str, train: int = FAKE_CIFAR_TRAIN, test: int = FAKE_CIFAR_TEST,
+                     seed: int = 0) -> Path:
+    """Random images in torchvision's CIFAR layout under ``root`` (``cifar-10-batches-py/`` or
+    ``cifar-100-python/``): what an upstream's ``datasets.CIFAR10(root, download=True)`` reads.
+    Their MD5 sums cannot be the published ones: the CPU shim's ``DIRE_SHIM_FAKE_DATA`` lets
+    them pass."""
+    import pickle
+
+    import numpy as np
+
+    classes = {"cifar10": 10, "cifar100": 100}[kind]
+    rng = np.random.default_rng(seed)
+
+    def batch(per_class: int) -> Dict[str, Any]:
+        labels = np.repeat(np.arange(classes), per_class)
+        rng.shuffle(labels)
+        data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+        key = "labels" if kind == "cifar10" else "fine_labels"
+        return {"data": data, key: labels.tolist()}
+
+    def dump(path: Path, obj: Any) -> None:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+
+    if kind == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        # torchvision concatenates five training batches: the classes spread over them.
+        whole = batch(train)
+        for i in range(5):
+            dump(folder / f"data_batch_{i + 1}", {"data": whole["data"][i::5], "labels": whole["labels"][i::5]})
+        dump(folder / "test_batch", batch(test))
+        dump(folder / "batches.meta", {"label_names": [f"class{c}" for c in range(classes)]})
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        dump(folder / "train", batch(train))
+        dump(folder / "test", batch(test))
+        dump(folder / "meta", {"fine_label_names": [f"class{c}" for c in range(classes)]})
+    return root
+
+
+def upstream_failure(log: Path, root: Path) -> Optional[Tuple[str, int, str]]:
+    """``(file relative to root, line, exception line)`` when the run's traceback ends inside the
+    upstream checkout (its own code raised), else ``None`` (ours, or no traceback)."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    frames = [m for m in (_FRAME.match(line) for line in lines) if m]
+    if not frames or not any(line.startswith("Traceback") for line in lines):
+        return None
+    file, line = frames[-1].group(1), int(frames[-1].group(2))
+    try:
+        rel = Path(file).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return None
+    exception = next((l for l in reversed(lines) if l.strip() and not l.startswith(" ")), "")
+    return rel, line, exception.strip()
+
+
+def _failed_manifest(work: Path) -> Dict[str, Any]:
+    for path in sorted((work / "cache" / "runs").glob(f"*{MANIFEST_NAME}")):
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass
+    return {}
 
 
 def _config_flags(config: Optional[Mapping[str, Any]]) -> List[str]:
@@ -182,27 +292,41 @@ def _summary(out: Path, vanilla: bool) -> str:
 
 
 def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Optional[Mapping[str, Any]] = None,
-                 timeout: int = 600, vanilla: bool = False, keep: bool = False) -> SmokeResult:
-    """Smoke-run one entry script ``rel`` of ``root``; the work folder is kept when it fails."""
+                 timeout: Optional[int] = None, vanilla: bool = False, keep: bool = False) -> SmokeResult:
+    """Smoke-run one entry script ``rel`` of ``root``; the work folder is kept when it fails.
+
+    ``timeout`` defaults to the spec's ``smoke_timeout``.
+    """
     script = Path(root) / rel
     start = time.time()
+    timeout = spec.smoke_timeout if timeout is None else timeout
     if not script.is_file():
         return SmokeResult(rel, False, 0.0, f"{script} does not exist")
     work = Path(tempfile.mkdtemp(prefix="dire-smoke-"))
     ckpt = write_teacher_checkpoint(spec, work / "teacher.pth") if spec.checkpoint_key else None
-    real = write_fake_imagefolder(work / "real", spec.num_classes)
+    data = work / "data"
+    if spec.smoke_data:  # the script reads its own training set: the bank's real data is that set
+        real = write_fake_cifar(data, spec.smoke_data)
+    else:
+        real = write_fake_imagefolder(work / "real", spec.num_classes)
+    init = write_init_images(spec, work / "init") if spec.smoke_init else work / "init"
     out = work / "out"
-    args = [a.format(ckpt=ckpt or "", out=out, arch=spec.arch) for a in spec.smoke_args]
+    args = [a.format(ckpt=ckpt or "", out=out, arch=spec.arch, init=init, data=data, work=work) for a in spec.smoke_args]
     if vanilla:
         cmd = [sys.executable, "-m", "dire_plugin.upstream.shim", str(script), *args]
     else:
         # Launcher options before METHOD SCRIPT: everything after SCRIPT belongs to the script.
         cmd = [sys.executable, "-m", "dire_plugin.cli.run", "--real-data", str(real), "--cache-dir", str(work / "cache"),
                *_config_flags(config), method, str(script), "--", *args]
+    env = _environment(work)
+    if spec.smoke_data:
+        env[ENV_FAKE_DATA] = str(data)
+    if spec.checkpoint_at:  # loaded from a fixed path: the shim loads our random-init teacher instead
+        env[ENV_REDIRECT] = json.dumps({spec.checkpoint_at: str(ckpt)})
     # The checkout must come out of a run as it went in (our hidden .dire/ aside).
     before = _untracked_and_changed(Path(root))
     log = work / "log.txt"
-    rc = _run(cmd, script.parent, _environment(work), log, timeout)
+    rc = _run(cmd, Path(root) if spec.run_from == "root" else script.parent, env, log, timeout)
     seconds = time.time() - start
     left = sorted(set(_untracked_and_changed(Path(root))) - set(before))
     if left:
@@ -211,7 +335,21 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
     if rc is None:
         problem = f"timed out after {timeout} s"
     elif rc != 0:
-        problem = f"exit status {rc}"
+        failure = upstream_failure(log, Path(root))
+        if failure is not None:
+            file, line, exception = failure
+            known = any(file == f and exception.startswith(e) for f, e in spec.known_defects)
+            manifest = _failed_manifest(work)
+            dire = (f"; DiRe was added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} "
+                    "synthesis steps before it" if manifest else "")
+            where = f"upstream {'defect' if known else 'error'} at {file}:{line}: {exception}{dire}"
+            if known:
+                shutil.rmtree(work, ignore_errors=True)
+                return SmokeResult(rel, True, seconds, f"{where} (the pinned upstream fails there without DiRe too)",
+                                   defect=True)
+            problem = where
+        else:
+            problem = f"exit status {rc}"
     else:
         problem = _check_outputs(out, vanilla)
     if problem:
@@ -224,9 +362,10 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
 
 
 def run_smoke(method: str, root: Path, config: Optional[Mapping[str, Any]] = None, scripts: Optional[list] = None,
-              timeout: int = 600, *, vanilla: bool = False) -> int:
+              timeout: Optional[int] = None, *, vanilla: bool = False) -> int:
     """Smoke-run the entry scripts of ``method`` in the checkout ``root`` (all covered ones, or
-    ``scripts``), printing one PASS/FAIL line per script. Returns 0 when all pass, else 1.
+    ``scripts``), printing one PASS/FAIL/UPSTREAM DEFECT line per script. Returns 0 when none
+    failed (a known upstream defect is not a failure of the patch), else 1.
 
     ``config`` is the checkout's dire-apply config: its weights and components are passed on, its
     real data and cache are not (the smoke uses fake data in a temporary folder). ``vanilla``
@@ -242,5 +381,5 @@ def run_smoke(method: str, root: Path, config: Optional[Mapping[str, Any]] = Non
         else:
             result = smoke_script(method, Path(root), rel, spec, config, timeout, vanilla)
         failed += not result.ok
-        print(f"{'PASS' if result.ok else 'FAIL'} {method} {rel} ({result.seconds:.1f} s): {result.detail}", flush=True)
+        print(f"{result.status} {method} {rel} ({result.seconds:.1f} s): {result.detail}", flush=True)
     return 1 if failed else 0

@@ -253,21 +253,23 @@ def test_patch_lock_mismatch_is_a_packaging_error(tmp_path):
 # --- against the real upstream (optional) --------------------------------------------------------
 
 
-def _mirror_checkout():
+def _mirror_checkout(lock):
+    """The clone of ``lock``'s repository in $DIRE_UPSTREAM_MIRROR (named as the repository, or
+    as the method), or a skip."""
     mirror = os.environ.get("DIRE_UPSTREAM_MIRROR")
     if not mirror:
-        pytest.skip("set DIRE_UPSTREAM_MIRROR to a folder holding a clone SRe2L/ (or sre2l/) at the pinned commit")
-    for name in ("SRe2L", "sre2l"):
+        pytest.skip("set DIRE_UPSTREAM_MIRROR to a folder holding clones of the pinned upstreams")
+    for name in (lock.repository.rstrip("/").rsplit("/", 1)[-1], lock.method):
         path = Path(mirror) / name
         if (path / ".git").exists():
             return path
-    pytest.skip(f"DIRE_UPSTREAM_MIRROR={mirror} holds no SRe2L/ or sre2l/ clone")
+    pytest.skip(f"DIRE_UPSTREAM_MIRROR={mirror} holds no clone of {lock.repository}")
 
 
-@pytest.mark.parametrize("name", ["sre2l", "cda"])
+@pytest.mark.parametrize("name", [m for m, lock in load_lock().items() if lock.has_patch])
 def test_fingerprints_match_the_real_upstream(name):
-    path = _mirror_checkout()
     lock = load_lock()[name]
+    path = _mirror_checkout(lock)
     with git.Repo(path) as repo:
         head = repo.head.commit.hexsha
     if head != lock.commit:

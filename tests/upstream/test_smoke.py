@@ -14,6 +14,7 @@ from torchvision import datasets
 from dire_plugin.upstream import shim
 from dire_plugin.hooks.declare import ScriptSpec
 from dire_plugin.hooks.registry import load_method
+from dire_plugin.upstream.lockfile import method_lock
 from dire_plugin.upstream.smoke import run_smoke, smoke_script, write_fake_imagefolder, write_teacher_checkpoint
 
 from dire_plugin.demo.synth import RECOVER
@@ -99,11 +100,28 @@ def test_smoke_failures_keep_their_folder(tmp_path, code, problem):
         shutil.rmtree(result.workdir, ignore_errors=True)
 
 
-@pytest.mark.skipif(not MIRROR, reason="DIRE_UPSTREAM_MIRROR is not set (a folder holding a clone 'SRe2L' of "
-                    "VILA-Lab/SRe2L at the pinned commit)")
-def test_smoke_of_the_real_cifar_script(capsys):
-    root = Path(MIRROR) / "SRe2L"
-    rc = run_smoke("sre2l", root, {}, scripts=["SRe2L/*small_dataset/recover_cifar.py"])
+#: The quickest covered script of each method, smoke-run against a real clone of its upstream
+#: when DIRE_UPSTREAM_MIRROR names a folder holding one (named as the repository, at the pin).
+REAL_SMOKES = [
+    ("sre2l", "SRe2L/*small_dataset/recover_cifar.py"),
+    ("dwa", "distillation/distillation_cifar.py"),
+]
+
+
+def _mirror_clone(method):
+    if not MIRROR:
+        pytest.skip("DIRE_UPSTREAM_MIRROR is not set (a folder holding clones of the pinned upstreams)")
+    repository = method_lock(method).repository
+    root = Path(MIRROR) / repository.rstrip("/").rsplit("/", 1)[-1]
+    if not root.is_dir():
+        pytest.skip(f"no clone of {repository} in {MIRROR}")
+    return root
+
+
+@pytest.mark.parametrize("method,script", REAL_SMOKES)
+def test_smoke_of_the_real_script(capsys, method, script):
+    root = _mirror_clone(method)
+    rc = run_smoke(method, root, {}, scripts=[script])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert out.startswith("PASS sre2l SRe2L/*small_dataset/recover_cifar.py") and "DiRe added to" in out
+    assert out.startswith(f"PASS {method} {script}") and "DiRe added to" in out
