@@ -24,7 +24,11 @@ The default chunk size is compared with a small one (``chunk_elements = 2**16``)
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_loss.py [--repeats N] [--only released|imagenet]
-        [--imagenet-repeats N]
+        [--imagenet-repeats N] [--device cpu|cuda] [--scale full|tiny]
+
+``--device cuda`` runs both on the GPU (times synchronised; benchmark 2 then reports the GPU's
+peak allocated memory above its inputs). ``--scale tiny`` shrinks both settings tenfold or more:
+a check that the script runs (``benchmarks/gpu_check.sh --device cpu`` in CI), not a figure.
 
 Benchmarks print, they never assert speed; the script only checks that the losses are finite
 and of the same order.
@@ -90,10 +94,15 @@ def fwd_bwd(loss_fn: Callable[[], torch.Tensor], leaf: torch.Tensor, faults: Opt
     are page-faulted in on every call, which shows up as system time on CPU.
     """
     leaf.grad = None
+    cuda = leaf.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     loss = loss_fn()
     loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     if faults is not None:
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
@@ -124,17 +133,27 @@ def released_loop(
 
 
 # --------------------------------------------------------------------------- benchmark 1
+#: Sizes of the two benchmarks: the real settings, and a tiny one that only proves the script runs.
+SCALES = {
+    "full": {"released": dict(classes=50, ipc=10, real_per_class=500),
+             "imagenet": dict(classes=1000, mem_per_class=49, real_per_class=1300)},
+    "tiny": {"released": dict(classes=5, ipc=4, real_per_class=20),
+             "imagenet": dict(classes=20, mem_per_class=4, real_per_class=30)},
+}
+
+
 def bench_released(repeats: int, warmup: int = 3, classes: int = 50, ipc: int = 10,
-                   real_per_class: int = 500, dim: int = 512) -> Dict[str, float]:
+                   real_per_class: int = 500, dim: int = 512, device: str = "cpu") -> Dict[str, float]:
     seed_everything()
+    device = torch.device(device)
     print(f"== Benchmark 1 (released setting): {classes} classes x IPC {ipc} synthetic, "
-          f"{real_per_class} real per class, D={dim}, float32, CPU")
+          f"{real_per_class} real per class, D={dim}, float32, {device}")
     print(machine_line())
     centers = torch.randn(classes, dim)
-    real = {c: centers[c] + torch.randn(real_per_class, dim) for c in range(classes)}
+    real = {c: (centers[c] + torch.randn(real_per_class, dim)).to(device) for c in range(classes)}
     real_list = [real[c] for c in range(classes)]
-    labels = torch.arange(classes).repeat_interleave(ipc)  # class-sorted, as the released code
-    syn = (centers[labels] + torch.randn(classes * ipc, dim)).requires_grad_(True)
+    labels = torch.arange(classes).repeat_interleave(ipc).to(device)  # class-sorted, as the released code
+    syn = (centers[labels.cpu()] + torch.randn(classes * ipc, dim)).to(device).requires_grad_(True)
 
     packed = pack_mapping(real, syn.device)  # once per run in real use, outside the timed loop
     dire = DiReLoss(r_c=0.1, r_e=0.001)
@@ -185,9 +204,12 @@ def bench_released(repeats: int, warmup: int = 3, classes: int = 50, ipc: int = 
 
 # --------------------------------------------------------------------------- benchmark 2
 def bench_imagenet_child(repeats: int, classes: int = 1000, ipc: int = 1,
-                         mem_per_class: int = 49, real_per_class: int = 1300, dim: int = 512) -> None:
+                         mem_per_class: int = 49, real_per_class: int = 1300, dim: int = 512,
+                         device: str = "cpu") -> None:
     """Runs in its own process (see ``main``): RSS figures are this benchmark's alone."""
     seed_everything()
+    if device != "cpu":
+        return bench_imagenet_gpu(repeats, classes, ipc, mem_per_class, real_per_class, dim, torch.device(device))
     print(f"== Benchmark 2 (ImageNet-scale SRe²L batch): {classes} classes x {ipc} synthetic, memory "
           f"{mem_per_class} per class, {real_per_class} real per class, D={dim}, float32, CPU")
     print(machine_line())
@@ -254,10 +276,48 @@ def bench_imagenet_child(repeats: int, classes: int = 1000, ipc: int = 1,
               f"{(peak - base) / 1024:.0f} MB ({'VmHWM after clear_refs' if hwm_reset else 'ru_maxrss delta, may hide earlier peaks'})")
 
 
-def bench_imagenet(repeats: int) -> int:
+def bench_imagenet_gpu(repeats: int, classes: int, ipc: int, mem_per_class: int, real_per_class: int, dim: int,
+                       device: torch.device) -> None:
+    """Benchmark 2 on a GPU: times synchronised, the peak is the allocator's high-water mark."""
+    print(f"== Benchmark 2 (ImageNet-scale SRe²L batch): {classes} classes x {ipc} synthetic, memory "
+          f"{mem_per_class} per class, {real_per_class} real per class, D={dim}, float32, {device} "
+          f"({torch.cuda.get_device_name(device)})")
+    print(machine_line())
+    real = dict(zip(range(classes), torch.randn(classes * real_per_class, dim).split(real_per_class)))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    packed = pack_mapping(real, device)
+    torch.cuda.synchronize()
+    print(f"pack_mapping of the real bank onto the GPU: {time.perf_counter() - t0:.2f} s, "
+          f"{_nbytes(packed.padded) / MB:.0f} MB")
+    memory = dict(zip(range(classes), torch.randn(classes * mem_per_class, dim).split(mem_per_class)))
+    mem_packed = pack_mapping(memory, device, what="memory embeddings")
+    mem_sums = ClassSums(mem_packed.classes, mem_packed.unit_sums, mem_packed.counts)
+    labels = torch.randperm(classes).repeat_interleave(ipc).to(device)
+    syn = torch.randn(classes * ipc, dim, device=device).requires_grad_(True)
+    for name, chunk in [("default", DEFAULT_CHUNK_ELEMENTS), ("small", 1 << 16)]:
+        dire = DiReLoss(r_c=0.1, r_e=0.001, chunk_elements=chunk)
+
+        def run() -> torch.Tensor:
+            return dire(syn, labels, packed, memory=mem_sums)
+
+        fwd_bwd(run, syn)  # warm-up (kernels, allocator)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        times = [fwd_bwd(run, syn) for _ in range(repeats)]
+        peak = torch.cuda.max_memory_allocated(device) - base
+        if not bool(torch.isfinite(syn.grad).all()):
+            raise SystemExit("ImageNet-scale gradient is not finite")
+        print(f"chunk_elements={chunk} ({name}): forward+backward median of {len(times)}: "
+              f"{statistics.median(times) * 1e3:.2f} ms (all: {', '.join(f'{t * 1e3:.2f}' for t in times)}); "
+              f"extra peak GPU memory {peak / MB:.0f} MB")
+
+
+def bench_imagenet(repeats: int, device: str = "cpu", scale: str = "full") -> int:
     """Benchmark 2 in a fresh interpreter so that its memory high-water mark is its own."""
     cmd = [sys.executable, os.path.abspath(__file__), "--only", "imagenet", "--imagenet-repeats", str(repeats),
-           "--in-process"]
+           "--in-process", "--device", device, "--scale", scale]
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -271,18 +331,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--imagenet-repeats", type=int, default=3, help="timed calls of benchmark 2 per chunk size (default 3, at least 1)")
     p.add_argument("--only", choices=("released", "imagenet"), help="run one benchmark")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # the subprocess itself
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--scale", choices=sorted(SCALES), default="full", help="full (default) or tiny (a run check)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.imagenet_repeats < 1:
         p.error("repeats must be at least 1")
     t0 = time.perf_counter()
     rc = 0
+    sizes = SCALES[args.scale]
     if args.only in (None, "released"):
-        bench_released(args.repeats)
+        bench_released(args.repeats, device=args.device, **sizes["released"])
     if args.only in (None, "imagenet"):
         if args.in_process:
-            bench_imagenet_child(args.imagenet_repeats)
+            bench_imagenet_child(args.imagenet_repeats, device=args.device, **sizes["imagenet"])
         else:
-            rc = bench_imagenet(args.imagenet_repeats)
+            rc = bench_imagenet(args.imagenet_repeats, args.device, args.scale)
     if not args.in_process:
         print(f"total wall time {time.perf_counter() - t0:.1f} s")
     return rc

@@ -1,4 +1,5 @@
-"""SRe²L (VILA-Lab/SRe2L): ImageNet-1K, Tiny-ImageNet and CIFAR-100 recover scripts."""
+"""SRe²L (VILA-Lab/SRe2L): ImageNet-1K (one GPU, or several under torchrun), Tiny-ImageNet and
+CIFAR-100 recover scripts."""
 from __future__ import annotations
 
 from dire_plugin.embeddings.realdata import RealDataSpec
@@ -32,6 +33,16 @@ SCRIPTS = {
         TINY, num_classes=200, arch=SMOKE_ARCH, checkpoint_key="model", cifar_stem=True,
         smoke_args=(*SMOKE_ARGS, "--batch-size", "100", "--arch-path", "{ckpt}", "--store-last-images"),
     ),
+    # ImageNet on several GPUs (torchrun): each rank synthesises every W-th (class, ipc) item, so
+    # the images of a class are spread over the ranks; DiRe sees them together. A smoke run: two
+    # CPU ranks on gloo, four classes of two images, batches that divide the items evenly (the
+    # script reshapes by --batch-size and cannot take a short last batch).
+    "SRe2L/recover/multi_gpu/data_synthesis.py": ScriptSpec(
+        IMAGENET, num_classes=1000, arch=SMOKE_ARCH, num_classes_option="--num-classes", smoke_ranks=2,
+        smoke_args=("--arch-name", "{arch}", "--verifier-arch", "{arch}", "--num-classes", "4", "--ipc", "2",
+                    "--batch-size", "2", "--iteration", "2", "--print_period", "1", "--syn-data-path", "{out}",
+                    "--exp-name", "smoke", "--store-best-images", "--dist-backend", "gloo"),
+    ),
     # CIFAR-100: ResNet-18 is built by name; {"state_dict": ...} saved from a DataParallel model.
     # Two batches, so a run also goes through the start of a new batch of images.
     "SRe2L/*small_dataset/recover_cifar.py": ScriptSpec(
@@ -49,6 +60,10 @@ TARGETS = (
     Target("SRe2L/*small_dataset/recover_cifar.py", "get_images"),
     Target("SRe2L/*small_dataset/recover_cifar.py", "main_syn"),
     Target("SRe2L/*small_dataset/utils.py", "BNFeatureHook", module="utils"),
+    Target("SRe2L/recover/multi_gpu/data_synthesis.py", "get_images"),
+    Target("SRe2L/recover/multi_gpu/data_synthesis.py", "main_syn"),
+    Target("SRe2L/recover/multi_gpu/utils.py", "BNFeatureHook", module="utils"),
+    Target("SRe2L/recover/multi_gpu/data_utils.py", "MultiCardDataset", module="data_utils"),
 )
 
 # The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS (dire-apply

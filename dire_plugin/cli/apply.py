@@ -38,6 +38,7 @@ from ..io.files import locked
 from ..activation.checks import check_cache_dir, check_real_data_for_scripts
 from ..upstream.lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..hooks.registry import METHODS, load_method
+from ..hooks.settings import BANK_DTYPES
 from ._common import OneLineParser, run_main, weight
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
@@ -47,7 +48,7 @@ PROG = "dire-apply"
 #: local fixture repository).
 ENV_CLONE_URL = "DIRE_CLONE_URL"
 #: Options that only make sense when applying (``--verify --smoke`` reads them too).
-_APPLY_OPTIONS = ("real_data", "r_c", "r_e", "reduction", "cache_dir", "clone")
+_APPLY_OPTIONS = ("real_data", "r_c", "r_e", "reduction", "cache_dir", "bank_dtype", "clone")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r-e", type=weight, metavar="F", help="weight of the Euclidean term (default: dire_plugin.DEFAULT_R_E)")
     p.add_argument("--reduction", choices=("mean", "sum"), help="over classes (default mean)")
     p.add_argument("--cache-dir", metavar="DIR", help="real-embedding cache (default PATH/.dire/cache)")
+    p.add_argument("--bank-dtype", choices=BANK_DTYPES, help="storage of the real-embedding bank (default float32; "
+                   "float16/bfloat16 halve its memory)")
     p.add_argument("--allow-drift", action="store_true",
                    help="accept another commit than the pinned one if every fingerprint matches")
     p.add_argument("--clone", action="store_true", help="clone the pinned upstream to PATH first if PATH does not exist")
@@ -145,6 +148,7 @@ def _config(args: argparse.Namespace, lock: MethodLock, root: Path, head: str,
         "r_c": DEFAULT_R_C if args.r_c is None else args.r_c,
         "r_e": DEFAULT_R_E if args.r_e is None else args.r_e,
         "reduction": args.reduction or "mean",
+        "bank_dtype": args.bank_dtype or "float32",
         "real_data": str(real_data) if real_data else "",
         "cache_dir": str(cache_dir or root / activation.CONFIG_DIR / "cache"),
         "plugin_version": dire_plugin.__version__,

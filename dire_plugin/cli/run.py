@@ -6,11 +6,11 @@ Settings come from the checkout's ``dire-apply`` config when there is one; flags
 from __future__ import annotations
 
 import argparse
-import runpy
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..hooks.settings import BANK_DTYPES
 from ._common import OneLineParser, fail, positive_int, weight
 
 __all__ = ["main"]
@@ -33,6 +33,7 @@ def _parser(remainder: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where the real-embedding bank is cached")
     p.add_argument("--components", help="comma-separated subset of cd,cdm,edm (ablation)")
     p.add_argument("--log-every", type=positive_int, help="log DiRe values every N steps")
+    p.add_argument("--bank-dtype", choices=BANK_DTYPES, help="storage of the real-embedding bank (default float32)")
     if remainder:
         p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script (after --)")
     return p
@@ -58,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             fail(PROG, f"--real-data {real} {'is not a directory' if real.exists() else 'does not exist'}")
             return 2
         overrides["real_data"] = str(real.resolve())
-    for key in ("r_c", "r_e", "reduction", "cache_dir", "log_every"):
+    for key in ("r_c", "r_e", "reduction", "cache_dir", "log_every", "bank_dtype"):
         if getattr(opts, key) is not None:
             overrides[key] = getattr(opts, key)
     if opts.components:

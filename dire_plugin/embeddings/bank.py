@@ -23,6 +23,7 @@ from ..errors import DiReInputError
 from ..regularizer.grouped import PackedEmbeddings
 from ..regularizer.kernels import DEFAULT_EPS
 from .capture import EmbeddingCapture, resolve_layer, unwrap_model
+from .collectives import all_gather_rows, world
 from ..io.files import atomic_torch_save, load_torch_file
 
 __all__ = ["RealEmbeddingBank", "CACHE_FORMAT"]
@@ -333,6 +334,10 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
             dataset_id, transform_id: identify the data and preprocessing in the cache key.
             progress: show a tqdm bar.
 
+        Under ``torch.distributed`` (several ranks) each rank embeds a disjoint shard of the
+        loader's dataset (every ``world``-th image), the shards are gathered in dataset order, so
+        every rank holds the bank one process would have built, and rank 0 writes the cache.
+
         Raises:
             DiReInputError: bad settings, a loader that yields no data or non-finite embeddings,
                 or a loader error raised as a ``DiReInputError`` (also from a DataLoader worker,
@@ -347,17 +352,22 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
             max_per_class=max_per_class, seed=seed, dtype=dtype,
         )
         path = Path(cache_dir) / f"bank-{key[:16]}.pt" if cache_dir is not None else None
-        if path is not None and path.exists():
-            bank = _load_cached(path, key, dtype, layer_name)
-            if bank is not None:
-                return bank
+        rank, size = world()
+        cached = _load_cached(path, key, dtype, layer_name) if path is not None and path.exists() else None
+        if size > 1 and not _everyone(cached is not None):
+            cached = None  # one rank without the file: all build, so that all hold the same bank
+        if cached is not None:
+            return cached
 
-        rows, labels = _embed(model, loader, layer_name, device, progress)
+        if size > 1:
+            rows, labels = _embed_sharded(model, loader, layer_name, device, progress, rank, size)
+        else:
+            rows, labels = _embed(model, loader, layer_name, device, progress)
         rows, classes, counts = _sort_by_label(rows, labels)
         if max_per_class is not None:
             rows, counts = _subsample(rows, classes, counts, int(max_per_class), seed)
         bank = cls(_to_storage(rows, dtype), classes, counts, fingerprint=key, layer=layer_name)
-        if path is not None:
+        if path is not None and rank == 0:  # every rank holds the bank; one writes the cache
             atomic_torch_save(path, {
                 "format": CACHE_FORMAT, "key": key, "classes": bank._classes, "counts": bank._counts,
                 "embeddings": bank._flat, "checksum": _checksum(bank._classes, bank._counts, bank._flat),
@@ -422,7 +432,8 @@ def _batches(loader: Iterable) -> Iterator[Any]:
 
 
 def _embed(
-    model: nn.Module, loader: Iterable, layer: str, device: Optional[Union[str, torch.device]], progress: bool
+    model: nn.Module, loader: Iterable, layer: str, device: Optional[Union[str, torch.device]], progress: bool,
+    total: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """All ``(embeddings, labels)`` of ``loader`` (CPU), model in eval mode and modes restored."""
     device = _model_device(model) if device is None else torch.device(device)
@@ -432,7 +443,8 @@ def _embed(
     try:
         model.eval()
         with torch.no_grad(), EmbeddingCapture(model, layer, detach=True) as capture:
-            total = len(loader) if hasattr(loader, "__len__") else None
+            if total is None and hasattr(loader, "__len__"):
+                total = len(loader)
             for batch in tqdm(_batches(loader), total=total, desc="real embeddings", disable=not progress, leave=False):
                 if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                     raise DiReInputError("the loader must yield (images, labels) batches")
@@ -472,6 +484,50 @@ def _subsample(rows: Tensor, classes: Tensor, counts: Tensor, k: int, seed: int)
             keep.append(torch.arange(start, start + n))
         start += n
     return rows[torch.cat(keep)], counts.clamp_max(k)
+
+
+def _everyone(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    (flags,) = all_gather_rows([torch.tensor([int(flag)])], "the bank cache check")
+    return all(bool(f) for f in flags)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """A dataset's items with their index, so shards gathered from ranks go back in order."""
+
+    def __init__(self, dataset: Any, indices: List[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[self.indices[i]]
+        return (*item[:2], self.indices[i])
+
+
+def _embed_sharded(model: nn.Module, loader: Any, layer: str, device: Optional[Union[str, torch.device]],
+                   progress: bool, rank: int, size: int) -> Tuple[Tensor, Tensor]:
+    """:func:`_embed` of this rank's shard, gathered with the other ranks' into dataset order."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__len__"):
+        raise DiReInputError("a bank built on several ranks needs a DataLoader over a dataset (to shard it)")
+    if len(dataset) < size:
+        raise DiReInputError(f"{len(dataset)} real images for {size} ranks: every rank needs one to embed")
+    shard = _Indexed(dataset, list(range(rank, len(dataset), size)))
+    sharded = torch.utils.data.DataLoader(shard, batch_size=loader.batch_size or 1, shuffle=False,
+                                          num_workers=loader.num_workers)
+    indices: List[Tensor] = []
+
+    def with_indices():
+        for images, labels, index in sharded:
+            indices.append(torch.as_tensor(index).reshape(-1))
+            yield images, labels
+
+    rows, labels = _embed(model, with_indices(), layer, device, progress and rank == 0, total=len(sharded))
+    all_rows, all_labels, all_index = all_gather_rows([rows, labels, torch.cat(indices)], "the real-embedding bank's shards")
+    order = torch.argsort(torch.cat(all_index))
+    return torch.cat(all_rows)[order], torch.cat(all_labels)[order]
 
 
 def _load_cached(path: Path, key: str, dtype: torch.dtype, layer: str) -> Optional[RealEmbeddingBank]:

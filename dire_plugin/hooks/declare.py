@@ -12,7 +12,7 @@ Torch-free, like the patch modules themselves: ``dire-apply --list`` reads them 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Tuple
 
 from ..embeddings.realdata import RealDataSpec
@@ -52,7 +52,9 @@ class ScriptSpec:
     #: (DWA's ``./pretrain/save/...``): smoke runs redirect that load to a random-init teacher.
     checkpoint_at: Optional[str] = None
     #: Where the upstream's own commands run the script from: ``"script"`` (its folder, SRe²L's
-    #: ``cd ...; python recover_cifar.py``) or ``"root"`` (the checkout, DWA's ``scripts/run_*.sh``).
+    #: ``cd ...; python recover_cifar.py``) or ``"root"`` (the checkout, DWA's ``scripts/run_*.sh``);
+    #: ``"out"``: smoke runs start in their ``{out}`` folder, outside the checkout, for a script that
+    #: writes its results relative to the folder it runs from (MTT's ``./logged_files``).
     run_from: str = "script"
     #: Arguments for a tiny CPU run (``{ckpt}``, ``{out}``, ``{arch}``, ``{init}``, ``{data}``,
     #: ``{work}`` are filled in).
@@ -64,6 +66,19 @@ class ScriptSpec:
     #: MTT's ``--data_path``): ``"cifar10"`` or ``"cifar100"``, made up for a smoke run in
     #: torchvision's layout, which the CPU shim lets pass torchvision's MD5 check.
     smoke_data: Optional[str] = None
+    #: Several smoke runs of the script: ``(name, extra arguments)`` each, appended to
+    #: ``smoke_args`` (DM's ``--model ConvNet`` and ``--model ConvNetBN`` take different branches).
+    smoke_variants: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    #: Glob of the result files a smoke run must write under ``{out}`` (DM's ``res_DM_*.pt``), with
+    #: the manifest beside them; ``None``: images in SRe²L-style ``new*/`` class folders.
+    smoke_outputs: Optional[str] = None
+    #: Processes of a smoke run: more than 1 runs it under ``torchrun --nproc-per-node N`` (gloo).
+    smoke_ranks: int = 1
+    #: ``"module:function"`` that makes up further inputs of a smoke run (MTT's expert buffer):
+    #: called as ``function(work, args, env)`` with the work folder, the script's arguments and the
+    #: run's environment (which it may extend); a :class:`~dire_plugin.errors.DiReError` it raises
+    #: (a missing upstream dependency) fails the run with its message, without starting it.
+    smoke_prepare: Optional[str] = None
     #: Seconds a smoke run may take on a laptop CPU.
     smoke_timeout: int = 600
     #: ``(file, exception type)`` of failures the pinned upstream has on its own: a smoke run that
@@ -72,17 +87,30 @@ class ScriptSpec:
     #: For a script that picks its data with an option (the demo's ``--dataset cifar10``): the
     #: option and the spec of each value; without the option (or another value) this spec holds.
     by_option: Optional[Tuple[str, Tuple[Tuple[str, "ScriptSpec"], ...]]] = None
+    #: The option that sets the teacher's class count, for a script that has one (SRe²L's
+    #: multi-GPU recover: ``--num-classes``); ``num_classes`` is its default.
+    num_classes_option: Optional[str] = None
 
     def for_argv(self, argv: Sequence[str]) -> "ScriptSpec":
         """The spec of a run of the script with arguments ``argv`` (argparse's spellings of the
         option: ``--opt VALUE`` and ``--opt=VALUE``; the last one wins)."""
-        if self.by_option is None:
-            return self
-        option, choices = self.by_option
-        value = None
-        for i, arg in enumerate(argv):
-            if arg == option and i + 1 < len(argv):
-                value = argv[i + 1]
-            elif arg.startswith(option + "="):
-                value = arg[len(option) + 1:]
-        return dict(choices).get(value, self)
+        spec = self
+        if self.by_option is not None:
+            option, choices = self.by_option
+            spec = dict(choices).get(_option_value(argv, option), self)
+        if spec.num_classes_option is not None:
+            value = _option_value(argv, spec.num_classes_option)
+            if value is not None and value.isdigit() and int(value) > 0:
+                spec = replace(spec, num_classes=int(value))
+        return spec
+
+
+def _option_value(argv: Sequence[str], option: str) -> Optional[str]:
+    """The value of ``option`` in ``argv`` (``--opt VALUE`` or ``--opt=VALUE``; the last one wins)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg[len(option) + 1:]
+    return value

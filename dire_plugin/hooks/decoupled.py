@@ -22,6 +22,8 @@ How a step gets the term, without a second forward:
 
 4. Batches hold one image per class: when a new batch of images starts, the last embeddings of the
    finished one join the per-class memory, so CD acts across ipc indices.
+5. Under ``torch.distributed`` (SRe²L's multi-GPU recover) the term is computed on the union of
+   every rank's current embeddings (:mod:`.distributed`), each rank keeping its own rows' gradient.
 
 Forwards that are not synthesis steps get nothing: under ``no_grad`` nothing is recorded, and a
 second criterion call on the same logits (printing) finds its records already used.
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from ..embeddings.capture import unwrap_model
 from ..errors import DiReInputError
 from .capture import Capture, Wrapper, plain_tensor_params
+from .distributed import union_term_gradient, w_destroy_process_group
 from .runtime import current_runtime
 
 __all__ = ["DecoupledCapture"]
@@ -140,6 +143,7 @@ class DecoupledCapture(Capture):
         return (
             ("torch.nn.modules.loss", "CrossEntropyLoss.forward", _w_CrossEntropyLoss_forward),
             ("PIL.Image", "Image.save", _w_Image_save),
+            ("torch.distributed", "destroy_process_group", w_destroy_process_group(current_runtime)),
         )
 
     # ------------------------------------------------------------------ install
@@ -230,12 +234,13 @@ class DecoupledCapture(Capture):
         device = outputs.device
         emb = torch.cat([r.emb.detach().to(device) for r in chunks])
         self._bank(chunks[0], device)
-        grad = self.core.term_gradient(emb, labels.to(device))
+        # Under torch.distributed the term is the one of every rank's current images together.
+        grad, union, union_labels = union_term_gradient(self.core, emb, labels.to(device))
         if self.teacher_grads == "shared":
             self._attach(chunks, grad)
         else:
             self._images_only(chunks, grad)
-        self.last = (emb.detach().float(), labels.detach().to(device))
+        self.last = (union.detach().float(), union_labels.detach().to(device))
 
     def _bank(self, record: _Record, device: torch.device) -> None:
         teacher = record.root if record.root is not None else record.layer

@@ -135,6 +135,13 @@ class MethodPatch:
                 return  # never wrap twice
             if not self.in_checkout(module) and not module_name.startswith(("torch", "PIL")):
                 return  # an upstream name like ``networks`` that belongs to some other package
+            try:
+                _resolve(module, path)[0]
+                present = _current(module, path) is not None
+            except AttributeError:
+                present = False
+            if not present:
+                return  # another module of that name; a pinned one that lost it fails _check_targets
             wrapt.wrap_function_wrapper(module, path, wrapper)
 
         return install
@@ -175,6 +182,8 @@ class MethodPatch:
         spec = self.scripts.get(config.script)
 
         def factory(teacher, layer: str, device):
+            import torch
+
             from ..embeddings.bank import RealEmbeddingBank
             from ..embeddings.realdata import real_data_loader
 
@@ -186,6 +195,7 @@ class MethodPatch:
             loader, dataset_id, transform_id = real_data_loader(config.real_data, run.real_data, run.num_classes)
             return RealEmbeddingBank.build(
                 teacher, loader, layer=layer or None, max_per_class=config.bank_max_per_class,
+                dtype=getattr(torch, config.bank_dtype),
                 cache_dir=config.cache_dir or None, dataset_id=dataset_id, transform_id=transform_id,
                 device=device,
             )

@@ -33,6 +33,7 @@ from ..regularizer.defaults import COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
 from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture
+from .distributed import rank_summary
 from .settings import RunConfig
 
 __all__ = [
@@ -81,6 +82,8 @@ class DiReRuntime:
         self.started = time.time()
         self.output_dirs: List[str] = []
         self.manifest_written = False
+        #: rank → counters of every rank (a torch.distributed run; see :mod:`.distributed`).
+        self.rank_counts: Dict[int, Dict[str, int]] = {}
         self._suspended = 0
         self._terms = active_components(config.components, config.r_c, config.r_e)
         self._added = False
@@ -195,6 +198,14 @@ class DiReRuntime:
     # ------------------------------------------------------------------ outputs
     def manifest(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
         bank = self.bank
+        counts = {"synthesis_steps": self.stats.steps, "terms_added": self.stats.terms_added,
+                  "terms_computed": self.stats.computed}
+        ranks: Dict[str, Any] = {}
+        if self.rank_counts:
+            ranks = rank_summary(self.rank_counts)
+            totals = ranks["all_ranks"]
+            counts = {"synthesis_steps": totals["steps"], "terms_added": totals["terms_added"],
+                      "terms_computed": totals["computed"]}
         return {
             "method": self.config.method,
             "status": "finished" if error is None else "failed",
@@ -209,9 +220,8 @@ class DiReRuntime:
                 "fingerprint": bank.fingerprint, "cache_hit": bank.cache_hit, "classes": len(bank),
                 "embeddings": bank.num_embeddings, "dim": bank.dim,
             },
-            "synthesis_steps": self.stats.steps,
-            "terms_added": self.stats.terms_added,
-            "terms_computed": self.stats.computed,
+            **counts,
+            **ranks,
             "batches_in_memory": self.stats.batches_to_memory,
             "memory_embeddings": len(self.memory),
             "mean_values": self.stats.means(),
@@ -231,9 +241,13 @@ class DiReRuntime:
 
     def write_manifest(self, error: Optional[BaseException] = None) -> List[Path]:
         """Write the manifest beside the outputs (or to :meth:`fallback_manifest_path`)."""
-        rank = os.environ.get("RANK")
-        name = MANIFEST_NAME if rank in (None, "0") else f"dire_manifest.rank{rank}.json"
-        paths = [Path(d) / name for d in self.output_dirs] or [self.fallback_manifest_path()]
+        rank = os.environ.get("RANK", "0")
+        if error is None and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.manifest_written = True
+            return []  # rank 0 writes the one manifest, with every rank's counts
+        paths = [Path(d) / MANIFEST_NAME for d in self.output_dirs] or [self.fallback_manifest_path()]
+        if error is not None and rank != "0":  # each failing rank says what happened to it
+            paths = [p.with_name(f"rank{rank}-{p.name}") for p in paths]
         data = json.dumps(self.manifest(error), indent=2) + "\n"
         written = []
         for path in paths:

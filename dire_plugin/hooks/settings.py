@@ -10,7 +10,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from ..errors import DiReInputError
 from ..regularizer.defaults import COMPONENTS, DEFAULT_R_C, DEFAULT_R_E, REDUCTIONS, check_weights
 
-__all__ = ["RunConfig", "check_run_settings"]
+__all__ = ["BANK_DTYPES", "RunConfig", "check_run_settings"]
+
+BANK_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _whole(value: Any, name: str, where: str, minimum: int) -> int:
@@ -41,6 +43,8 @@ def check_run_settings(settings: Mapping[str, Any], where: str = "") -> Dict[str
     _whole(out.get("log_every", 100), "log_every", where, 0)
     if out.get("bank_max_per_class") is not None:
         _whole(out["bank_max_per_class"], "bank_max_per_class", where, 1)
+    if out.get("bank_dtype", "float32") not in BANK_DTYPES:
+        raise DiReInputError(f"{where}bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {out['bank_dtype']!r}")
     for key in ("real_data", "cache_dir", "manifest_dir", "method", "script", "commit", "root"):
         if key in out and not isinstance(out[key], str):
             raise DiReInputError(f"{where}{key} must be a string, got {out[key]!r}")
@@ -63,6 +67,9 @@ class RunConfig:
     cache_dir: str = ""
     log_every: int = 100
     bank_max_per_class: Optional[int] = None
+    #: Storage of the real-embedding bank: float16/bfloat16 halve its memory on a GPU (the sums the
+    #: terms use stay float32; README "Scaling" bounds the error).
+    bank_dtype: str = "float32"
     memory: bool = True
     manifest_dir: str = ""
 

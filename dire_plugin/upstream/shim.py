@@ -11,7 +11,9 @@ installed:
 * ``torch.cuda.is_available`` is ``False`` and ``device_count`` is 0, so ``nn.DataParallel`` runs
   its module directly; ``empty_cache``, ``synchronize``, ``set_device`` do nothing;
 * torchvision model builders get ``weights=None`` (random init) instead of downloading
-  ``pretrained=True`` / ``weights=...`` checkpoints.
+  ``pretrained=True`` / ``weights=...`` checkpoints;
+* ``torch.distributed.init_process_group`` runs on gloo when it is asked for NCCL (torchrun
+  scripts such as SRe²L's multi-GPU recover run on CPU processes).
 
 Everything is a ``wrapt.FunctionWrapper`` recorded in one table, so :func:`uninstall` puts back
 the very objects that were there. Modules imported after :func:`install` are patched by
@@ -223,6 +225,18 @@ def _w_load(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> Any:
     return wrapped(*args, **{**kwargs, "map_location": where})
 
 
+def _w_init_process_group(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> Any:
+    args = list(args)
+    backend = args[0] if args else kwargs.get("backend")
+    if isinstance(backend, str) and "nccl" in backend.lower():
+        backend = "gloo"  # NCCL needs GPUs; gloo runs the same collectives between CPU processes
+        if args:
+            args[0] = backend
+        else:
+            kwargs = {**kwargs, "backend": backend}
+    return wrapped(*args, **kwargs)
+
+
 def _w_noop(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> None:
     return None
 
@@ -252,6 +266,11 @@ def _on_torch(torch: Any) -> None:
     # No devices: nn.DataParallel then keeps device_ids empty and calls its module directly.
     _wrap_attr(torch.cuda, "device_count", _w_zero)
     _wrap_attr(torch.cuda, "is_available", _w_false)
+    if torch.distributed.is_available():
+        from torch.distributed import distributed_c10d
+
+        _wrap_attr(torch.distributed, "init_process_group", _w_init_process_group)
+        _wrap_attr(distributed_c10d, "init_process_group", _w_init_process_group)
     from torch import serialization
 
     # torch < 2.4 has no allow-list (and loads with weights_only=False by default).

@@ -5,8 +5,9 @@ format that script loads (:class:`~dire_plugin.hooks.declare.ScriptSpec`), a fak
 ImageFolder (two tiny random images per class, so the bank builds offline and as fast as the
 teacher allows), then the script itself through ``python -m dire_plugin.cli.run`` with
 ``DIRE_CPU_SHIM=1``, ``WANDB_MODE=disabled`` (and a stand-in ``wandb`` module where wandb is not
-installed) and the spec's tiny ``smoke_args``. A script passes when it exits 0, wrote images, and
-its ``dire_manifest.json`` says the DiRe term was added to at least one synthesis step.
+installed) and the spec's tiny ``smoke_args`` (once per ``smoke_variants`` entry, if it has any).
+A script passes when it exits 0, wrote images (or its ``smoke_outputs`` result files), and its
+``dire_manifest.json`` beside them says the DiRe term was added to at least one synthesis step.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..errors import DiReError
 from ..hooks.declare import ScriptSpec
 from ..hooks.registry import load_method
 from ..hooks.runtime import MANIFEST_NAME
@@ -36,20 +38,35 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Real images written per class: enough for a bank, few enough to embed in seconds.
 IMAGES_PER_CLASS = 2
 #: Launcher flags for the run settings a config may hold.
-_CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "reduction": "--reduction", "log_every": "--log-every"}
+_CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "reduction": "--reduction", "log_every": "--log-every",
+                 "bank_dtype": "--bank-dtype"}
 _FRAME = re.compile(r'^\s*File "(.+)", line (\d+)')
 #: Environment variables of an enclosing DiRe run that must not leak into the smoke run.
 _INHERITED = ("DIRE_ACTIVATE", "DIRE_DISABLE")
 
-# What CDA's scripts call on wandb, for machines without it: the smoke checks DiRe, not logging.
+# What CDA's and MTT's scripts call on wandb, for machines without it: the smoke checks DiRe, not
+# logging. MTT reads its options back from ``wandb.config._items`` and names its output folder
+# after ``wandb.run.name``, as wandb's disabled mode lets it.
 _WANDB_STUB = '''"""Stand-in for wandb written by dire-plugin's smoke run (wandb is not installed)."""
 class _Api:
     api_key = None
+class _Config:
+    _items = {}
+class _Run:
+    name = "dire-smoke"
 api = _Api()
+config = _Config()
+run = None
 def login(*args, **kwargs): return True
-def init(*args, **kwargs): return None
+def init(*args, config=None, **kwargs):
+    global run
+    _Config._items = dict(vars(config)) if hasattr(config, "__dict__") else dict(config or {})
+    run = _Run()
+    return run
 def log(*args, **kwargs): return None
 def finish(*args, **kwargs): return None
+def Image(*args, **kwargs): return None
+def Histogram(*args, **kwargs): return None
 '''
 
 
@@ -265,30 +282,41 @@ def _tail(log: Path, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def _check_outputs(out: Path, vanilla: bool) -> str:
-    """Empty when the run wrote images and (with DiRe) a manifest that counts added terms."""
-    images = _images(out)
+def _outputs(out: Path, pattern: Optional[str]) -> Tuple[List[Path], List[Path]]:
+    """The files a run wrote under ``out`` and the folders its manifest belongs in: images in
+    ``new*/`` class folders (beside those folders), or files matching ``pattern`` (beside them)."""
+    if pattern is None:
+        images = _images(out)
+        return images, sorted({p.parent.parent for p in images})
+    files = sorted(p for p in out.rglob(pattern) if p.is_file())
+    return files, sorted({p.parent for p in files})
+
+
+def _check_outputs(out: Path, vanilla: bool, pattern: Optional[str] = None) -> str:
+    """Empty when the run wrote images (or the ``pattern`` result files) and (with DiRe) a
+    manifest beside them that counts added terms."""
+    images, folders = _outputs(out, pattern)
     if not images:
-        return f"no images written under {out}"
+        return f"no {pattern or 'images'} written under {out}"
     if vanilla:
         return ""
-    folders = sorted({p.parent.parent for p in images})
     manifests = [f / MANIFEST_NAME for f in folders if (f / MANIFEST_NAME).is_file()]
     if not manifests:
-        return f"no {MANIFEST_NAME} beside the images in {', '.join(map(str, folders))}"
+        return f"no {MANIFEST_NAME} beside the {pattern or 'images'} in {', '.join(map(str, folders))}"
     manifest = json.loads(manifests[0].read_text())
     if not manifest.get("terms_added", 0) > 0:
         return f"DiRe was added to no step ({manifest.get('synthesis_steps', 0)} synthesis steps, {manifests[0]})"
     return ""
 
 
-def _summary(out: Path, vanilla: bool) -> str:
-    images = len(_images(out))
+def _summary(out: Path, vanilla: bool, pattern: Optional[str] = None) -> str:
+    files = len(_outputs(out, pattern)[0])
+    what = f"{files} images" if pattern is None else f"{files} {pattern} file{'s' if files != 1 else ''}"
     if vanilla:
-        return f"{images} images, vanilla"
+        return f"{what}, vanilla"
     manifests = list(out.rglob(MANIFEST_NAME))
     manifest = json.loads(manifests[0].read_text()) if manifests else {}
-    return f"{images} images, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps"
+    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps"
 
 
 def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Optional[Mapping[str, Any]] = None,
@@ -304,29 +332,43 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
         return SmokeResult(rel, False, 0.0, f"{script} does not exist")
     work = Path(tempfile.mkdtemp(prefix="dire-smoke-"))
     ckpt = write_teacher_checkpoint(spec, work / "teacher.pth") if spec.checkpoint_key else None
-    data = work / "data"
+    data, init, out = work / "data", work / "init", work / "out"
+    args = [a.format(ckpt=ckpt or "", out=out, arch=spec.arch, init=init, data=data, work=work) for a in spec.smoke_args]
+    run = spec.for_argv(args)  # the smoke's own options may pick the data (--dataset, --num-classes)
     if spec.smoke_data:  # the script reads its own training set: the bank's real data is that set
         real = write_fake_cifar(data, spec.smoke_data)
     else:
-        real = write_fake_imagefolder(work / "real", spec.num_classes)
-    init = write_init_images(spec, work / "init") if spec.smoke_init else work / "init"
-    out = work / "out"
-    args = [a.format(ckpt=ckpt or "", out=out, arch=spec.arch, init=init, data=data, work=work) for a in spec.smoke_args]
+        real = write_fake_imagefolder(work / "real", run.num_classes)
+    if spec.smoke_init:
+        write_init_images(run, init)
+    # torchrun starts the ranks (gloo on the CPU: the shim maps NCCL to it) with each rank's
+    # environment; each rank runs the same command.
+    runner = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                  str(spec.smoke_ranks)] if spec.smoke_ranks > 1 else [])
     if vanilla:
-        cmd = [sys.executable, "-m", "dire_plugin.upstream.shim", str(script), *args]
+        cmd = [*runner, "-m", "dire_plugin.upstream.shim", str(script), *args]
     else:
         # Launcher options before METHOD SCRIPT: everything after SCRIPT belongs to the script.
-        cmd = [sys.executable, "-m", "dire_plugin.cli.run", "--real-data", str(real), "--cache-dir", str(work / "cache"),
+        cmd = [*runner, "-m", "dire_plugin.cli.run", "--real-data", str(real), "--cache-dir", str(work / "cache"),
                *_config_flags(config), method, str(script), "--", *args]
     env = _environment(work)
     if spec.smoke_data:
         env[ENV_FAKE_DATA] = str(data)
     if spec.checkpoint_at:  # loaded from a fixed path: the shim loads our random-init teacher instead
         env[ENV_REDIRECT] = json.dumps({spec.checkpoint_at: str(ckpt)})
+    if spec.smoke_prepare:  # further made-up inputs (MTT's expert buffer); a missing dependency stops here
+        module, _, function = spec.smoke_prepare.partition(":")
+        try:
+            getattr(importlib.import_module(module), function)(work, args, env)
+        except DiReError as e:
+            shutil.rmtree(work, ignore_errors=True)
+            return SmokeResult(rel, False, time.time() - start, f"{e} (not run)")
+    cwd = {"root": Path(root), "out": out}.get(spec.run_from, script.parent)
+    cwd.mkdir(parents=True, exist_ok=True)
     # The checkout must come out of a run as it went in (our hidden .dire/ aside).
     before = _untracked_and_changed(Path(root))
     log = work / "log.txt"
-    rc = _run(cmd, Path(root) if spec.run_from == "root" else script.parent, env, log, timeout)
+    rc = _run(cmd, cwd, env, log, timeout)
     seconds = time.time() - start
     left = sorted(set(_untracked_and_changed(Path(root))) - set(before))
     if left:
@@ -351,10 +393,10 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
         else:
             problem = f"exit status {rc}"
     else:
-        problem = _check_outputs(out, vanilla)
+        problem = _check_outputs(out, vanilla, spec.smoke_outputs)
     if problem:
         return SmokeResult(rel, False, seconds, f"{problem} (log and files kept in {work})\n{_tail(log)}", work)
-    detail = _summary(out, vanilla)
+    detail = _summary(out, vanilla, spec.smoke_outputs)
     if keep:
         return SmokeResult(rel, True, seconds, detail, work)
     shutil.rmtree(work, ignore_errors=True)
@@ -377,9 +419,15 @@ def run_smoke(method: str, root: Path, config: Optional[Mapping[str, Any]] = Non
     for rel in chosen:
         spec = module.SCRIPTS.get(rel)
         if spec is None:
-            result = SmokeResult(rel, False, 0.0, f"not an entry script of {method}: {', '.join(module.SCRIPTS)}")
-        else:
-            result = smoke_script(method, Path(root), rel, spec, config, timeout, vanilla)
-        failed += not result.ok
-        print(f"{result.status} {method} {rel} ({result.seconds:.1f} s): {result.detail}", flush=True)
+            runs = [("", None)]
+        else:  # one run per variant (``[name]`` after the script), or the one run
+            runs = [(f" [{name}]", replace(spec, smoke_args=(*spec.smoke_args, *extra), smoke_variants=()))
+                    for name, extra in spec.smoke_variants] or [("", spec)]
+        for label, run in runs:
+            if run is None:
+                result = SmokeResult(rel, False, 0.0, f"not an entry script of {method}: {', '.join(module.SCRIPTS)}")
+            else:
+                result = smoke_script(method, Path(root), rel, run, config, timeout, vanilla)
+            failed += not result.ok
+            print(f"{result.status} {method} {rel}{label} ({result.seconds:.1f} s): {result.detail}", flush=True)
     return 1 if failed else 0

@@ -23,6 +23,7 @@ from lookalike import build_checkout, commit_all, write_image_folder, write_lock
 URL = "https://github.com/VILA-Lab/SRe2L"
 SRE2L = load_method("sre2l")
 CDA = load_method("cda")
+LATER = "gvbsm"
 # The first target, and a file no target lives in.
 TARGET = SRE2L.TARGETS[0]
 UNRELATED = "README.md"
@@ -38,6 +39,10 @@ def template(tmp_path_factory):
     head = build_checkout(root, [SRE2L, CDA], URL)
     (root / UNRELATED).write_text("look-alike\n")
     lock = write_lock(base / "lock.toml", root, [SRE2L, CDA], URL, head)
+    # A method pinned in the lock without a patch yet (as G-VBSM is planned).
+    locks = parse_lock(lock.read_text())
+    locks[LATER] = MethodLock(LATER, "https://github.com/shaoshitong/G_VBSM_Dataset_Condensation", "1" * 40)
+    lock.write_text(format_lock(locks.values()))
     return root, lock, head
 
 
@@ -250,7 +255,7 @@ REFUSALS = {
     "wrong-remote": (_wrong_remote, ["sre2l", "{root}", "--real-data", "{data}"], ["not a clone of " + URL, "someone/else"]),
     "no-remote": (_no_remote, ["sre2l", "{root}", "--real-data", "{data}"], ["has no remote"]),
     "unknown-method": (None, ["nope", "{root}", "--real-data", "{data}"], ["unknown method 'nope'", "sre2l"]),
-    "unsupported-method": (None, ["dwa", "{root}", "--real-data", "{data}"], ["dwa is not supported yet"]),
+    "unsupported-method": (None, [LATER, "{root}", "--real-data", "{data}"], [f"{LATER} is not supported yet"]),
     "dirty-tracked": (_dirty_tracked, ["sre2l", "{root}", "--real-data", "{data}"], ["uncommitted", UNRELATED]),
     "dirty-untracked": (_dirty_untracked, ["sre2l", "{root}", "--real-data", "{data}"], ["untracked", "notes.txt"]),
     "missing-real-data": (None, ["sre2l", "{root}", "--real-data", "{base}/nodata"], ["--real-data", "nodata does not exist"]),
@@ -457,8 +462,8 @@ def test_list(env, capsys):
     assert "supported" in sre2l and URL in sre2l and env.pinned in sre2l
     for script in SRE2L.SCRIPTS:
         assert script in out
-    for name in ("dwa", "mtt", "dm"):
-        assert "not yet" in next(line for line in lines if line.startswith(name))
+    assert "supported" in next(line for line in lines if line.startswith("dwa"))
+    assert "not yet" in next(line for line in lines if line.startswith(LATER))
 
 
 def test_status(env, capsys):

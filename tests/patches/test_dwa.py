@@ -235,6 +235,8 @@ def world(tmp_path_factory):
         teacher = nn.DataParallel(_load("distillation_cifar").build_teacher(10))
     finally:
         sys.path.remove(str(FIXTURE))
+        for name in ("perterb", "utils"):  # the look-alike's generic names must not linger
+            sys.modules.pop(name, None)
     (run / "pretrain/save/cifar10").mkdir(parents=True)
     torch.save({"state_dict": teacher.state_dict()}, run / "pretrain/save/cifar10/teacher.pth")
     init = base / "init"

@@ -344,3 +344,24 @@ def test_weights_are_checked(kwargs, match):
 def test_released_weights_are_checked(kwargs, match):
     with pytest.raises(DiReInputError, match=match):
         DiReLoss.from_released(**kwargs)
+
+
+@pytest.mark.parametrize("dtype,unit", [(torch.float16, 2.0 ** -11), (torch.bfloat16, 2.0 ** -8)])
+def test_a_half_precision_bank_stays_within_the_documented_bound(dtype, unit):
+    # README "Scaling": storing the bank in float16/bfloat16 rounds each real embedding by at most
+    # u·|b| per element (u = 2^-11, 2^-8), so per class |ΔCDM| <= 2u and |ΔEDM| <= u·max‖b‖ (mean
+    # reduction); CD does not read the bank.
+    from dire_plugin import RealEmbeddingBank
+
+    g = torch.Generator().manual_seed(7)
+    real = torch.rand(6 * 50, 64, generator=g) * 3
+    labels = torch.arange(6).repeat(50)
+    syn = torch.rand(12, 64, generator=g) * 3
+    syn_labels = torch.arange(6).repeat(2)
+    full = DiReLoss().components(syn, syn_labels, RealEmbeddingBank.from_tensors(real, labels))
+    half = DiReLoss().components(syn, syn_labels, RealEmbeddingBank.from_tensors(real, labels, dtype=dtype))
+    classes, max_norm = 6, float(real.norm(dim=1).max())
+    assert abs(float(half["cdm"] - full["cdm"])) <= 2 * unit * classes + 1e-5
+    assert abs(float(half["edm"] - full["edm"])) <= unit * max_norm * classes + 1e-4
+    assert float(half["cd"]) == float(full["cd"])
+    assert float(half["cdm"] - full["cdm"]) != 0 or float(half["edm"] - full["edm"]) != 0  # it did round

@@ -13,7 +13,7 @@ from torchvision import datasets
 
 from dire_plugin.upstream import shim
 from dire_plugin.hooks.declare import ScriptSpec
-from dire_plugin.hooks.registry import load_method
+from dire_plugin.hooks.registry import METHODS, load_method
 from dire_plugin.upstream.lockfile import method_lock
 from dire_plugin.upstream.smoke import run_smoke, smoke_script, write_fake_imagefolder, write_teacher_checkpoint
 
@@ -45,12 +45,16 @@ def test_teacher_checkpoint_loads_as_the_script_loads_it(tmp_path, method, rel):
     model.load_state_dict(checkpoint[spec.checkpoint_key])  # strict: every key, no prefix mismatch
 
 
-def test_every_spec_has_smoke_arguments():
-    for method in ("sre2l", "cda"):
-        for rel, spec in load_method(method).SCRIPTS.items():
-            args = " ".join(spec.smoke_args)
-            assert "{out}" in args and "--ipc-end 1" in args, rel
-            assert ("{ckpt}" in args) == bool(spec.checkpoint_key), rel
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_spec_has_smoke_arguments(method):
+    for rel, spec in load_method(method).SCRIPTS.items():
+        args = " ".join(spec.smoke_args)
+        # Outputs go to the smoke's own folder, never the checkout: named, or relative to it.
+        assert "{out}" in args or spec.run_from == "out", rel
+        # A checkpoint on the command line exactly when the script takes one there.
+        assert ("{ckpt}" in args) == bool(spec.checkpoint_key and not spec.checkpoint_at), rel
+    sre2l = load_method("sre2l").SCRIPTS
+    assert all("--ipc-end 1" in " ".join(s.smoke_args) for r, s in sre2l.items() if "multi_gpu" not in r)
 
 
 def test_fake_imagefolder_has_the_teacher_classes(tmp_path):

@@ -1,0 +1,90 @@
+"""Rows of every rank, in rank order, when the run is a ``torch.distributed`` job (torchrun; gloo
+on the CPU, NCCL on GPUs). Every collective waits at most ``DIRE_DIST_TIMEOUT`` seconds (default
+600) and then raises one :class:`~dire_plugin.errors.DiReHookError` line instead of hanging: a
+rank that died or left the synthesis loop must not stall the others for the process group's
+30-minute default.
+
+Nothing here binds a socket or picks an address: the process group is the script's own.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..errors import DiReHookError
+
+__all__ = ["ENV_TIMEOUT", "all_gather_rows", "world"]
+
+ENV_TIMEOUT = "DIRE_DIST_TIMEOUT"
+#: Rows per collective when a large tensor (the real-embedding bank) is gathered.
+CHUNK_ROWS = 65536
+
+
+def world() -> Tuple[int, int]:
+    """``(rank, world size)`` of the running job; ``(0, 1)`` outside ``torch.distributed``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _timeout() -> datetime.timedelta:
+    try:
+        seconds = float(os.environ.get(ENV_TIMEOUT, "600"))
+    except ValueError:
+        raise DiReHookError(f"{ENV_TIMEOUT}={os.environ[ENV_TIMEOUT]!r} is not a number of seconds") from None
+    return datetime.timedelta(seconds=seconds)
+
+
+def _device() -> torch.device:
+    """Where collective buffers live: NCCL moves CUDA tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _gather(t: Tensor, what: str) -> List[Tensor]:
+    import torch.distributed as dist
+
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    work = dist.all_gather(out, t, async_op=True)
+    timeout = _timeout()
+    try:
+        work.wait(timeout=timeout)
+    except RuntimeError as e:  # gloo and NCCL report a timeout (or a peer that went away) this way
+        rank = dist.get_rank()
+        raise DiReHookError(
+            f"rank {rank}: the other ranks did not join the exchange of {what} within {timeout.total_seconds():g} s "
+            f"(one of them failed or left the synthesis loop; {ENV_TIMEOUT} sets the wait): {str(e).splitlines()[0]}"
+        ) from None
+    return out
+
+
+def all_gather_rows(rows: Sequence[Tensor], what: str) -> List[List[Tensor]]:
+    """For tensors ``rows`` that share their first dimension ``n`` (which may differ between
+    ranks), the same tensors of every rank, in rank order: ``out[k][r]`` is ``rows[k]`` of rank
+    ``r``, on the device ``rows[k]`` is on. ``what`` names the data in a timeout error."""
+    n = int(rows[0].shape[0])
+    device = _device()
+    sizes = [int(s) for s in _gather(torch.tensor([n], dtype=torch.long, device=device), what)]
+    top = max(sizes)
+    out: List[List[Tensor]] = []
+    for t in rows:
+        pieces: List[List[Tensor]] = [[] for _ in sizes]
+        # In chunks, so a bank of millions of rows never needs a second full copy on a GPU.
+        for start in range(0, max(top, 1), CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, top)
+            local = t[start:min(stop, n)].to(device)
+            pad = local.new_zeros((stop - start - local.shape[0], *t.shape[1:]))
+            gathered = _gather(torch.cat([local, pad]) if pad.shape[0] else local.contiguous(), what)
+            for r, piece in enumerate(gathered):
+                pieces[r].append(piece[: max(0, min(stop, sizes[r]) - start)])
+        out.append([torch.cat(p).to(t.device) if p else t.new_zeros((0, *t.shape[1:])) for p in pieces])
+    return out

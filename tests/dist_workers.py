@@ -1,0 +1,117 @@
+"""Processes of the distributed tests: each runs one rank of a gloo process group initialised
+through a file (no port, no address), does its part and saves what it saw for the test."""
+import multiprocessing
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+NUM_CLASSES, D = 5, 8
+
+
+def start(world: int, target, *args, timeout: float = 180.0, env=None):
+    """Run ``target(rank, world, init_file, *args)`` in ``world`` spawned processes; returns their
+    exit codes (a process still alive after ``timeout`` is killed and reported as None)."""
+    ctx = multiprocessing.get_context("spawn")
+    init = Path(args[0]) / "pg-init" if args else None
+    procs = [ctx.Process(target=_entry, args=(target, r, world, str(init), env or {}, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes
+
+
+def _entry(target, rank, world, init, env, *args):
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        target(rank, world, *args)
+    except BaseException:
+        (Path(args[0]) / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def rows(seed: int, n: int):
+    """Embeddings and labels of one rank's current images: classes 0-2 on every rank, as
+    DistributedSampler spreads a class's images over the ranks."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, D, generator=g) + 0.05, (torch.arange(n) + seed) % 3
+
+
+def bank():
+    from dire_plugin import RealEmbeddingBank
+
+    g = torch.Generator().manual_seed(99)
+    return RealEmbeddingBank.from_tensors(torch.rand(NUM_CLASSES * 4, D, generator=g) + 0.1,
+                                          torch.arange(NUM_CLASSES).repeat(4))
+
+
+def core(**settings):
+    from dire_plugin.hooks.capture import Capture
+    from dire_plugin.hooks.runtime import DiReRuntime
+    from dire_plugin.hooks.settings import RunConfig
+
+    config = RunConfig(**{"method": "sre2l", "script": "t.py", "r_c": 0.5, "r_e": 0.05, "log_every": 0, **settings})
+    runtime = DiReRuntime(config, lambda *a: bank(), Capture())
+    runtime.bank = bank()
+    return runtime
+
+
+# --- workers ------------------------------------------------------------------------------------------
+
+
+def union_gradient(rank, world, out):
+    from dire_plugin.hooks.distributed import union_term_gradient
+
+    runtime = core()
+    emb, labels = rows(seed=rank, n=3 + rank)
+    grad, union, union_labels = union_term_gradient(runtime, emb, labels)
+    torch.save({"grad": grad, "union": union, "labels": union_labels}, Path(out) / f"rank{rank}.pt")
+
+
+def sharded_bank(rank, world, out):
+    from dire_plugin import RealEmbeddingBank
+
+    data, model = bank_data()
+    loader = torch.utils.data.DataLoader(data, batch_size=7, shuffle=False)
+    built = RealEmbeddingBank.build(model, loader, cache_dir=Path(out) / "cache", dataset_id="t", progress=False)
+    torch.save({"embeddings": built._flat, "classes": built._classes, "counts": built._counts,
+                "fingerprint": built.fingerprint, "hit": built.cache_hit}, Path(out) / f"bank{rank}.pt")
+
+
+def bank_data():
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(41, 3, 6, 6, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (41,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, D, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(D, NUM_CLASSES))
+    return torch.utils.data.TensorDataset(images, labels), model
+
+
+def one_rank_fails(rank, world, out):
+    from dire_plugin.errors import DiReHookError
+    from dire_plugin.hooks.distributed import union_term_gradient
+
+    if rank == 1:
+        raise RuntimeError("rank 1 left the synthesis loop")
+    started = time.time()
+    try:
+        union_term_gradient(core(), *rows(seed=0, n=3))
+    except DiReHookError as e:
+        (Path(out) / "rank0.txt").write_text(f"{time.time() - started:.1f}\n{e}")
