@@ -25,6 +25,7 @@ __all__ = ["FAMILIES", "MethodPatch", "method_patch", "unwrap"]
 #: Capture family → ``module:class``. A new family is one capture module and one line here.
 FAMILIES: Dict[str, str] = {
     "decoupled": "dire_plugin.hooks.decoupled:DecoupledCapture",
+    "embed": "dire_plugin.hooks.embedded:EmbedCapture",
 }
 
 # wrapt 2 moved its wrappers under BaseObjectProxy (they are no longer ObjectProxy instances).

@@ -14,6 +14,7 @@ METHODS: Dict[str, str] = {
     "sre2l": "dire_plugin.patches.sre2l",
     "cda": "dire_plugin.patches.cda",
     "dwa": "dire_plugin.patches.dwa",
+    "dm": "dire_plugin.patches.dm",
 }
 
 #: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any

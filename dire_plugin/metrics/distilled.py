@@ -8,7 +8,8 @@ Three layouts are recognised from the path alone:
   order when the names differ but the counts agree.
 * ``tensor``: a ``torch.save`` file as MTT, DM/DC-BENCH and similar codebases write it:
   ``{"images": [N,C,H,W], "labels": [N]}``, a tuple ``(images, labels)``, DC-BENCH's
-  ``{"data": [[images, labels], ...]}`` (the last entry, as DC-BENCH's own loader takes), or
+  ``{"data": [[images, labels], ...]}`` (the last entry, as DC-BENCH's own loader takes; the
+  numpy accuracies beside it are read as data), or
   MTT's bare ``images_*.pt`` with its ``labels_*.pt`` beside it. Such tensors are already in the
   network's input space (normalised, as the method optimised them).
 
@@ -250,9 +251,26 @@ def _folder_set(p: Path, name: str, layout: str, folders: List[Path], labels: Li
 # --- tensor files ---------------------------------------------------------------------------------
 
 
+def _numpy_scalars() -> List[Any]:
+    """What a file that holds numpy numbers pickles (DC-BENCH's ``res_DM_*.pt`` keeps its
+    accuracies as ``np.float64`` under ``accs_all_exps``): numpy's scalar constructor, under its
+    numpy 2 and numpy 1 names, and dtypes. Safe to allow: ``scalar(dtype, bytes)`` rebuilds a number
+    from its bytes, and an object dtype would need globals that stay refused."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - torch needs numpy for these files anyway
+        return []
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    scalar = multiarray.scalar
+    names = {"numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"} - {f"{scalar.__module__}.{scalar.__qualname__}"}
+    dtypes = [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
+    return [scalar, *((scalar, name) for name in sorted(names)), np.dtype, *dtypes]
+
+
 def _torch_load(p: Path, what: str = "distilled set") -> Any:
-    # Data only: a distilled set never runs code pickled into it; failures are one line naming p.
-    return load_torch_file(p, what)
+    # Data only: a distilled set never runs code pickled into it (numpy numbers aside, which are
+    # data); failures are one line naming p.
+    return load_torch_file(p, what, allow=_numpy_scalars())
 
 
 def _unpack(obj: Any, p: Path) -> Tuple[Any, Any, List[str]]:

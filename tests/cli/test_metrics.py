@@ -144,9 +144,10 @@ def test_upstream_checkpoint_formats_load(name, key, prefix, data, tmp_path):
 def test_tensor_file_shapes(tmp_path):
     images, labels = torch.randn(4, 3, 8, 8), torch.tensor([2, 0, 1, 0])
     torch.save((images, labels), tmp_path / "pair.pt")
-    # DC-BENCH: {"data": [[images, labels], ...]}, the last experiment is the one used.
-    torch.save({"data": [[images[:2], labels[:2]], [images, labels]], "accs_all_exps": {"ConvNet": [0.5]}},
-               tmp_path / "res_DM.pt")
+    # DC-BENCH: {"data": [[images, labels], ...]}, the last experiment is the one used; its
+    # accuracies are numpy scalars (read as data, with weights_only on).
+    torch.save({"data": [[images[:2], labels[:2]], [images, labels]],
+                "accs_all_exps": {"ConvNet": [np.float64(0.5), np.mean([np.int64(1), 2])]}}, tmp_path / "res_DM.pt")
     # MTT: bare images_best.pt with labels_best.pt beside it.
     torch.save(images, tmp_path / "images_best.pt")
     torch.save(labels, tmp_path / "labels_best.pt")

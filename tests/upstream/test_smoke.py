@@ -109,6 +109,7 @@ def test_smoke_failures_keep_their_folder(tmp_path, code, problem):
 REAL_SMOKES = [
     ("sre2l", "SRe2L/*small_dataset/recover_cifar.py"),
     ("dwa", "distillation/distillation_cifar.py"),
+    ("dm", "methods/dc/main_DM.py"),
 ]
 
 
