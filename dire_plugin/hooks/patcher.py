@@ -26,6 +26,7 @@ __all__ = ["FAMILIES", "MethodPatch", "method_patch", "unwrap"]
 FAMILIES: Dict[str, str] = {
     "decoupled": "dire_plugin.hooks.decoupled:DecoupledCapture",
     "embed": "dire_plugin.hooks.embedded:EmbedCapture",
+    "step": "dire_plugin.hooks.stepwise:StepCapture",
 }
 
 # wrapt 2 moved its wrappers under BaseObjectProxy (they are no longer ObjectProxy instances).

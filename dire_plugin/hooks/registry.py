@@ -15,6 +15,7 @@ METHODS: Dict[str, str] = {
     "cda": "dire_plugin.patches.cda",
     "dwa": "dire_plugin.patches.dwa",
     "dm": "dire_plugin.patches.dm",
+    "mtt": "dire_plugin.patches.mtt",
 }
 
 #: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any

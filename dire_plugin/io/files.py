@@ -107,9 +107,11 @@ def torch_file_problem(path: Path, error: BaseException) -> str:
     return first
 
 
-def load_torch_file(path: PathLike, what: str = "file", allow: Iterable[type] = ()) -> Any:
+def load_torch_file(path: PathLike, what: str = "file", allow: Iterable[type] = (), mmap: bool = False) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``; ``allow`` names the classes
-    beyond tensors and containers a file may hold (e.g. ``argparse.Namespace``).
+    beyond tensors and containers a file may hold (e.g. ``argparse.Namespace``). ``mmap``: map
+    the tensors' storage from the file instead of reading it (a 650 MB MTT expert buffer of which
+    one epoch is used); a file in torch's legacy format is read as usual.
 
     Raises :class:`DiReInputError` ``"cannot load WHAT PATH: REASON"`` when the file is missing,
     truncated, not a torch file or holds anything else.
@@ -120,13 +122,14 @@ def load_torch_file(path: PathLike, what: str = "file", allow: Iterable[type] = 
     if not p.is_file():
         raise DiReInputError(f"cannot load {what} {p}: {'it is not a file' if p.exists() else 'no such file'}")
     allow = list(allow)
+    extra = {"mmap": True} if mmap and zipfile.is_zipfile(p) else {}
     try:
         safe = getattr(torch.serialization, "safe_globals", None)
         if allow and safe is not None:
             with safe(allow):  # the allowance stays local to this load (torch >= 2.5)
-                return torch.load(p, map_location="cpu", weights_only=True)
+                return torch.load(p, map_location="cpu", weights_only=True, **extra)
         if allow:
             torch.serialization.add_safe_globals(allow)
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True, **extra)
     except Exception as e:  # unpickling errors come in many types; all mean "not loadable as data"
         raise DiReInputError(f"cannot load {what} {p}: {torch_file_problem(p, e)}") from None

@@ -110,6 +110,7 @@ REAL_SMOKES = [
     ("sre2l", "SRe2L/*small_dataset/recover_cifar.py"),
     ("dwa", "distillation/distillation_cifar.py"),
     ("dm", "methods/dc/main_DM.py"),
+    ("mtt", "distill.py"),  # both variants: the mtt job installs kornia for --zca
 ]
 
 
