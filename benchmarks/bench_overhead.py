@@ -1,40 +1,71 @@
 """Time per synthesis iteration of a decoupled method's loop, patched with DiRe vs unpatched.
 
-Setting (issue: drop-in patching): ResNet-18 CIFAR variant (3×3 conv1, no maxpool), batch of
-100 images (one per class), a memory of 49 finished embeddings per class (IPC 50), 500 real
-embeddings per class, D = 512. ``sre2l``: a frozen teacher, DiRe's gradient added in the
-method's own backward. ``dwa``: the teacher's weights keep ``requires_grad`` (DWA's perturbation
-reads their gradients), and DiRe's gradient reaches the images through one input-only backward.
-Vanilla and patched blocks are interleaved in one run so machine noise hits both; the script
+Shapes (``--shape``):
+
+* ``cifar`` (default): ResNet-18 CIFAR variant (3×3 conv1, no maxpool), 32², a batch of 100
+  images (one per class of 100), a memory of 49 finished embeddings per class (IPC 50), 500 real
+  embeddings per class, D = 512;
+* ``imagenet``: SRe²L's ImageNet-1K iteration: ResNet-18, 224², a batch of 100 images of 100
+  classes, 1000 classes with a memory of 49 each and 1300 real embeddings each (the paper's
+  Table 15 reports +17.7 % synthesis time for DiRe on top of SRe²L);
+* ``tiny``: 10 classes at 16² (a check that the script runs, not a figure).
+
+``sre2l``: a frozen teacher, DiRe's gradient added in the method's own backward. ``dwa``: the
+teacher's weights keep ``requires_grad`` (DWA's perturbation reads their gradients), and DiRe's
+gradient reaches the images through one input-only backward. ``dm`` and ``mtt`` (their own
+settings, whatever ``--shape`` says; ``_overhead_dm.py`` and ``_overhead_mtt.py`` describe them):
+a DM iteration at IPC 10 and 50 (batch_real 256), an MTT iteration at IPC 10 with 20 unrolled
+steps. Vanilla and patched runs are interleaved in one run so machine noise hits both; the script
 prints medians and their ratio, and asserts nothing about speed.
 
-    python benchmarks/bench_overhead.py [--methods sre2l dwa] [--iterations 6] [--rounds 3] [--device cpu|cuda]
+    python benchmarks/bench_overhead.py [--methods sre2l dwa dm mtt] [--shape cifar|imagenet|tiny]
+        [--iterations 6] [--rounds 3] [--device cpu|cuda]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
 
 from dire_plugin.embeddings.bank import RealEmbeddingBank
-from dire_plugin.patches import dwa, sre2l
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
-
-NUM_CLASSES, REAL_PER_CLASS, IPC, D = 100, 500, 50, 512
-
+from dire_plugin.patches import dwa, sre2l
 
 PATCHES = {"sre2l": sre2l, "dwa": dwa}
+#: Methods with a loop of their own shape (benchmarks/_overhead_<method>.py).
+OWN_LOOPS = ("dm", "mtt")
+D, IPC = 512, 50
 
 
-def teacher(device: torch.device, frozen: bool = True) -> nn.Module:
-    model = torchvision.models.get_model("resnet18", num_classes=NUM_CLASSES)
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+@dataclass(frozen=True)
+class Shape:
+    classes: int  # of the teacher, the bank and the memory
+    batch: int  # images per iteration, one per class
+    size: int
+    real_per_class: int
+    cifar_stem: bool
+
+
+SHAPES = {
+    "cifar": Shape(classes=100, batch=100, size=32, real_per_class=500, cifar_stem=True),
+    "imagenet": Shape(classes=1000, batch=100, size=224, real_per_class=1300, cifar_stem=False),
+    "tiny": Shape(classes=10, batch=10, size=16, real_per_class=20, cifar_stem=True),
+}
+
+
+def teacher(shape: Shape, device: torch.device, frozen: bool = True) -> nn.Module:
+    model = torchvision.models.get_model("resnet18", num_classes=shape.classes)
+    if shape.cifar_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad = not frozen
@@ -81,50 +112,80 @@ def run_block(model, bn, inputs, targets, iterations: int, device) -> float:
     return statistics.median(times)
 
 
-def measure(method: str, opts: argparse.Namespace, device: torch.device) -> None:
+def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.device) -> None:
     torch.manual_seed(0)
-    model = teacher(device, frozen=method != "dwa")
+    model = teacher(shape, device, frozen=method != "dwa")
     bn = BNStats(model)
-    targets = torch.arange(NUM_CLASSES, device=device)
+    targets = torch.arange(shape.batch, device=device)
     # Post-ReLU average-pooled features are non-negative; so are these stand-ins.
-    real = torch.rand(NUM_CLASSES * REAL_PER_CLASS, D)
-    bank = RealEmbeddingBank.from_tensors(real, torch.arange(NUM_CLASSES).repeat_interleave(REAL_PER_CLASS))
+    real = torch.rand(shape.classes * shape.real_per_class, D)
+    bank = RealEmbeddingBank.from_tensors(real, torch.arange(shape.classes).repeat_interleave(shape.real_per_class))
+    del real
     config = RunConfig(method=method, script="bench", log_every=0)
     patch = PATCHES[method]
 
+    def images() -> torch.Tensor:
+        return torch.randn(shape.batch, 3, shape.size, shape.size, device=device, requires_grad=True)
+
     vanilla, patched = [], []
     for _ in range(opts.rounds):
-        inputs = torch.randn(NUM_CLASSES, 3, 32, 32, device=device, requires_grad=True)
-        vanilla.append(run_block(model, bn, inputs, targets, opts.iterations, device))
+        vanilla.append(run_block(model, bn, images(), targets, opts.iterations, device))
         patch.patch(config, bank_factory=lambda *a: bank)
         runtime = current_runtime()
-        runtime.memory.add(torch.rand(NUM_CLASSES * (IPC - 1), D), torch.arange(NUM_CLASSES).repeat(IPC - 1))
-        inputs = torch.randn(NUM_CLASSES, 3, 32, 32, device=device, requires_grad=True)
-        patched.append(run_block(model, bn, inputs, targets, opts.iterations, device))
+        runtime.memory.add(torch.rand(shape.classes * (IPC - 1), D), torch.arange(shape.classes).repeat(IPC - 1))
+        patched.append(run_block(model, bn, images(), targets, opts.iterations, device))
         added = runtime.stats.terms_added
         patch.unpatch()
         assert added == opts.iterations, f"DiRe added to {added} of {opts.iterations} iterations"
         model.zero_grad(set_to_none=True)
 
     v, p = statistics.median(vanilla), statistics.median(patched)
-    print(f"{method}: ResNet-18 (CIFAR stem), batch {NUM_CLASSES}, memory {IPC - 1}/class, {REAL_PER_CLASS} real/class, "
-          f"D={D}, teacher {'frozen' if method != 'dwa' else 'with requires_grad (DWA)'}")
+    print(f"{method}: ResNet-18{' (CIFAR stem)' if shape.cifar_stem else ''}, {shape.size}px, batch {shape.batch}, "
+          f"{shape.classes} classes, memory {IPC - 1}/class, {shape.real_per_class} real/class, D={D}, teacher "
+          f"{'frozen' if method != 'dwa' else 'with requires_grad (DWA)'}")
     print(f"  vanilla   {v * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in vanilla)})")
     print(f"  + DiRe    {p * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in patched)})")
     print(f"  overhead  {100 * (p / v - 1):+.1f} %")
 
 
+def measure_own_loop(method: str, opts: argparse.Namespace, device: torch.device) -> None:
+    """DM's and MTT's iterations, from their own benchmark modules."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if method == "dm":
+        import _overhead_dm
+
+        for ipc in (10, 50):
+            v, p = _overhead_dm.measure_dm(opts.iterations, opts.rounds, device, ipc, batch_real=256)
+            print(f"dm: ConvNet-128x3 (instance norm), CIFAR-10 shape, IPC {ipc}, batch_real 256")
+            print(f"  vanilla   {v * 1e3:8.1f} ms/iteration")
+            print(f"  + DiRe    {p * 1e3:8.1f} ms/iteration  (DiRe's own work {_overhead_dm.LAST_DIRE_SECONDS * 1e3:.1f} ms)")
+            print(f"  overhead  {100 * (p / v - 1):+.1f} %  (paired ratio {_overhead_dm.LAST_PAIRED_RATIO:.3f})")
+    else:
+        import _overhead_mtt
+
+        d = _overhead_mtt.measure_mtt_details(opts.iterations, opts.rounds, device, ipc=10, syn_steps=20)
+        print("mtt: ConvNet-3 (width 128), CIFAR-10 shape, IPC 10, syn_steps 20")
+        print(f"  vanilla   {d['vanilla'] * 1e3:8.1f} ms/iteration")
+        print(f"  + DiRe    {d['patched'] * 1e3:8.1f} ms/iteration  (extra forward + DiRe + gradient {d['extra'] * 1e3:.1f} ms)")
+        print(f"  overhead  {100 * (d['patched'] / d['vanilla'] - 1):+.1f} %")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--methods", nargs="+", choices=sorted(PATCHES), default=["sre2l", "dwa"])
+    ap.add_argument("--methods", nargs="+", choices=sorted(PATCHES) + list(OWN_LOOPS), default=["sre2l", "dwa"])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="cifar")
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = ap.parse_args()
     device = torch.device(opts.device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     for method in opts.methods:
-        measure(method, opts, device)
+        if method in OWN_LOOPS:
+            measure_own_loop(method, opts, device)
+        else:
+            measure(method, SHAPES[opts.shape], opts, device)
 
 
 if __name__ == "__main__":
