@@ -195,10 +195,16 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     for ipc in opts.ipc:
-        v, p = measure_dm(opts.iterations, opts.rounds, device, ipc, opts.batch_real)
-        print(f"dm: ConvNet-128x3 (instance norm), CIFAR-10 shape, IPC {ipc}, batch_real {opts.batch_real}: "
-              f"vanilla {v * 1e3:.1f} ms, + DiRe {p * 1e3:.1f} ms, ratio {p / v:.3f} (paired {LAST_PAIRED_RATIO:.3f}); "
-              f"DiRe's own work {LAST_DIRE_SECONDS * 1e3:.1f} ms per iteration ({100 * LAST_DIRE_SECONDS / v:.1f} % of vanilla)")
+        report(ipc, opts.batch_real, *measure_dm(opts.iterations, opts.rounds, device, ipc, opts.batch_real))
+
+
+def report(ipc: int, batch_real: int, vanilla: float, patched: float) -> None:
+    """The lines of one :func:`measure_dm` (also what ``bench_overhead.py --methods dm`` prints)."""
+    print(f"dm: ConvNet-128x3 (instance norm), CIFAR-10 shape, IPC {ipc}, batch_real {batch_real}")
+    print(f"  vanilla   {vanilla * 1e3:8.1f} ms/iteration")
+    print(f"  + DiRe    {patched * 1e3:8.1f} ms/iteration  (DiRe's own work {LAST_DIRE_SECONDS * 1e3:.1f} ms, "
+          f"{100 * LAST_DIRE_SECONDS / vanilla:.1f} % of vanilla)")
+    print(f"  overhead  {100 * (patched / vanilla - 1):+.1f} %  (paired ratio {LAST_PAIRED_RATIO:.3f})")
 
 
 if __name__ == "__main__":

@@ -155,11 +155,7 @@ def measure_own_loop(method: str, opts: argparse.Namespace, device: torch.device
         import _overhead_dm
 
         for ipc in (10, 50):
-            v, p = _overhead_dm.measure_dm(opts.iterations, opts.rounds, device, ipc, batch_real=256)
-            print(f"dm: ConvNet-128x3 (instance norm), CIFAR-10 shape, IPC {ipc}, batch_real 256")
-            print(f"  vanilla   {v * 1e3:8.1f} ms/iteration")
-            print(f"  + DiRe    {p * 1e3:8.1f} ms/iteration  (DiRe's own work {_overhead_dm.LAST_DIRE_SECONDS * 1e3:.1f} ms)")
-            print(f"  overhead  {100 * (p / v - 1):+.1f} %  (paired ratio {_overhead_dm.LAST_PAIRED_RATIO:.3f})")
+            _overhead_dm.report(ipc, 256, *_overhead_dm.measure_dm(opts.iterations, opts.rounds, device, ipc, 256))
     else:
         import _overhead_mtt
 

@@ -45,7 +45,7 @@ from ..embeddings.capture import unwrap_model
 from ..errors import DiReInputError
 from .capture import Capture, Wrapper, plain_tensor_params
 from .distributed import union_term_gradient, w_destroy_process_group
-from .runtime import current_runtime
+from .runtime import active_capture, current_runtime
 
 __all__ = ["DecoupledCapture"]
 
@@ -71,9 +71,7 @@ class _Record:
 
 
 def _capture() -> Optional["DecoupledCapture"]:
-    runtime = current_runtime()
-    capture = getattr(runtime, "capture", None)
-    return capture if isinstance(capture, DecoupledCapture) and runtime.active else None
+    return active_capture(DecoupledCapture)
 
 
 def _w_CrossEntropyLoss_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:

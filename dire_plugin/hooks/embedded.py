@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ..errors import DiReHookError
 from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture, Wrapper, plain_tensor_params
-from .runtime import current_runtime
+from .runtime import active_capture, current_runtime
 
 __all__ = ["EmbedCapture", "PixelIndex"]
 
@@ -281,9 +281,7 @@ def synthetic_rows(x: Tensor) -> List[Tuple[Tensor, int, int]]:
 
 
 def _capture() -> Optional["EmbedCapture"]:
-    runtime = current_runtime()
-    capture = getattr(runtime, "capture", None)
-    return capture if isinstance(capture, EmbedCapture) and runtime.active else None
+    return active_capture(EmbedCapture)
 
 
 _local = threading.local()

@@ -37,8 +37,8 @@ from .distributed import rank_summary
 from .settings import RunConfig
 
 __all__ = [
-    "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "current_runtime", "fail_run", "start_runtime",
-    "stop_runtime",
+    "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "current_runtime", "fail_run",
+    "start_runtime", "stop_runtime",
 ]
 
 logger = logging.getLogger("dire")
@@ -269,6 +269,14 @@ _RUNTIME: Optional[DiReRuntime] = None
 
 def current_runtime() -> Optional[DiReRuntime]:
     return _RUNTIME
+
+
+def active_capture(kind: type) -> Optional[Any]:
+    """The running capture if it is a ``kind`` and the runtime is active, else ``None``: what every
+    wrapper asks first, passing straight through on ``None``."""
+    runtime = _RUNTIME
+    capture = getattr(runtime, "capture", None)
+    return capture if isinstance(capture, kind) and runtime.active else None
 
 
 def start_runtime(config: RunConfig, bank_factory: BankFactory, capture: Capture) -> DiReRuntime:

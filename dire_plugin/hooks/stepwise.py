@@ -54,7 +54,7 @@ from ..embeddings.capture import EmbeddingCapture, find_last_linear
 from ..errors import DiReHookError, DiReInputError
 from ..io.files import load_torch_file
 from .capture import Capture, Wrapper, plain_tensor_params
-from .runtime import current_runtime
+from .runtime import active_capture, current_runtime
 
 __all__ = ["Expert", "StepCapture", "expert_dir", "load_expert"]
 
@@ -68,9 +68,7 @@ EXPERT_TRAJECTORY = 0
 
 
 def _capture() -> Optional["StepCapture"]:
-    runtime = current_runtime()
-    capture = getattr(runtime, "capture", None)
-    return capture if isinstance(capture, StepCapture) and runtime.active else None
+    return active_capture(StepCapture)
 
 
 def _w_get_dataset(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
