@@ -50,9 +50,10 @@ try:  # run from anywhere: the package sits one level up
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dire_plugin import bank as bank_module  # noqa: E402
-from dire_plugin import realdata  # noqa: E402
+from dire_plugin.embeddings import bank as bank_module  # noqa: E402
+from dire_plugin.embeddings import realdata  # noqa: E402
 from dire_plugin.embeddings.realdata import RealDataSpec  # noqa: E402
+from dire_plugin.io.digest import tensor_bytes  # noqa: E402
 from dire_plugin.io.files import atomic_torch_save, load_torch_file  # noqa: E402
 from _machine import machine_line  # noqa: E402  (benchmarks/)
 
@@ -141,7 +142,7 @@ def bench_tree(tmp: Path, classes: int, per_class_list: List[int], repeats: int,
 
 
 def _crc32(t: torch.Tensor) -> int:
-    return zlib.crc32(bank_module._as_buffer(t.contiguous()))
+    return zlib.crc32(tensor_bytes(t.contiguous()))
 
 
 def bench_checksum(tmp: Path, rows: int, dim: int, repeats: int) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import DiReInputError
+from ..io.digest import hash_tensor, tensors_sha256
 from ..io.files import atomic_torch_save, load_torch_file
 from .data import DemoData
 from .log import warn
@@ -92,12 +93,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def data_key(data: DemoData) -> str:
     """sha256 of the training images and labels (shapes and dtypes included): the teacher is
     trained on them, so its cache is keyed on them, not on where they were read from."""
-    h = hashlib.sha256()
-    for t in (data.train_x, data.train_y):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    return tensors_sha256((data.train_x, data.train_y))
 
 
 def _weights_digest(state: Mapping[str, Tensor]) -> str:
@@ -105,9 +101,8 @@ def _weights_digest(state: Mapping[str, Tensor]) -> str:
     was damaged without a word, so the checkpoint carries this to be checked."""
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        h.update(f"{name};".encode())
+        hash_tensor(h, state[name])
     return h.hexdigest()
 
 
@@ -151,7 +146,9 @@ def _cached_teacher(path: Path, settings: TeacherSettings, data: str, device: to
             problem = "was trained with other settings"
         elif ckpt.get("data") != data:
             problem = "was trained on other data"
-        elif not isinstance(ckpt.get("state_dict"), dict) or ckpt.get("weights") != _weights_digest(ckpt["state_dict"]):
+        elif (not isinstance(ckpt.get("state_dict"), dict)
+              or not all(isinstance(v, Tensor) for v in ckpt["state_dict"].values())
+              or ckpt.get("weights") != _weights_digest(ckpt["state_dict"])):
             problem = "holds weights that do not match their checksum (damaged)"
         else:
             return nhwc(_model_from(ckpt, f"teacher checkpoint {path}")).to(device).eval()

@@ -24,6 +24,7 @@ from ..regularizer.grouped import PackedEmbeddings
 from ..regularizer.kernels import DEFAULT_EPS
 from .capture import EmbeddingCapture, resolve_layer, unwrap_model
 from .collectives import all_gather_rows, world
+from ..io.digest import hash_tensor, tensors_sha256
 from ..io.files import atomic_torch_save, load_torch_file
 
 __all__ = ["RealEmbeddingBank", "CACHE_FORMAT"]
@@ -37,27 +38,6 @@ CACHE_FORMAT = 2
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _hash_tensor(h: "hashlib._Hash", t: Tensor) -> None:
-    t = t.detach()
-    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    if t.is_quantized:
-        t = t.dequantize()
-    if t.layout != torch.strided:
-        t = t.to_dense()
-    t = t.cpu().contiguous()
-    if t.numel():
-        h.update(_as_buffer(t))
-
-
-def _as_buffer(t: Tensor) -> memoryview:
-    """The raw bytes of a contiguous CPU tensor, without a copy and without numpy (any dtype)."""
-    import ctypes
-
-    nbytes = t.numel() * t.element_size()
-    # The caller keeps ``t`` alive while hashlib reads the buffer.
-    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
 def _class_seed(seed: int, c: int) -> int:
@@ -192,23 +172,24 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
 
     @property
     def dim(self) -> int:
+        """Width D of each embedding."""
         return int(self._flat.shape[1])
 
     @property
     def dtype(self) -> torch.dtype:
+        """Storage dtype of the embeddings."""
         return self._flat.dtype
 
     @property
     def num_embeddings(self) -> int:
+        """Embeddings over all classes."""
         return int(self._flat.shape[0])
 
     @property
     def fingerprint(self) -> str:
+        """The cache key it was built under, else a sha256 of its contents (computed once)."""
         if self._fingerprint is None:
-            h = hashlib.sha256(b"dire-bank-content")
-            for t in (self._classes, self._counts, self._flat):
-                _hash_tensor(h, t)
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = tensors_sha256((self._classes, self._counts, self._flat), b"dire-bank-content")
         return self._fingerprint
 
     def __repr__(self) -> str:
@@ -248,10 +229,10 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
         if len(mapping) == 0:
             raise DiReInputError("real embeddings are empty: no class has any")
         keys = sorted(mapping, key=int)
-        dims = {int(c): tuple(mapping[c].shape) for c in keys}
         for c in keys:
             if not isinstance(mapping[c], Tensor) or mapping[c].dim() != 2:
                 raise DiReInputError(f"real embeddings of class {c} must be a 2-D tensor [M, D]")
+        dims = {int(c): tuple(mapping[c].shape) for c in keys}
         if len({s[1] for s in dims.values()}) > 1:
             raise DiReInputError(f"real embeddings have different dimensions per class: {dims}")
         flat = torch.cat([mapping[c].detach().cpu() for c in keys])
@@ -294,7 +275,7 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
         for name, value in unwrap_model(model).state_dict().items():
             h.update(b"\0" + name.encode() + b"\0")
             if isinstance(value, Tensor):
-                _hash_tensor(h, value)
+                hash_tensor(h, value)
             else:
                 h.update(repr(value).encode())
         return h.hexdigest()
@@ -331,7 +312,10 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
             cache_dir: cache the bank in ``cache_dir/bank-<key>.pt`` (see :meth:`cache_key`); a
                 file that is unreadable, of another key or layout, or whose tensors do not match
                 their stored checksum is rebuilt with one warning.
-            dataset_id, transform_id: identify the data and preprocessing in the cache key.
+            dataset_id, transform_id: identify the data and preprocessing in the cache key; with
+                a ``cache_dir`` and no ``dataset_id``, an ImageFolder-style or torchvision CIFAR
+                ``loader.dataset`` is fingerprinted (:func:`~dire_plugin.embeddings.realdata.data_fingerprint`),
+                any other gets a warning that the key cannot see its data.
             progress: show a tqdm bar.
 
         Under ``torch.distributed`` (several ranks) each rank embeds a disjoint shard of the
@@ -347,11 +331,13 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
         if max_per_class is not None and int(max_per_class) < 1:
             raise DiReInputError(f"max_per_class must be at least 1, got {max_per_class}")
         layer_name = resolve_layer(model, layer)
+        if cache_dir is not None and not dataset_id:
+            dataset_id = _loader_data_id(loader)
         key = cls.cache_key(
             model, layer_name, dataset_id=dataset_id, transform_id=transform_id,
             max_per_class=max_per_class, seed=seed, dtype=dtype,
         )
-        path = Path(cache_dir) / f"bank-{key[:16]}.pt" if cache_dir is not None else None
+        path = Path(cache_dir).expanduser() / f"bank-{key[:16]}.pt" if cache_dir is not None else None
         rank, size = world()
         cached = _load_cached(path, key, dtype, layer_name) if path is not None and path.exists() else None
         if size > 1 and not _everyone(cached is not None):
@@ -375,6 +361,24 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
         return bank
 
 
+def _loader_data_id(loader: Iterable) -> str:
+    """A ``dataset_id`` for a cache the caller did not key on its data: the fingerprint of the
+    loader's dataset where we can read one (ImageFolder-style, torchvision's CIFAR), else ``""``
+    and one warning, since the key then cannot see a change in the data."""
+    from .realdata import data_fingerprint
+
+    dataset = getattr(loader, "dataset", None)
+    root = getattr(dataset, "root", None)
+    if dataset is not None and root is not None:
+        try:
+            return data_fingerprint(dataset, root, type(dataset).__name__)
+        except DiReInputError:
+            pass
+    logger.warning("[dire] bank cache: pass dataset_id= (e.g. a version of the data); the key cannot see "
+                   "what this %s reads, so changed data would hit the old cache", type(dataset or loader).__name__)
+    return ""
+
+
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in _STORAGE_DTYPES:
         raise DiReInputError(f"bank dtype must be one of {[str(d) for d in _STORAGE_DTYPES]}, got {dtype}")
@@ -396,10 +400,7 @@ def _to_storage(rows: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _checksum(classes: Tensor, counts: Tensor, embeddings: Tensor) -> str:
     """sha256 over the cached tensors (shapes, dtypes, bytes): a damaged file is never reused."""
-    h = hashlib.sha256(b"dire-bank-cache")
-    for t in (classes, counts, embeddings):
-        _hash_tensor(h, t)
-    return h.hexdigest()
+    return tensors_sha256((classes, counts, embeddings), b"dire-bank-cache")
 
 
 def _worker_message(error: DiReInputError) -> str:

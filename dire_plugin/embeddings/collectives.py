@@ -37,7 +37,10 @@ def _timeout() -> datetime.timedelta:
     try:
         seconds = float(os.environ.get(ENV_TIMEOUT, "600"))
     except ValueError:
-        raise DiReHookError(f"{ENV_TIMEOUT}={os.environ[ENV_TIMEOUT]!r} is not a number of seconds") from None
+        seconds = float("nan")
+    if not 0 < seconds < 10 ** 7:  # NaN and inf too: timedelta would raise its own error on them
+        raise DiReHookError(f"{ENV_TIMEOUT}={os.environ[ENV_TIMEOUT]!r} is not a number of seconds "
+                            "(greater than 0, at most 10^7)")
     return datetime.timedelta(seconds=seconds)
 
 

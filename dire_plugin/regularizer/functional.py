@@ -247,8 +247,9 @@ def dire_loss(
     r_c, r_e = check_weights(r_c, r_e)
     active = active_components(components, r_c, r_e)
     if not active:
-        # Nothing to compute, but the same input is refused whatever the weights.
+        # Nothing to compute, but the same input is refused whatever the weights (NaN included).
         check_batch(syn_emb, syn_labels, memory)
+        check_embeddings(syn_emb, "synthetic embeddings")
         return syn_emb.new_zeros((), dtype=torch.float32) * syn_emb.sum()
     terms = dire_components(syn_emb, syn_labels, real, memory, reduction, active, **kwargs)
     return weighted_total(terms, r_c, r_e)

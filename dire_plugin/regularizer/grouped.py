@@ -86,10 +86,11 @@ class PackedEmbeddings(ClassSums):
         """
         if not len(rows):
             raise DiReInputError(f"{what} are empty: no class has any")
-        dim = rows[0].shape[-1]
         for c, emb in zip(classes, rows):
             if not isinstance(emb, Tensor):
                 raise DiReInputError(f"{what} of class {c} are {type(emb).__name__}, expected a tensor")
+        dim = rows[0].shape[-1]
+        for c, emb in zip(classes, rows):
             if emb.dim() != 2:
                 raise DiReInputError(f"{what} of class {c} must be a 2-D tensor [M, D], got shape {tuple(emb.shape)}")
             if emb.shape[0] == 0:

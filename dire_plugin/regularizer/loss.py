@@ -33,11 +33,12 @@ class DiReLoss(nn.Module):
         components: the terms to use, for the paper's 7-way ablation (Table 14).
         reduction: ``"mean"`` (default: means over pairs, robust to IPC and bank size) or
             ``"sum"`` (the paper's Equations 1–5 literally).
-        memory: default memory (a :class:`~dire_plugin.embeddings.bank.SyntheticMemory` or
+        memory: default memory (a :class:`~dire_plugin.embeddings.memory.SyntheticMemory` or
             ``{class: [K_c, D]}``) used when a call passes none.
 
     Differences from the released code, on purpose: real embeddings are grouped by true label;
-    CD excludes only the true diagonal and divides by the number of pairs; syn-vs-real matrices
+    CD excludes only the true diagonal and, with ``"mean"``, divides by the number of pairs
+    (``"sum"`` keeps the paper's sum with its diagonal); syn-vs-real matrices
     keep every entry; cosines use an epsilon (no NaN for a zero row); the square root is clamped
     (finite gradients when a synthetic embedding equals a real one); no ``abs`` on cosines.
 
@@ -115,6 +116,9 @@ class DiReLoss(nn.Module):
             return packed(device)
         if not isinstance(real, Mapping):
             raise DiReInputError(f"real must be a mapping class -> tensor or a RealEmbeddingBank, got {type(real).__name__}")
+        bad = next((c for c, t in real.items() if not isinstance(t, Tensor)), None)
+        if bad is not None:
+            raise DiReInputError(f"real embeddings of class {bad} are {type(real[bad]).__name__}, expected a tensor")
         # Packing copies every real embedding; callers pass the same mapping every iteration, so
         # reuse the packing while the mapping holds the same, unmodified tensors.
         key = (id(real), device, tuple((c, t.data_ptr(), tuple(t.shape), t._version) for c, t in real.items()))

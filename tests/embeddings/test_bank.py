@@ -175,7 +175,7 @@ def test_cache_hit_miss_and_invalidation(tmp_path):
 
 def test_cache_file_is_plain_tensors(tmp_path):
     x, y = label_data()
-    bank = build(LabelEncoder(), loader_of(x, y), cache_dir=tmp_path, dtype=torch.float16)
+    bank = build(LabelEncoder(), loader_of(x, y), cache_dir=tmp_path, dataset_id="toy", dtype=torch.float16)
     (path,) = tmp_path.glob("bank-*.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert set(state) == {"format", "key", "checksum", "classes", "counts", "embeddings"}
@@ -213,20 +213,20 @@ def _corrupt_structure(path):
 def test_cache_recovers_from_bad_file(tmp_path, caplog, corrupt):
     x, y = label_data()
     model = LabelEncoder()
-    good = build(model, loader_of(x, y), cache_dir=tmp_path)
+    good = build(model, loader_of(x, y), cache_dir=tmp_path, dataset_id="toy")
     (path,) = tmp_path.glob("bank-*.pt")
     corrupt(path)
 
     n = model.forwards
     with caplog.at_level(logging.WARNING, logger="dire"):
-        rebuilt = build(model, loader_of(x, y), cache_dir=tmp_path)
+        rebuilt = build(model, loader_of(x, y), cache_dir=tmp_path, dataset_id="toy")
     assert not rebuilt.cache_hit and model.forwards > n
     warnings = [r.getMessage() for r in caplog.records if r.name == "dire" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "rebuilding" in warnings[0] and "\n" not in warnings[0], warnings
     for c in good.classes:
         assert torch.equal(rebuilt[c], good[c])
     # The bad file was overwritten with a good one.
-    again = build(model, loader_of(x, y), cache_dir=tmp_path)
+    again = build(model, loader_of(x, y), cache_dir=tmp_path, dataset_id="toy")
     assert again.cache_hit
     assert torch.load(path, weights_only=True)["key"] == good.fingerprint
 
@@ -246,7 +246,7 @@ def _flip_two_bits_in_embeddings(path, embeddings):
 def test_flipped_bits_in_the_cache_are_a_warning_and_a_rebuild(tmp_path, caplog, dtype):
     x, y = label_data()
     model = LabelEncoder()
-    good = build(model, loader_of(x, y), cache_dir=tmp_path, dtype=dtype)
+    good = build(model, loader_of(x, y), cache_dir=tmp_path, dataset_id="toy", dtype=dtype)
     (path,) = tmp_path.glob("bank-*.pt")
     stored = torch.load(path, weights_only=True)["embeddings"]
     _flip_two_bits_in_embeddings(path, stored)
@@ -255,13 +255,13 @@ def test_flipped_bits_in_the_cache_are_a_warning_and_a_rebuild(tmp_path, caplog,
 
     n = model.forwards
     with caplog.at_level(logging.WARNING, logger="dire"):
-        rebuilt = build(model, loader_of(x, y), cache_dir=tmp_path, dtype=dtype)
+        rebuilt = build(model, loader_of(x, y), cache_dir=tmp_path, dataset_id="toy", dtype=dtype)
     assert not rebuilt.cache_hit and model.forwards > n, "damaged cache contents were reused"
     warnings = [r.getMessage() for r in caplog.records if r.name == "dire" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "checksum" in warnings[0] and "rebuilding" in warnings[0]
     assert "\n" not in warnings[0] and str(path) in warnings[0]
     assert _same_bank(rebuilt, good)
-    assert build(model, loader_of(x, y), cache_dir=tmp_path, dtype=dtype).cache_hit
+    assert build(model, loader_of(x, y), cache_dir=tmp_path, dataset_id="toy", dtype=dtype).cache_hit
 
 
 def _same_bank(a, b):

@@ -223,6 +223,33 @@ def test_data_changed_in_place_is_a_cache_miss(tmp_path):
     assert len(set(blacked[2].flatten().tolist())) == 1, "class 2 should be the black images now"
 
 
+def test_the_python_api_keys_an_imagefolder_cache_on_its_data_by_itself(tmp_path, caplog):
+    # RealEmbeddingBank.build(model, loader, cache_dir=...) as README shows it: no dataset_id.
+    from torchvision import datasets, transforms
+
+    root = write_image_folder(tmp_path / "real", num_classes=3, per_class=4, size=8)
+    cache = tmp_path / "cache"
+
+    def bank():
+        ds = datasets.ImageFolder(str(root), transform=transforms.ToTensor())
+        return RealEmbeddingBank.build(_pixel_model(), torch.utils.data.DataLoader(ds, batch_size=4),
+                                       cache_dir=cache, progress=False)
+
+    first = bank()
+    assert bank().cache_hit
+    os.rename(root / "class_000" / "img_0.png", root / "class_001" / "moved_0.png")
+    moved = bank()
+    assert not moved.cache_hit and moved[0].shape[0] == 3 and moved[1].shape[0] == 5 and not _same(moved, first)
+    assert "cannot see" not in caplog.text
+
+
+def test_a_cache_the_key_cannot_see_the_data_of_is_warned_about(tmp_path, caplog):
+    data = torch.utils.data.TensorDataset(torch.rand(6, 3, 8, 8), torch.arange(3).repeat(2))
+    RealEmbeddingBank.build(_pixel_model(), torch.utils.data.DataLoader(data, batch_size=3),
+                            cache_dir=tmp_path / "cache", progress=False)
+    assert "pass dataset_id=" in caplog.text and "TensorDataset" in caplog.text
+
+
 def test_fingerprint_sees_size_mtime_class_names_and_files(tmp_path):
     root = write_image_folder(tmp_path / "real", num_classes=2, per_class=2, size=8)
     loader, dataset_id, _ = real_data_loader(root, SPEC, num_classes=2, workers=0)

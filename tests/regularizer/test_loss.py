@@ -306,6 +306,23 @@ def test_bad_batches_are_one_line_errors(case, match, call):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 0.1), (0.0, 0.0)], ids=["weighted", "zero-weights"])
+def test_nan_embeddings_are_refused_whatever_the_weights(weights):
+    # With both weights 0 nothing is computed; the input is still checked, not turned into a NaN loss.
+    syn, labels, real, _ = _data(14)
+    syn = syn.detach().clone()
+    syn[2, 1] = math.nan
+    with pytest.raises(DiReInputError, match="NaN or Inf"):
+        DiReLoss(r_c=weights[0], r_e=weights[1])(syn, labels, real)
+
+
+def test_a_mapping_value_that_is_not_a_tensor_is_named():
+    syn, labels, real, _ = _data(15)
+    real[next(iter(real))] = [[0.0] * syn.shape[1]]
+    with pytest.raises(DiReInputError, match="are list, expected a tensor"):
+        DiReLoss()(syn, labels, real)
+
+
 def test_integral_float_labels_give_the_same_loss_as_integer_ones():
     syn, labels, real, memory = _data(13)
     loss = DiReLoss(r_c=1.0, r_e=0.1)
