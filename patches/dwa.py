@@ -4,7 +4,8 @@ directed weight perturbation of the teacher at iteration 0 of every batch.
 The perturbation (``Perterb.first_step``) reads the teacher's ``.grad``, which DWA accumulates over
 a whole batch and never clears: DiRe's gradient must reach the images only. The decoupled capture
 does that with ``teacher_grads="untouched"`` (one input-only backward per step, at the images),
-and the iteration-0 criterion calls that only serve the perturbation never get the term.
+and the term computed at the iteration-0 criterion calls that only serve the perturbation never
+reaches the images (the manifest's ``terms_computed`` includes those; ``terms_discarded`` counts them).
 """
 from __future__ import annotations
 

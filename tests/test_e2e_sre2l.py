@@ -284,10 +284,13 @@ def test_settings_edited_by_hand_are_checked(env, tmp_path):
     path.write_text(json.dumps({**config, "r_c": -5}))
     line = _one_line_error(_run(env, tmp_path / "neg"))
     assert str(path) in line and "r_c must be a finite number >= 0" in line
+    path.write_text(json.dumps({**config, "memory": "false"}))  # a string: truthy, it would keep the memory on
+    line = _one_line_error(_run(env, tmp_path / "string"))
+    assert str(path) in line and "memory must be true or false" in line
     path.write_text("{ not json")
     line = _one_line_error(_run(env, tmp_path / "broken"))
     assert str(path) in line and "not valid JSON" in line
-    assert not (tmp_path / "neg").exists() and not (tmp_path / "broken").exists()
+    assert not any((tmp_path / d).exists() for d in ("neg", "string", "broken"))
 
 
 def test_ctrl_c_under_dire_run_is_one_line_and_130(env, tmp_path):

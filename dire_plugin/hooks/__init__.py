@@ -14,11 +14,13 @@ the term, counters, logs, the step check, the manifest). A new family subclasses
 
 1. ``wrappers()``: ``(module, attribute path, wrapper)`` to install when the module is imported
    (torch, PIL, or an upstream module of the checkout, e.g. ``networks.ConvNet.embed``). Each
-   wrapper asks :func:`.runtime.current_runtime` and passes through while ``runtime.active`` is
-   False.
+   wrapper of the training path asks :func:`.runtime.active_capture` and passes through on
+   ``None`` (another family's run, or ``runtime.active`` False); wrappers that only note where
+   outputs are saved look at :func:`.runtime.current_runtime`.
 2. ``install(core)`` / ``uninstall()``: global hooks of its own (module forward hooks, ...).
 3. When it sees the embeddings of a synthesis step: ``core.bank_for(teacher, layer, device)``
-   once, then ``grad = core.term_gradient(emb, labels)`` (∂L_syn/∂emb, logged and counted), then
+   once (or, like DM, the method's own real embeddings of the step as ``real=``), then
+   ``grad = core.term_gradient(emb, labels)`` (∂L_syn/∂emb, logged and counted), then
    its own way of adding ``grad``'s effect to the images, calling ``core.term_reached_images()``
    when it has (a tensor hook during the method's backward, an ``autograd.grad`` to the images,
    a direct ``image.grad`` update).

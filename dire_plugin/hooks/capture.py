@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Sequence, Tuple
 
-__all__ = ["Capture", "Wrapper", "plain_tensor_params"]
+__all__ = ["Capture", "Wrapper", "one_image_tensor", "plain_tensor_params"]
 
 #: ``(module name, attribute path, wrapt wrapper)``: installed when the module is imported and
 #: removed at ``unpatch``; the wrapper passes straight through while the runtime is off.
@@ -24,6 +24,13 @@ def plain_tensor_params(optimizer: Any) -> list:
     if not params or any(isinstance(p, nn.Parameter) for p in params):
         return []
     return params
+
+
+def one_image_tensor(optimizer: Any) -> bool:
+    """The optimizer updates exactly one plain 4-D tensor: a whole synthetic set stepped at once
+    (DM's and MTT's ``image_syn``), not a model and not a set of per-class tensors."""
+    params = plain_tensor_params(optimizer)
+    return len(params) == 1 and params[0].dim() == 4
 
 
 class Capture:

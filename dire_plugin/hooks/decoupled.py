@@ -20,8 +20,9 @@ How a step gets the term, without a second forward:
      follows (DWA's perturbation passes) has its pending gradient replaced by the next one: it
      never reaches the images, and the manifest counts it as discarded.
 
-4. Batches hold one image per class: when a new batch of images starts, the last embeddings of the
-   finished one join the per-class memory, so CD acts across ipc indices.
+4. One tensor of images is optimised until the next one starts (SRe²L: one image per class; its
+   multi-GPU script: a rank's shard): when a new one starts, the last embeddings of the finished
+   one join the per-class memory, so CD acts across ipc indices.
 5. Under ``torch.distributed`` (SRe²L's multi-GPU recover) the term is computed on the union of
    every rank's current embeddings (:mod:`.distributed`), each rank keeping its own rows' gradient.
 
@@ -131,6 +132,7 @@ class DecoupledCapture(Capture):
         # The step in flight: a term was attached, and (untouched route) its pending gradient.
         self._attached = False
         self._pending: Optional[Tuple[weakref.ref, Tensor]] = None
+        self._stale = False  # the pending gradient's images were not this step's
         self.last: Optional[Tuple[Tensor, Tensor]] = None  # embeddings and labels of the last term
         self._pending_batch: Optional[Tuple[Tensor, Tensor]] = None
         self._images: Optional[weakref.ref] = None
@@ -227,6 +229,12 @@ class DecoupledCapture(Capture):
             # Used: a second criterion call on the same logits (printing) must not add it again.
             for rec in chunks:
                 self._records.remove(rec)
+        images: List[Tensor] = []
+        if self.teacher_grads == "untouched":
+            images = _image_leaves(chunks[0].inp)
+            if len(images) != 1:  # not a forward of one tensor of images: nothing to compute or add
+                self.criterion_calls_skipped += 1
+                return
         labels = targets.argmax(1) if isinstance(targets, Tensor) and targets.dim() == 2 else targets
         labels = torch.as_tensor(labels).reshape(-1)
         device = outputs.device
@@ -237,7 +245,7 @@ class DecoupledCapture(Capture):
         if self.teacher_grads == "shared":
             self._attach(chunks, grad)
         else:
-            self._images_only(chunks, grad)
+            self._images_only(chunks, grad, images[0])
         self.last = (union.detach().float(), union_labels.detach().to(device))
 
     def _bank(self, record: _Record, device: torch.device) -> None:
@@ -265,19 +273,16 @@ class DecoupledCapture(Capture):
             # passes (a flattened view of it would be a separate node that backward never visits).
             rec.inp.register_hook(add)
 
-    def _images_only(self, chunks: List[_Record], grad: Tensor) -> None:
+    def _images_only(self, chunks: List[_Record], grad: Tensor, images: Tensor) -> None:
         """The untouched route: DiRe's gradient at the images now, kept for the synthesis step."""
-        images = _image_leaves(chunks[0].inp)
-        if len(images) != 1:
-            self._pending = None
-            return
         outputs = [rec.inp for rec, _ in self._parts(chunks, grad)]
         parts = [part.to(device=rec.inp.device, dtype=rec.inp.dtype).view_as(rec.inp) for rec, part in self._parts(chunks, grad)]
         # Parameters are not inputs here: nothing is computed or accumulated for the teacher.
-        (g_images,) = torch.autograd.grad(outputs, images, grad_outputs=parts, retain_graph=True)
+        (g_images,) = torch.autograd.grad(outputs, [images], grad_outputs=parts, retain_graph=True)
         if self._pending is not None:
             self.terms_discarded += 1  # a criterion call no synthesis step followed
-        self._pending = (weakref.ref(images[0]), g_images)
+        self._pending = (weakref.ref(images), g_images)
+        self._stale = False
         self._attached = True
 
     # ------------------------------------------------------------------ optimizer steps
@@ -288,6 +293,7 @@ class DecoupledCapture(Capture):
         images = ref()
         self._pending = None
         if images is None or not any(p is images for p in plain_tensor_params(optimizer)):
+            self._stale = True  # the step check then names this, not a backward that never ran
             return
         if images.grad is None:
             images.grad = g_images.clone()
@@ -296,7 +302,7 @@ class DecoupledCapture(Capture):
         self.core.term_reached_images()
 
     def after_step(self, optimizer: Any) -> None:
-        self._attached = False
+        self._attached = self._stale = False
         images = plain_tensor_params(optimizer)[0]
         if self._images is not None and self._images() is not images:
             # The previous batch of images is finished: its last embeddings join the memory.
@@ -307,6 +313,8 @@ class DecoupledCapture(Capture):
         self._pending_batch = self.last
 
     def missing_reason(self) -> str:
+        if self._stale:
+            return "the images its pending gradient was computed for are not among this optimizer's parameters"
         if self._attached:
             return "its backward did not reach the captured embeddings"
         return "no classifier forward matched the criterion call"

@@ -5,8 +5,9 @@ Each synthesis step the ranks exchange their current embeddings and labels (deta
 cheap next to a ResNet forward). Every rank then computes DiRe on the union, the other ranks'
 rows as constants, and keeps the gradient of its own rows: exactly the gradient one process
 holding the union would give them, pairs counted as the single-process formula counts them. The
-union of a finished batch joins every rank's memory, so memories agree. The ranks' counters ride
-along, so rank 0 writes one manifest with everyone's counts.
+union of a finished batch joins every rank's memory, so memories agree. The ranks' counters are
+gathered each step too (one small exchange of three integers), so rank 0 writes one manifest with
+everyone's counts.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ _COUNTERS = ("steps", "terms_added", "computed")
 
 def exchange_counts(core: Any) -> None:
     """Every rank's counters, as of now, into ``core.rank_counts`` (rank → counters)."""
-    rank, size = world()
+    _, size = world()
     if size == 1:
         return
     mine = torch.tensor([[getattr(core.stats, c) for c in _COUNTERS]], dtype=torch.long)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..errors import DiReHookError
 from ..regularizer.grouped import PackedEmbeddings
-from .capture import Capture, Wrapper, plain_tensor_params
+from .capture import Capture, Wrapper, one_image_tensor, plain_tensor_params
 from .runtime import active_capture, current_runtime
 
 __all__ = ["EmbedCapture", "PixelIndex"]
@@ -351,7 +351,6 @@ class _Augmented:
 @dataclass(eq=False)
 class _SynCall:
     emb: Tensor  # detached [N, D]
-    shape: torch.Size
     labels: Tensor
     images: "weakref.ref[Tensor]"
     net: "_Net"
@@ -549,7 +548,7 @@ class EmbedCapture(Capture):
         ipc = n // self.num_classes
         rows = torch.cat([torch.arange(a, b) for _, a, b in chunks])
         labels = (rows // ipc).to(out.device)
-        call = _SynCall(out.detach().reshape(out.shape[0], -1), out.shape, labels, weakref.ref(images), state)
+        call = _SynCall(out.detach().reshape(out.shape[0], -1), labels, weakref.ref(images), state)
         state.syn.append(call)
         self._step_calls.append(call)
         self.counts["synthetic_calls"] += 1
@@ -593,8 +592,7 @@ class EmbedCapture(Capture):
 
     # ------------------------------------------------------------------ optimizer steps
     def is_synthesis_step(self, optimizer: Any) -> bool:
-        params = plain_tensor_params(optimizer)
-        return len(params) == 1 and params[0].dim() == 4
+        return one_image_tensor(optimizer)
 
     def before_step(self, optimizer: Any) -> None:
         calls = self._step_calls

@@ -57,11 +57,14 @@ def unwrap(module_name: str, path: str) -> None:
         setattr(parent, attr, current.__wrapped__)
 
 
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise DiReHookError(f"unknown capture family {family!r}: one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
 def _capture_class(family: str) -> type:
-    try:
-        module, _, name = FAMILIES[family].partition(":")
-    except KeyError:
-        raise DiReHookError(f"unknown capture family {family!r}: one of {', '.join(FAMILIES)}") from None
+    module, _, name = _check_family(family).partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -98,8 +101,6 @@ class MethodPatch:
         self._config = config
         self._root = Path(root).resolve() if root is not None else None
         capture = _capture_class(self.family)(**self.capture_options)
-        if hasattr(capture, "bind"):
-            capture.bind(self)  # a capture that needs the patch's own data (targets, root)
         factory = bank_factory or capture.bank_factory(config) or self.default_bank_factory(config)
         start_runtime(config, factory, capture)
         self._wrappers = tuple(capture.wrappers())
@@ -183,24 +184,17 @@ class MethodPatch:
         """Bank from ``config.real_data``, preprocessed as the running script's teacher expects."""
         spec = self.scripts.get(config.script)
 
-        def factory(teacher, layer: str, device):
-            import torch
-
-            from ..embeddings.bank import RealEmbeddingBank
+        def factory(teacher: Any, layer: str, device: Any) -> Any:
             from ..embeddings.realdata import real_data_loader
+            from .runtime import bank_from_loader
 
             if spec is None:
                 raise DiReHookError(f"{config.script} is not a script the {self.method} patch covers")
             if not config.real_data:
                 raise DiReHookError("no real data configured: pass --real-data to dire-apply or dire-run")
             run = spec.for_argv(sys.argv[1:])  # the bank is built inside the script's own process
-            loader, dataset_id, transform_id = real_data_loader(config.real_data, run.real_data, run.num_classes)
-            return RealEmbeddingBank.build(
-                teacher, loader, layer=layer or None, max_per_class=config.bank_max_per_class,
-                dtype=getattr(torch, config.bank_dtype),
-                cache_dir=config.cache_dir or None, dataset_id=dataset_id, transform_id=transform_id,
-                device=device,
-            )
+            loaded = real_data_loader(config.real_data, run.real_data, run.num_classes)
+            return bank_from_loader(config, teacher, layer, device, *loaded)
 
         return factory
 
@@ -209,8 +203,7 @@ def method_patch(method: str, scripts: Callable[[], Mapping[str, ScriptSpec]], t
                  capture: str = "decoupled", **capture_options: Any) -> Tuple[Callable, Callable]:
     """``(patch, unpatch)`` for a patch module: a :class:`MethodPatch` built on first use, so
     reading a patch module's data stays free of torch."""
-    if capture not in FAMILIES:
-        raise DiReHookError(f"unknown capture family {capture!r}: one of {', '.join(FAMILIES)}")
+    _check_family(capture)  # when the patch module is imported, not at the first run
     impl: Dict[str, MethodPatch] = {}
 
     def get() -> MethodPatch:

@@ -37,7 +37,8 @@ from .distributed import rank_summary
 from .settings import RunConfig
 
 __all__ = [
-    "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "current_runtime", "fail_run",
+    "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "bank_from_loader", "current_runtime",
+    "fail_run",
     "start_runtime", "stop_runtime",
 ]
 
@@ -137,7 +138,8 @@ class DiReRuntime:
         ``labels``, against ``real`` (the method's own real embeddings of this step, DM's) or the
         bank, and the memory unless ``memory`` is False; logs and counts the values. The capture
         decides how the gradient reaches the images."""
-        assert real is not None or self.bank is not None, "bank_for() first, or pass real"
+        if real is None and self.bank is None:  # a capture's bug, not the user's: said even under python -O
+            raise DiReHookError("internal error: a DiRe term was asked for before the real-embedding bank was built")
         device = emb.device
         x = emb.detach().float().requires_grad_()
         use_memory = self.config.memory if memory is None else memory
@@ -279,10 +281,27 @@ def active_capture(kind: type) -> Optional[Any]:
     return capture if isinstance(capture, kind) and runtime.active else None
 
 
+def bank_from_loader(config: RunConfig, teacher: nn.Module, layer: str, device: torch.device,
+                     loader: Any, dataset_id: str, transform_id: str) -> RealEmbeddingBank:
+    """The run's real-embedding bank over ``loader``, stored and cached as ``config`` says (the one
+    call every bank factory ends in, so every method keys and stores its bank the same way)."""
+    return RealEmbeddingBank.build(
+        teacher, loader, layer=layer or None, max_per_class=config.bank_max_per_class,
+        dtype=getattr(torch, config.bank_dtype), cache_dir=config.cache_dir or None,
+        dataset_id=dataset_id, transform_id=transform_id, device=device,
+    )
+
+
 def start_runtime(config: RunConfig, bank_factory: BankFactory, capture: Capture) -> DiReRuntime:
-    """Install the process-wide runtime (idempotent); the manifest is written at exit, and an
-    uncaught error of ours ends the run with one line and exit code 2."""
+    """Install the process-wide runtime; the manifest is written at exit, and an uncaught error of
+    ours ends the run with one line and exit code 2. One per process: a second method's patch
+    while another's runtime is running is refused (its capture would never be installed)."""
     global _RUNTIME
+    if _RUNTIME is not None and _RUNTIME.capture is not capture:
+        raise DiReHookError(
+            f"DiRe is already running for {_RUNTIME.config.method} in this process; {config.method} cannot "
+            "be patched in too (unpatch the first, or run one method per process)"
+        )
     if _RUNTIME is None:
         _RUNTIME = DiReRuntime(config, bank_factory, capture)
         _RUNTIME.install()

@@ -45,6 +45,8 @@ def check_run_settings(settings: Mapping[str, Any], where: str = "") -> Dict[str
         _whole(out["bank_max_per_class"], "bank_max_per_class", where, 1)
     if out.get("bank_dtype", "float32") not in BANK_DTYPES:
         raise DiReInputError(f"{where}bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {out['bank_dtype']!r}")
+    if not isinstance(out.get("memory", True), bool):  # a hand-edited "false" string would be truthy
+        raise DiReInputError(f"{where}memory must be true or false, got {out['memory']!r}")
     for key in ("real_data", "cache_dir", "manifest_dir", "method", "script", "commit", "root"):
         if key in out and not isinstance(out[key], str):
             raise DiReInputError(f"{where}{key} must be a string, got {out[key]!r}")

@@ -38,7 +38,6 @@ generator of its own and the extra forward draws no random number: the upstream'
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -52,9 +51,10 @@ from torch import Tensor, nn
 
 from ..embeddings.capture import EmbeddingCapture, find_last_linear
 from ..errors import DiReHookError, DiReInputError
+from ..io.digest import tensors_sha256
 from ..io.files import load_torch_file
-from .capture import Capture, Wrapper, plain_tensor_params
-from .runtime import active_capture, current_runtime
+from .capture import Capture, Wrapper, one_image_tensor, plain_tensor_params
+from .runtime import active_capture, bank_from_loader, current_runtime
 
 __all__ = ["Expert", "StepCapture", "expert_dir", "load_expert"]
 
@@ -115,12 +115,8 @@ class Expert:
 
     @property
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        for t in self.params:
-            t = t.detach().cpu().contiguous()
-            h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(t.numpy().tobytes())
-        return h.hexdigest()
+        """Of the expert's parameters (shapes, dtypes, bytes): part of the bank's cache key."""
+        return tensors_sha256(self.params)
 
 
 def load_expert(path: str, trajectory: int = EXPERT_TRAJECTORY, epoch: int = -1) -> Expert:
@@ -254,17 +250,10 @@ class StepCapture(Capture):
     def bank_factory(self, config: Any) -> Callable:
         capture = self
 
-        def factory(teacher: nn.Module, layer: str, device: torch.device):
-            from ..embeddings.bank import RealEmbeddingBank
-
+        def factory(teacher: nn.Module, layer: str, device: torch.device) -> Any:
             if capture.dst_train is None:
                 raise DiReHookError("the training set was never seen (utils.get_dataset did not go through the patch)")
-            loader, dataset_id, transform_id = capture.real_loader()
-            return RealEmbeddingBank.build(
-                teacher, loader, layer=layer or None, max_per_class=config.bank_max_per_class,
-                dtype=getattr(torch, getattr(config, "bank_dtype", "float32")),
-                cache_dir=config.cache_dir or None, dataset_id=dataset_id, transform_id=transform_id, device=device,
-            )
+            return bank_from_loader(config, teacher, layer, device, *capture.real_loader())
 
         return factory
 
@@ -275,12 +264,8 @@ class StepCapture(Capture):
         dst, args = self.dst_train, self.args
         images = getattr(dst, "images", None)
         if isinstance(images, Tensor):  # --zca: the whitened images themselves (utils.TensorDataset)
-            h = hashlib.sha256(b"dire-mtt-tensors")
-            for t in (images, dst.labels):
-                t = t.detach().cpu().contiguous()
-                h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-                h.update(t.numpy().tobytes())
-            dataset_id = f"{args.dataset}:tensors:{len(dst)}:{h.hexdigest()}"
+            digest = tensors_sha256((images, dst.labels), b"dire-mtt-tensors")  # read in place, no copy
+            dataset_id = f"{args.dataset}:tensors:{len(dst)}:{digest}"
             workers = 0
         else:
             dataset_id = data_fingerprint(dst, getattr(dst, "root", ""), str(args.dataset).lower())
@@ -294,8 +279,7 @@ class StepCapture(Capture):
 
     # ------------------------------------------------------------------ the step
     def is_synthesis_step(self, optimizer: Any) -> bool:
-        params = plain_tensor_params(optimizer)
-        return len(params) == 1 and params[0].dim() == 4
+        return one_image_tensor(optimizer)
 
     def _labels(self, images: Tensor) -> Optional[Tensor]:
         """``label_syn`` from the frame that holds ``image_syn``, checked against the images."""
@@ -397,6 +381,7 @@ class StepCapture(Capture):
             },
             "images": self.images_name,
             "labels": self.labels_name,
+            "labels_checked": self.label_checks,
             "zca": None if args is None else bool(getattr(args, "zca", False)),
             "bank_data": None if args is None else f"{self.dataset_module}.{self.dataset_function}'s training set "
                                                    f"({args.dataset}, --data_path {getattr(args, 'data_path', '')})",

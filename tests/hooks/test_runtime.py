@@ -11,8 +11,7 @@ from dire_plugin.errors import DiReHookError
 from dire_plugin.embeddings.capture import EmbeddingCapture
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
-
-sre2l = pytest.importorskip("dire_plugin.patches.sre2l")
+from dire_plugin.patches import dm, sre2l
 
 NUM_CLASSES, D = 4, 8
 
@@ -155,6 +154,14 @@ def test_training_a_model_is_left_alone(patched):
     nn.CrossEntropyLoss()(net(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1])).backward()
     opt.step()  # parameters, not images: no DiRe expected, no error
     assert current_runtime().stats.steps == 0
+
+
+def test_a_second_method_in_the_same_process_is_refused(patched):
+    # Its capture would never be installed: the second method's scripts would run without DiRe.
+    with pytest.raises(DiReHookError, match="already running for sre2l"):
+        dm.patch(RunConfig(method="dm", script="main_DM.py", log_every=0))
+    dm.unpatch()  # nothing was patched: this must leave sre2l's runtime in place
+    assert current_runtime() is not None and current_runtime().config.method == "sre2l"
 
 
 def test_unpatch_restores_vanilla_behaviour():
