@@ -36,6 +36,7 @@ __all__ = [
     "applied_methods",
     "config_path",
     "find_checkout",
+    "migrate_legacy_config",
     "read_config",
     "read_exclude_record",
     "refresh_startup_line",
@@ -66,6 +67,7 @@ _NOT_METHODS = (EXCLUDE_RECORD, LEGACY_CONFIG)
 
 
 def site_dir() -> Path:
+    """The site-packages folder that holds our ``.pth`` file (``DIRE_SITE_DIR`` overrides it)."""
     return Path(os.environ.get(ENV_SITE_DIR) or sysconfig.get_paths()["purelib"])
 
 
@@ -81,7 +83,14 @@ def applied_checkouts() -> List[str]:
         return []
     for line in text.splitlines():
         if line.startswith(_MARK):
-            return json.loads(line[len(_MARK):])
+            try:
+                roots = json.loads(line[len(_MARK):])
+            except ValueError:
+                roots = None
+            if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+                raise DiReInputError(f"{_pth_path()} is damaged (its list of checkouts is not a JSON list of "
+                                     f"paths): delete it, then re-run dire-apply for each checkout")
+            return roots
     return []
 
 
@@ -145,6 +154,7 @@ def unregister_checkout(root: os.PathLike) -> None:
 
 
 def config_path(root: os.PathLike, method: str) -> Path:
+    """``ROOT/.dire/METHOD.json``: where ``method``'s settings for the checkout live."""
     return Path(root) / CONFIG_DIR / f"{method}.json"
 
 
@@ -173,10 +183,12 @@ def read_config(root: os.PathLike, method: str) -> Optional[Dict[str, Any]]:
 
 
 def write_config(root: os.PathLike, method: str, config: Dict[str, Any]) -> Path:
+    """Write ``method``'s settings for the checkout atomically; returns the file."""
     return atomic_write(config_path(root, method), json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def remove_config(root: os.PathLike, method: str) -> None:
+    """Delete ``method``'s settings file (nothing happens when there is none)."""
     config_path(root, method).unlink(missing_ok=True)
 
 
@@ -189,11 +201,40 @@ def applied_methods(root: os.PathLike) -> List[str]:
 
 
 def read_exclude_record(root: os.PathLike) -> Optional[Dict[str, Any]]:
+    """What ``hide_config_dir`` did to ``.git/info/exclude`` (``None`` before the first apply)."""
     return _read_json(Path(root) / CONFIG_DIR / EXCLUDE_RECORD)
 
 
 def write_exclude_record(root: os.PathLike, record: Dict[str, Any]) -> Path:
+    """Store the record :func:`read_exclude_record` returns; the last ``--remove`` undoes it."""
     return atomic_write(Path(root) / CONFIG_DIR / EXCLUDE_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def migrate_legacy_config(root: os.PathLike) -> Optional[str]:
+    """Turn the single ``.dire/config.json`` of dire-plugin 0.1 into today's per-method file.
+
+    Returns a line to print when the old file could not be read: it is dropped (it can only have
+    stopped every run), so re-applying and ``--remove`` still work; ``None`` otherwise.
+    """
+    legacy = Path(root) / CONFIG_DIR / LEGACY_CONFIG
+    if not legacy.is_file():
+        return None
+    note = None
+    try:
+        data = _read_json(legacy) or {}
+    except DiReInputError:
+        data, note = {}, f"{legacy} (written by dire-plugin 0.1) could not be read: dropped; re-apply the method it held"
+    record = data.pop("git_exclude", None)
+    if data.get("method"):
+        write_config(root, data["method"], data)
+    try:
+        known = read_exclude_record(root)
+    except DiReInputError:
+        known = {}  # a broken record of its own is for the caller to report, not to overwrite here
+    if known is None:
+        write_exclude_record(root, record or {"added": False})
+    legacy.unlink()
+    return note
 
 
 def find_checkout(script: os.PathLike) -> Optional[Path]:

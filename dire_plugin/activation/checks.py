@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 from ..errors import DiReInputError
 
@@ -71,7 +71,10 @@ def check_real_data_for_scripts(path: os.PathLike, scripts: Mapping[str, Any]) -
     for kind, error in errors:
         if (cifar is not None) == kind.startswith("cifar"):
             raise error
-    raise errors[0][1]
+    if errors:
+        raise errors[0][1]
+    # Every group's data passed, yet no script's class count fits on its own.
+    raise DiReInputError(f"--real-data {path}: its class count fits none of the covered scripts' teachers")
 
 
 def _count_fits(path: os.PathLike, spec: Any) -> bool:

@@ -39,7 +39,7 @@ def launch(prog: str, method_name: str, script: Path, args: List[str], overrides
         # The checkout root, so the hooks' upstream symbols are checked there even without dire-apply.
         root = script.as_posix()[: -len(rel)].rstrip("/")
         activate(script, overrides={"method": method_name.lower(), "script": rel, "root": root, **overrides},
-                 required=True)
+                 required=True, argv=list(args))
     except DiReError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

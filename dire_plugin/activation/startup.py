@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .applied import (
     CONFIG_DIR,
@@ -38,6 +38,7 @@ def disabled() -> bool:
 
 
 def active_method() -> Optional[str]:
+    """The method patched into this process, ``None`` before :func:`activate` (or when vanilla)."""
     return _ACTIVE
 
 
@@ -101,7 +102,7 @@ def _settings_for(script: Optional[Path], overrides: Optional[Dict[str, Any]] = 
     return config
 
 
-def _check_inputs(settings: Dict[str, Any], spec: Any) -> None:
+def _check_inputs(settings: Dict[str, Any], spec: Any, argv: List[str]) -> None:
     """The run's data and cache, checked before the script does any work (a parent of an
     inherited run has checked them already)."""
     from ..errors import DiReInputError
@@ -112,13 +113,17 @@ def _check_inputs(settings: Dict[str, Any], spec: Any) -> None:
         raise DiReInputError(
             f"no real data for DiRe in {where}: pass --real-data DIR to dire-apply or dire-run"
         )
-    check_real_data_for_script(settings["real_data"], spec.for_argv(sys.argv[1:]))
+    check_real_data_for_script(settings["real_data"], spec.for_argv(argv))
     if settings.get("cache_dir"):
         check_cache_dir(settings["cache_dir"], f"cache folder (from {where})")
 
 
-def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str, Any]] = None, required: bool = False) -> Optional[str]:
+def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str, Any]] = None, required: bool = False,
+             argv: Optional[List[str]] = None) -> Optional[str]:
     """Patch this process for ``script`` (default: the running ``__main__``); idempotent.
+
+    ``argv`` are the script's arguments (default ``sys.argv[1:]``): ``dire-run`` activates before
+    it hands ``sys.argv`` to the script, and the real-data check reads the dataset from them.
 
     Returns the method name when DiRe is active, ``None`` when this script is not covered or
     ``DIRE_DISABLE`` is set. With ``required``, a script without settings is an error (the user
@@ -159,11 +164,11 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
     source = settings.get("_source") or "the settings"
     config = RunConfig.from_dict({**settings, "script": rel}, where=f"{source}: ")
     if not settings.get("_inherited"):
-        _check_inputs(settings, method.SCRIPTS[rel])
+        _check_inputs(settings, method.SCRIPTS[rel], sys.argv[1:] if argv is None else argv)
     root = settings.get("root")
     # Our own scripts (the demo) have no upstream commit to be checked against.
     if root and settings.get("verify", True) and getattr(method, "PINNED", True):
-        _verify_targets(settings["method"], Path(root), rel, commit)
+        _verify_targets(settings["method"], Path(root), rel)
     # Children (mp.spawn, DataLoader workers started with spawn) have no script path to match:
     # they inherit the settings instead.
     os.environ[ENV_ACTIVATE] = json.dumps({**{k: v for k, v in settings.items() if not k.startswith("_")}, "script": rel})
@@ -176,18 +181,19 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
     return _ACTIVE
 
 
-def _verify_targets(method: str, root: Path, script: str, commit: str) -> None:
+def _verify_targets(method: str, root: Path, script: str) -> None:
     """Refuse to run when a symbol this script's hooks rely on changed since ``dire-apply``."""
     from ..errors import DiReHookError
     from ..upstream.lockfile import check_fingerprints, method_lock
 
     folder = script.rsplit("/", 1)[0] if "/" in script else ""
-    for drift in check_fingerprints(root, method_lock(method)):
+    lock = method_lock(method)
+    for drift in check_fingerprints(root, lock):
         same_folder = (drift.file.rsplit("/", 1)[0] if "/" in drift.file else "") == folder
         if drift.file == script or same_folder:
             raise DiReHookError(
                 f"{drift.file}: {drift.symbol} {drift.reason}; the {method} patch is pinned to upstream commit "
-                f"{commit} (DIRE_DISABLE=1 runs vanilla; dire-apply --verify {method} {root} shows all changes)"
+                f"{lock.commit} (DIRE_DISABLE=1 runs vanilla; dire-apply --verify {method} {root} shows all changes)"
             )
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["OneLineParser", "echo", "fail", "positive_int", "run_command", "run_main", "weight"]
+__all__ = ["OneLineParser", "echo", "existing_dir", "fail", "positive_int", "run_command", "run_main", "weight"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,6 +51,19 @@ def weight(text: str) -> float:
         return check_weights(text, 0.0)[0]
     except DiReInputError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0") from None
+
+
+def existing_dir(path: Optional[str], option: str) -> Path:
+    """``path`` resolved, if it is a folder; else a one-line ``DiReInputError`` naming ``option``."""
+    from ..errors import DiReInputError
+
+    if not path:
+        raise DiReInputError(f"{option} DIR is required: the real images DiRe compares the synthetic ones with")
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_dir():
+        what = "is not a directory" if resolved.exists() else "does not exist"
+        raise DiReInputError(f"{option} {resolved} {what}: give the folder of the real dataset")
+    return resolved
 
 
 def run_command(prog: str, command: Callable[[Any], int], args: Any) -> int:

@@ -1,6 +1,7 @@
 """``dire-apply``: switch DiRe on for an upstream checkout, off again, and report.
 
-Applying writes ``<checkout>/.dire/config.json``, hides ``.dire/`` in ``.git/info/exclude`` and
+Applying writes ``<checkout>/.dire/<method>.json`` (and ``exclude.json``, what it did to the
+exclude file), hides ``.dire/`` in ``.git/info/exclude`` and
 lists the checkout in the start-up ``.pth`` (see :mod:`dire_plugin.activation.applied`); the upstream's
 files are never touched. Every check runs before the first write, so a refused command leaves
 everything as it was. Exit codes: 0 done, 1 ``--verify`` found drift (or a write failed),
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import shutil
 import sys
@@ -39,7 +39,7 @@ from ..activation.checks import check_cache_dir, check_real_data_for_scripts
 from ..upstream.lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..hooks.registry import METHODS, load_method
 from ..hooks.settings import BANK_DTYPES
-from ._common import OneLineParser, run_main, weight
+from ._common import OneLineParser, existing_dir, run_main, weight
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
 
@@ -121,24 +121,13 @@ def _supported(name: str) -> Tuple[MethodLock, ModuleType]:
     return locks[key], module
 
 
-def _existing_dir(path: Optional[str], option: str) -> Path:
-    if not path:
-        raise DiReInputError(f"{option} DIR is required: the real images DiRe compares the synthetic ones with")
-    resolved = Path(path).expanduser().resolve()
-    if not resolved.is_dir():
-        what = "is not a directory" if resolved.exists() else "does not exist"
-        raise DiReInputError(f"{option} {resolved} {what}: give the folder of the real dataset")
-    return resolved
-
-
 def _cache_dir(path: Optional[str]) -> Optional[Path]:
     return None if path is None else check_cache_dir(path)
 
 
 def _config(args: argparse.Namespace, lock: MethodLock, root: Path, head: str,
             real_data: Optional[Path], cache_dir: Optional[Path]) -> Dict[str, Any]:
-    # Late: dire_plugin.regularizer.loss imports torch (seconds), which --list/--status/--remove never need.
-    from ..regularizer.loss import DEFAULT_R_C, DEFAULT_R_E
+    from ..regularizer.defaults import DEFAULT_R_C, DEFAULT_R_E
 
     return {
         "method": lock.method,
@@ -181,18 +170,13 @@ def _clone(lock: MethodLock, path: Path) -> Tuple[Path, Path]:
     return path.resolve(), created
 
 
-def _migrate_legacy(root: Path) -> None:
-    """Turn the single ``.dire/config.json`` of dire-plugin 0.1 into today's per-method file."""
-    legacy = root / activation.CONFIG_DIR / activation.LEGACY_CONFIG
-    if not legacy.is_file():
-        return
-    data = activation._read_json(legacy) or {}
-    record = data.pop("git_exclude", None)
-    if data.get("method"):
-        activation.write_config(root, data["method"], data)
-    if activation.read_exclude_record(root) is None:
-        activation.write_exclude_record(root, record or {"added": False})
-    legacy.unlink()
+def _readable_exclude_record(root: Path) -> Optional[Dict[str, Any]]:
+    """The exclude record, or ``None`` when it cannot be read: the line then stays in
+    ``.git/info/exclude`` (harmless) rather than blocking the way out."""
+    try:
+        return activation.read_exclude_record(root)
+    except DiReInputError:
+        return None
 
 
 def _readable_config(root: Path, method: str) -> Optional[Dict[str, Any]]:
@@ -206,7 +190,7 @@ def _readable_config(root: Path, method: str) -> Optional[Dict[str, Any]]:
 
 def _apply(args: argparse.Namespace) -> int:
     lock, module = _supported(args.method)
-    real_data = _existing_dir(args.real_data, "--real-data")
+    real_data = existing_dir(args.real_data, "--real-data")
     fits = check_real_data_for_scripts(real_data, module.SCRIPTS)
     cache_dir = _cache_dir(args.cache_dir)
     path = Path(args.path).expanduser()
@@ -223,12 +207,14 @@ def _apply(args: argparse.Namespace) -> int:
         raise
     root = state.root
 
-    # Every check passed: from here on we write, one dire-apply at a time per checkout.
+    # Every check passed: from here on we write, one dire-apply at a time per checkout. The lock is
+    # on the checkout folder, which outlives .dire/ (a --remove deletes that while holding it).
     folder = root / activation.CONFIG_DIR
-    first = not folder.exists()
-    try:
-        with locked(folder):
-            _migrate_legacy(root)
+    with locked(root):
+        first = not folder.exists()
+        record: Optional[Dict[str, Any]] = None
+        try:
+            note = activation.migrate_legacy_config(root)
             previous = _readable_config(root, lock.method)
             record = hide_config_dir(root, activation.read_exclude_record(root))
             activation.write_exclude_record(root, record)
@@ -236,11 +222,15 @@ def _apply(args: argparse.Namespace) -> int:
             config_file = activation.write_config(root, lock.method, config)
             pth = activation.register_checkout(root)
             others = [m for m in activation.applied_methods(root) if m != lock.method]
-    except BaseException:
-        if first:  # a first apply that failed half-way: take back what we wrote
-            unhide_config_dir(root, activation.read_exclude_record(root) if folder.exists() else None)
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+        except BaseException:
+            if first:  # a first apply that failed half-way: take back what we wrote
+                unhide_config_dir(root, record)
+                shutil.rmtree(folder, ignore_errors=True)
+            if cloned is not None:
+                shutil.rmtree(cloned, ignore_errors=True)
+            raise
+    if note:
+        print(note)
     _print_applied(state, module, config, config_file, pth, previous, fits, others)
     return 0
 
@@ -287,8 +277,10 @@ def _remove(args: argparse.Namespace) -> int:
     folder = root / activation.CONFIG_DIR
     if not folder.is_dir() and not registered:
         raise DiReInputError(f"DiRe is not applied to {root} (no {activation.CONFIG_DIR}/ folder): nothing to remove")
-    with locked(folder):
-        _migrate_legacy(root)
+    with locked(root):
+        note = activation.migrate_legacy_config(root)
+        if note:
+            print(note)
         methods = activation.applied_methods(root)
         if methods and method not in methods:
             others = ", ".join(methods)
@@ -298,13 +290,14 @@ def _remove(args: argparse.Namespace) -> int:
         activation.remove_config(root, method)
         left = [m for m in methods if m != method]
         if not left:
-            unhide_config_dir(root, activation.read_exclude_record(root))
+            unhide_config_dir(root, _readable_exclude_record(root))
             shutil.rmtree(folder, ignore_errors=True)
+            # Inside the lock: an apply waiting on it must find the checkout unregistered, then register it again.
+            activation.unregister_checkout(root)
     if left:
         print(f"DiRe removed from {root} for {method}; still applied for {', '.join(left)} "
               f"(undo with {PROG} --remove {left[0]} {root})")
         return 0
-    activation.unregister_checkout(root)
     print(f"DiRe removed from {root} ({method}): config, cache and start-up entry are gone")
     cache = config.get("cache_dir")
     if cache and not Path(cache).resolve().is_relative_to(root / activation.CONFIG_DIR) and Path(cache).exists():
@@ -333,8 +326,12 @@ def _list(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     roots = activation.applied_checkouts()
     where = activation.site_dir() / activation.PTH_NAME
-    if activation.refresh_startup_line():
-        print(f"start-up line in {where} was written by an older dire-plugin: rewritten")
+    try:
+        if activation.refresh_startup_line():
+            print(f"start-up line in {where} was written by an older dire-plugin: rewritten")
+    except OSError as exc:  # a report still reports; the stale line is named instead
+        print(f"start-up line in {where} was written by an older dire-plugin and cannot be rewritten "
+              f"({exc.strerror or exc}): run dire-apply --status with write access to it")
     if not roots:
         print(f"DiRe is not applied to any checkout (start-up file: {where})")
         return 0
@@ -361,8 +358,6 @@ def _verify(args: argparse.Namespace) -> int:
     lock, module = _supported(args.method)
     smoke = None
     if args.smoke:
-        if importlib.util.find_spec("dire_plugin.upstream.smoke") is None:
-            raise DiReInputError("smoke runs are not available in this version")
         smoke = importlib.import_module("dire_plugin.upstream.smoke")
     state = survey_checkout(args.path, lock)
     ok = _print_report(state, module, args.allow_drift)
@@ -373,11 +368,10 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     config = activation.read_config(state.root, lock.method) or _config(
         args, lock, state.root, state.head,
-        _existing_dir(args.real_data, "--real-data") if args.real_data else None, _cache_dir(args.cache_dir),
+        existing_dir(args.real_data, "--real-data") if args.real_data else None, _cache_dir(args.cache_dir),
     )
     result = smoke.run_smoke(lock.method, state.root, config)
-    smoke_rc = result if isinstance(result, int) and not isinstance(result, bool) else (0 if result in (None, True) else 1)
-    return max(0 if ok else 1, smoke_rc)
+    return max(0 if ok else 1, result)
 
 
 def _print_report(state: CheckoutState, module: ModuleType, allow_drift: bool) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import DiReInputError
-from ._common import OneLineParser, echo, positive_int, run_main
+from ._common import OneLineParser, echo, positive_int, run_main, weight
 
 __all__ = ["build_parser", "main"]
 
@@ -26,16 +26,6 @@ def _ipc(text: str) -> int:
     value = positive_int(text)
     if not MIN_IPC <= value <= MAX_IPC:
         raise argparse.ArgumentTypeError(f"{text!r}: images per class must be between {MIN_IPC} and {MAX_IPC}")
-    return value
-
-
-def _weight(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
     return value
 
 
@@ -63,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--student-steps", type=positive_int, metavar="N",
                    help="training steps per student (digits: 400, --quick 100; CIFAR: 1000)")
     d.add_argument("--teacher-epochs", type=positive_int, metavar="N", help="teacher training epochs (digits: 15; CIFAR: 30)")
-    d.add_argument("--r-bn", type=_weight, metavar="F", help="weight of the BN prior in recover (default 0.01)")
+    d.add_argument("--r-bn", type=weight, metavar="F", help="weight of the BN prior in recover (default 0.01)")
     d.add_argument("--jobs", type=positive_int, metavar="N", help="processes at once (default: CPU count, at most 8; on a GPU 4)")
     d.add_argument("--out", metavar="DIR", default="dire-demo", help="output folder (default ./dire-demo)")
     d.add_argument("--cache-dir", metavar="DIR", help="digits images, teachers and bank cache (default ~/.cache/dire/demo)")

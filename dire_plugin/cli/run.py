@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
+from ..errors import DiReInputError
 from ..hooks.settings import BANK_DTYPES
-from ._common import OneLineParser, fail, positive_int, weight
+from ._common import OneLineParser, existing_dir, fail, positive_int, weight
 
 __all__ = ["main"]
 
@@ -40,6 +41,7 @@ def _parser(remainder: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``dire-run``: parse ``argv`` (default ``sys.argv[1:]``), then run the script; the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if "--" in argv:  # options may then stand anywhere before the separator
@@ -52,14 +54,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     from ..activation.launcher import launch
 
-    overrides = {}
+    overrides: Dict[str, Any] = {}
     if opts.real_data:
-        real = Path(opts.real_data).expanduser()
-        if not real.is_dir():
-            fail(PROG, f"--real-data {real} {'is not a directory' if real.exists() else 'does not exist'}")
+        try:
+            overrides["real_data"] = str(existing_dir(opts.real_data, "--real-data"))
+        except DiReInputError as exc:
+            fail(PROG, str(exc))
             return 2
-        overrides["real_data"] = str(real.resolve())
-    for key in ("r_c", "r_e", "reduction", "cache_dir", "log_every", "bank_dtype"):
+    if opts.cache_dir:  # resolved here: the script may run from another folder (checked at activation)
+        overrides["cache_dir"] = str(Path(opts.cache_dir).expanduser().resolve())
+    for key in ("r_c", "r_e", "reduction", "log_every", "bank_dtype"):
         if getattr(opts, key) is not None:
             overrides[key] = getattr(opts, key)
     if opts.components:

@@ -26,12 +26,24 @@ __all__ = ["atomic_torch_save", "atomic_write", "load_torch_file", "locked", "to
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back, once, before threads start
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _write_via_temp(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder, so os.replace is a rename; a name of this process's own, so concurrent writers
     # never truncate each other's temporary file.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only; a plain open would follow the umask. The .pth line in a
+        # shared environment must stay readable by every user, or their runs go quietly vanilla.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

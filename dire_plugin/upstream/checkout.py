@@ -14,10 +14,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..errors import DiReInputError
 from .lockfile import Drift, MethodLock, check_fingerprints
+
+if TYPE_CHECKING:  # the annotations only: importing git costs 0.2 s that most commands never need
+    import git
 
 __all__ = [
     "CONFIG_DIR",

@@ -18,11 +18,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - exercised on Python < 3.11 only
-    import tomli as tomllib  # type: ignore[no-redef]
-
 from ..errors import DiReError, DiReInputError
 
 __all__ = [
@@ -210,6 +205,12 @@ def _parse_method(name: str, table: Any) -> MethodLock:
 
 def parse_lock(text: str) -> Dict[str, MethodLock]:
     """Parse the text of a lock file (format 1)."""
+    # Imported here, not at module level: the .pth start-up line reaches this module (through
+    # CONFIG_DIR), and there a third-party tomli on Python < 3.11 may not be importable yet.
+    try:  # Python >= 3.11
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - exercised on Python < 3.11 only
+        import tomli as tomllib  # type: ignore[no-redef]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

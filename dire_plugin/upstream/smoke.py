@@ -1,9 +1,9 @@
 """``dire-apply --verify --smoke``: run each covered upstream script for a few steps on the CPU.
 
 For every entry script of a method, in a temporary folder: a random-init teacher checkpoint in the
-format that script loads (:class:`~dire_plugin.hooks.declare.ScriptSpec`), a fake real-data
-ImageFolder (two tiny random images per class, so the bank builds offline and as fast as the
-teacher allows), then the script itself through ``python -m dire_plugin.cli.run`` with
+format that script loads (:class:`~dire_plugin.hooks.declare.ScriptSpec`), fake real data (an
+ImageFolder of two tiny random images per class, or a torchvision-format CIFAR for scripts whose
+spec has ``smoke_data``; either way the bank builds offline and as fast as the teacher allows), then the script itself through ``python -m dire_plugin.cli.run`` with
 ``DIRE_CPU_SHIM=1``, ``WANDB_MODE=disabled`` (and a stand-in ``wandb`` module where wandb is not
 installed) and the spec's tiny ``smoke_args`` (once per ``smoke_variants`` entry, if it has any).
 A script passes when it exits 0, wrote images (or its ``smoke_outputs`` result files), and its
@@ -32,7 +32,10 @@ from ..hooks.registry import load_method
 from ..hooks.runtime import MANIFEST_NAME
 from .shim import ENV_FAKE_DATA, ENV_REDIRECT
 
-__all__ = ["run_smoke", "smoke_script", "write_teacher_checkpoint", "write_fake_imagefolder", "SmokeResult"]
+__all__ = [
+    "SmokeResult", "run_smoke", "smoke_script", "upstream_failure", "write_fake_cifar", "write_fake_imagefolder",
+    "write_init_images", "write_teacher_checkpoint",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Real images written per class: enough for a bank, few enough to embed in seconds.

@@ -374,6 +374,38 @@ def test_a_config_of_dire_plugin_0_1_is_converted(env, capsys, tiny_data):
     assert activation.read_config(env.root, "sre2l")["r_c"] == 0.3
 
 
+def test_an_unreadable_config_of_dire_plugin_0_1_blocks_nothing(env, capsys):
+    assert _apply(env) == 0
+    legacy = env.root / ".dire" / "config.json"
+    legacy.write_text("{not json")
+    capsys.readouterr()
+    assert _apply(env) == 0  # re-applying is a way out
+    out = capsys.readouterr().out
+    assert str(legacy) in out and "dropped" in out and not legacy.exists()
+    legacy.write_text("{not json")
+    assert main(["--remove", "sre2l", str(env.root)]) == 0  # and so is removing
+    assert not (env.root / ".dire").exists()
+
+
+def test_written_files_are_readable_by_everyone_the_umask_allows(env):
+    # Python's site skips a .pth it cannot read: an owner-only file would run other users vanilla.
+    import os
+
+    assert _apply(env) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (env.site / activation.PTH_NAME, env.root / ".dire" / "sre2l.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_a_damaged_startup_file_is_named(env, capsys):
+    assert _apply(env) == 0
+    pth = env.site / activation.PTH_NAME
+    pth.write_text(pth.read_text().replace("[", "[[", 1))
+    capsys.readouterr()
+    assert_refused(capsys, main(["--status"]), str(pth), "damaged")
+
+
 CONCURRENT_REGISTRATION = """
 import sys, time
 from dire_plugin.activation import applied as activation
@@ -514,11 +546,6 @@ def test_verify(env, capsys):
     assert f"MISSING  {TARGET.file}::{TARGET.symbol} (file missing)" in capsys.readouterr().out
 
     assert_refused(capsys, main(["--verify", "sre2l", str(env.base / "absent")]), "does not exist")
-
-
-def test_verify_smoke_needs_the_smoke_module(env, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "dire_plugin.upstream.smoke", None)  # as in a version without it
-    assert_refused(capsys, main(["--verify", "--smoke", "sre2l", str(env.root)]), "smoke runs are not available")
 
 
 def test_verify_smoke_calls_run_smoke(env, capsys, monkeypatch):
