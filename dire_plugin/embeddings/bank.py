@@ -515,6 +515,14 @@ def _embed_sharded(model: nn.Module, loader: Any, layer: str, device: Optional[U
         raise DiReInputError("a bank built on several ranks needs a DataLoader over a dataset (to shard it)")
     if len(dataset) < size:
         raise DiReInputError(f"{len(dataset)} real images for {size} ranks: every rank needs one to embed")
+    # The shards are read from loader.dataset in a loader of our own: a loader that samples or
+    # collates in its own way would give another bank than one process builds from it.
+    sampler, collate = getattr(loader, "sampler", None), getattr(loader, "collate_fn", None)
+    if not isinstance(sampler, torch.utils.data.SequentialSampler) or collate is not torch.utils.data.default_collate:
+        raise DiReInputError(
+            "a bank built on several ranks shards loader.dataset itself: pass a DataLoader with shuffle=False "
+            f"and the default collate_fn (got {type(sampler).__name__}, {getattr(collate, '__name__', collate)})"
+        )
     shard = _Indexed(dataset, list(range(rank, len(dataset), size)))
     sharded = torch.utils.data.DataLoader(shard, batch_size=loader.batch_size or 1, shuffle=False,
                                           num_workers=loader.num_workers)

@@ -22,6 +22,7 @@ is summed over the classes present in ``labels``; the loss is
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
@@ -90,7 +91,8 @@ class _Layout:
     counts, and the rows of ``real`` those classes use."""
 
     labels: Tensor
-    real: PackedEmbeddings
+    #: Weak: the cached layout must not keep a bank of several GB alive after its owner dropped it.
+    real: "weakref.ref[PackedEmbeddings]"
     classes: Tensor
     slot: Tensor
     rank: Tensor
@@ -122,7 +124,7 @@ def _layout(labels: Tensor, real: PackedEmbeddings) -> _Layout:
     last = _LAST_LAYOUT
     if (
         last is not None
-        and last.real is real
+        and last.real() is real
         and last.labels.shape == labels.shape
         and last.labels.device == labels.device
         and bool(torch.equal(last.labels, labels))
@@ -133,7 +135,7 @@ def _layout(labels: Tensor, real: PackedEmbeddings) -> _Layout:
     rank = ranks_in_class(slot, counts)
     blocked = bool((counts == counts[0]).all()) and bool((slot[1:] >= slot[:-1]).all())
     _LAST_LAYOUT = _Layout(
-        labels.clone(), real, classes, slot, rank, counts, counts.to(torch.float64),
+        labels.clone(), weakref.ref(real), classes, slot, rank, counts, counts.to(torch.float64),
         real.counts[real_pos].to(torch.float64), real_pos, blocked,
     )
     return _LAST_LAYOUT

@@ -407,3 +407,15 @@ def test_dire_loss_with_bank_and_memory_matches_dicts():
 
     # The memory matters, so the comparison above is not vacuous.
     assert not torch.allclose(loss_fn(syn, labels, bank), loss)
+
+
+@pytest.mark.parametrize("kwargs", [{"shuffle": True}, {"collate_fn": lambda batch: batch}], ids=["shuffled", "collate"])
+def test_a_sharded_build_refuses_a_loader_it_cannot_reproduce(kwargs):
+    # Each rank reads loader.dataset in a loader of its own: another sampler or collate_fn would
+    # silently give another bank than one process builds (checked before any exchange).
+    from dire_plugin.embeddings.bank import _embed_sharded
+
+    data = torch.utils.data.TensorDataset(torch.rand(6, 3), torch.arange(3).repeat(2))
+    loader = torch.utils.data.DataLoader(data, batch_size=2, **kwargs)
+    with pytest.raises(DiReInputError, match="shards loader.dataset itself"):
+        _embed_sharded(nn.Linear(3, 2), loader, "", None, False, 0, 2)

@@ -382,3 +382,17 @@ def test_a_half_precision_bank_stays_within_the_documented_bound(dtype, unit):
     assert abs(float(half["edm"] - full["edm"])) <= unit * max_norm * classes + 1e-4
     assert float(half["cd"]) == float(full["cd"])
     assert float(half["cdm"] - full["cdm"]) != 0 or float(half["edm"] - full["edm"]) != 0  # it did round
+
+
+def test_the_loss_keeps_no_bank_alive_after_its_owner_drops_it():
+    # The label layout is cached between calls; holding the bank itself would pin GBs on a GPU.
+    import gc
+    import weakref
+
+    syn, labels, real, _ = _data(16)
+    packed = pack_mapping(real, syn.device)
+    DiReLoss()(syn, labels, packed).backward()
+    ref = weakref.ref(packed)
+    del packed
+    gc.collect()
+    assert ref() is None
