@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -51,7 +51,8 @@ __all__ = [
 
 
 
-def check_components(components: Iterable[str]) -> tuple:
+def check_components(components: Iterable[str]) -> Tuple[str, ...]:
+    """``components`` as a tuple, if it is a non-empty subset of ``cd``, ``cdm``, ``edm``."""
     comps = tuple(components)
     unknown = [c for c in comps if c not in COMPONENTS]
     if unknown or not comps:
@@ -240,7 +241,7 @@ def dire_loss(
     memory: Optional[ClassSums] = None,
     reduction: str = "mean",
     components: Iterable[str] = COMPONENTS,
-    **kwargs,
+    **kwargs: Any,
 ) -> Tensor:
     """``L_syn = r_c · (CD + CDM) + r_e · EDM`` over the enabled components (module doc).
 
