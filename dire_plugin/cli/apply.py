@@ -216,7 +216,7 @@ def _apply(args: argparse.Namespace) -> int:
         try:
             note = activation.migrate_legacy_config(root)
             previous = _readable_config(root, lock.method)
-            record = hide_config_dir(root, activation.read_exclude_record(root))
+            record = hide_config_dir(root, _readable_exclude_record(root))
             activation.write_exclude_record(root, record)
             config = _config(args, lock, root, state.head, real_data, cache_dir)
             config_file = activation.write_config(root, lock.method, config)

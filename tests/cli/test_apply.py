@@ -387,6 +387,14 @@ def test_an_unreadable_config_of_dire_plugin_0_1_blocks_nothing(env, capsys):
     assert not (env.root / ".dire").exists()
 
 
+def test_a_damaged_exclude_record_blocks_neither_apply_nor_remove(env, capsys):
+    assert _apply(env) == 0
+    (env.root / ".dire" / "exclude.json").write_text("[not json")
+    assert _apply(env) == 0
+    assert main(["--remove", "sre2l", str(env.root)]) == 0
+    assert not (env.root / ".dire").exists() and activation.applied_checkouts() == []
+
+
 def test_written_files_are_readable_by_everyone_the_umask_allows(env):
     # Python's site skips a .pth it cannot read: an owner-only file would run other users vanilla.
     import os
