@@ -2,6 +2,9 @@
 CIFAR-100 recover scripts."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Dict, Sequence
+
 from dire_plugin.embeddings.realdata import RealDataSpec
 from dire_plugin.hooks.declare import ScriptSpec, Target
 from dire_plugin.hooks.patcher import method_patch
@@ -42,6 +45,7 @@ SCRIPTS = {
         smoke_args=("--arch-name", "{arch}", "--verifier-arch", "{arch}", "--num-classes", "4", "--ipc", "2",
                     "--batch-size", "2", "--iteration", "2", "--print_period", "1", "--syn-data-path", "{out}",
                     "--exp-name", "smoke", "--store-best-images", "--dist-backend", "gloo"),
+        smoke_prepare="dire_plugin.patches.sre2l:prepare_multi_gpu_smoke",
     ),
     # CIFAR-100: ResNet-18 is built by name; {"state_dict": ...} saved from a DataParallel model.
     # Two batches, so a run also goes through the start of a new batch of images.
@@ -65,6 +69,21 @@ TARGETS = (
     Target("SRe2L/recover/multi_gpu/utils.py", "BNFeatureHook", module="utils"),
     Target("SRe2L/recover/multi_gpu/data_utils.py", "MultiCardDataset", module="data_utils"),
 )
+
+def prepare_multi_gpu_smoke(work: Path, args: Sequence[str], env: Dict[str, str]) -> None:
+    """Create the output folders before the ranks start. The script checks that a folder exists,
+    then creates it, on every rank at once: ``--syn-data-path/--exp-name`` in ``parse_args`` and
+    each class's ``newCCC/`` when the ranks save their images of that class. The slower rank dies
+    of FileExistsError (an upstream race that a real torchrun meets too; README says so)."""
+    args = list(args)
+
+    def value(option: str) -> str:
+        return args[args.index(option) + 1]
+
+    out = Path(value("--syn-data-path")) / value("--exp-name")
+    for c in range(int(value("--num-classes"))):  # data_utils.MultiCardDataset's folder names
+        (out / f"new{c:03d}").mkdir(parents=True, exist_ok=True)
+
 
 # The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS (dire-apply
 # --list/--verify/--remove) stays fast.
