@@ -44,6 +44,12 @@ def peak_kb(hwm_reset: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
+def device_line(device: torch.device) -> str:
+    """``device cuda:0 (NVIDIA H200), torch 2.x, threads N``: the first line of a device benchmark."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
 def machine_line() -> str:
     cpu = platform.processor() or "?"
     try:

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from _machine import device_line  # benchmarks/, the folder of this script
+
 NUM_CLASSES, PER_CLASS, SIZE = 10, 300, 32
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
@@ -192,8 +194,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = ap.parse_args()
     device = torch.device(opts.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(device_line(device))
     for ipc in opts.ipc:
         report(ipc, opts.batch_real, *measure_dm(opts.iterations, opts.rounds, device, ipc, opts.batch_real))
 

@@ -38,6 +38,7 @@ from dire_plugin.embeddings.bank import RealEmbeddingBank
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
 from dire_plugin.patches import dwa, sre2l
+from _machine import device_line  # benchmarks/, the folder of this script
 
 PATCHES = {"sre2l": sre2l, "dwa": dwa}
 #: Methods with a loop of their own shape (benchmarks/_overhead_<method>.py).
@@ -175,8 +176,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = ap.parse_args()
     device = torch.device(opts.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(device_line(device))
     for method in opts.methods:
         if method in OWN_LOOPS:
             measure_own_loop(method, opts, device)

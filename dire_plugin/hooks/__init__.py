@@ -15,8 +15,8 @@ the term, counters, logs, the step check, the manifest). A new family subclasses
 1. ``wrappers()``: ``(module, attribute path, wrapper)`` to install when the module is imported
    (torch, PIL, or an upstream module of the checkout, e.g. ``networks.ConvNet.embed``). Each
    wrapper of the training path asks :func:`.runtime.active_capture` and passes through on
-   ``None`` (another family's run, or ``runtime.active`` False); wrappers that only note where
-   outputs are saved look at :func:`.runtime.current_runtime`.
+   ``None`` (another family's run, or ``runtime.active`` False); where outputs are saved, so that
+   the manifest goes beside them, is one :func:`.runtime.output_saved` wrapper of the save call.
 2. ``install(core)`` / ``uninstall()``: global hooks of its own (module forward hooks, ...).
 3. When it sees the embeddings of a synthesis step: ``core.bank_for(teacher, layer, device)``
    once (or, like DM, the method's own real embeddings of the step as ``real=``), then

@@ -31,7 +31,6 @@ second criterion call on the same logits (printing) finds its records already us
 """
 from __future__ import annotations
 
-import os
 import re
 import threading
 import weakref
@@ -46,7 +45,7 @@ from ..embeddings.capture import unwrap_model
 from ..errors import DiReInputError
 from .capture import Capture, Wrapper, plain_tensor_params
 from .distributed import union_term_gradient, w_destroy_process_group
-from .runtime import active_capture, current_runtime
+from .runtime import active_capture, current_runtime, output_saved
 
 __all__ = ["DecoupledCapture"]
 
@@ -82,16 +81,6 @@ def _w_CrossEntropyLoss_forward(wrapped: Callable, instance: Any, args: tuple, k
         targets = args[1] if len(args) > 1 else kwargs.get("target")
         capture.on_criterion(outputs, targets)
     return wrapped(*args, **kwargs)
-
-
-def _w_Image_save(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    result = wrapped(*args, **kwargs)
-    runtime = current_runtime()
-    fp = args[0] if args else kwargs.get("fp")
-    if runtime is not None and isinstance(fp, (str, os.PathLike)) and _IMAGE_NAME.search(os.fspath(fp)):
-        # .../{exp}/new{cls}/class{cls}_id{ipc}.jpg: the manifest goes beside the class folders.
-        runtime.note_output_dir(os.path.dirname(os.path.dirname(os.path.abspath(os.fspath(fp)))))
-    return result
 
 
 def _image_leaves(t: Tensor) -> List[Tensor]:
@@ -142,7 +131,8 @@ class DecoupledCapture(Capture):
     def wrappers(self) -> Sequence[Wrapper]:
         return (
             ("torch.nn.modules.loss", "CrossEntropyLoss.forward", _w_CrossEntropyLoss_forward),
-            ("PIL.Image", "Image.save", _w_Image_save),
+            # .../{exp}/new{cls}/class{cls}_id{ipc}.jpg: the manifest goes beside the class folders.
+            ("PIL.Image", "Image.save", output_saved(0, "fp", lambda path: bool(_IMAGE_NAME.search(path)), up=2)),
             ("torch.distributed", "destroy_process_group", w_destroy_process_group(current_runtime)),
         )
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ..errors import DiReHookError
 from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture, Wrapper, one_image_tensor, plain_tensor_params
-from .runtime import active_capture, current_runtime
+from .runtime import active_capture, output_saved
 
 __all__ = ["EmbedCapture", "PixelIndex"]
 
@@ -320,18 +320,6 @@ def _w_get_dataset(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
     return result
 
 
-def _results_wrapper(pattern: "re.Pattern[str]") -> Callable:
-    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        result = wrapped(*args, **kwargs)
-        runtime = current_runtime()
-        f = args[1] if len(args) > 1 else kwargs.get("f")
-        if runtime is not None and isinstance(f, (str, os.PathLike)) and pattern.search(os.path.basename(os.fspath(f))):
-            runtime.note_output_dir(os.path.dirname(os.path.abspath(os.fspath(f))))
-        return result
-
-    return wrapper
-
-
 # --------------------------------------------------------------------------------------------------
 # The capture
 # --------------------------------------------------------------------------------------------------
@@ -406,7 +394,7 @@ class EmbedCapture(Capture):
         if self.augment_target:
             out.append((*self.augment_target, _w_augment))
         out.append((*self.dataset_target, _w_get_dataset))
-        out.append(("torch", "save", _results_wrapper(self.results)))
+        out.append(("torch", "save", output_saved(1, "f", lambda path: bool(self.results.search(os.path.basename(path))))))
         return out
 
     def uninstall(self) -> None:

@@ -38,7 +38,7 @@ from .settings import RunConfig
 
 __all__ = [
     "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "bank_from_loader", "current_runtime",
-    "fail_run",
+    "fail_run", "output_saved",
     "start_runtime", "stop_runtime",
 ]
 
@@ -279,6 +279,26 @@ def active_capture(kind: type) -> Optional[Any]:
     runtime = _RUNTIME
     capture = getattr(runtime, "capture", None)
     return capture if isinstance(capture, kind) and runtime.active else None
+
+
+def output_saved(position: int, keyword: str, matches: Callable[[str], bool], up: int = 1) -> Callable:
+    """A wrapt wrapper for a save function (``Image.save(fp)``, ``torch.save(obj, f)``): after the
+    save, a file argument (``args[position]`` or ``keyword``) whose absolute path ``matches`` puts
+    the run's manifest ``up`` folders above the file (:meth:`DiReRuntime.note_output_dir`)."""
+
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        result = wrapped(*args, **kwargs)
+        runtime = _RUNTIME
+        target = args[position] if len(args) > position else kwargs.get(keyword)
+        if runtime is not None and isinstance(target, (str, os.PathLike)):
+            path = os.path.abspath(os.fspath(target))
+            if matches(path):
+                for _ in range(up):
+                    path = os.path.dirname(path)
+                runtime.note_output_dir(path)
+        return result
+
+    return wrapper
 
 
 def bank_from_loader(config: RunConfig, teacher: nn.Module, layer: str, device: torch.device,

@@ -54,7 +54,7 @@ from ..errors import DiReHookError, DiReInputError
 from ..io.digest import tensors_sha256
 from ..io.files import load_torch_file
 from .capture import Capture, Wrapper, one_image_tensor, plain_tensor_params
-from .runtime import active_capture, bank_from_loader, current_runtime
+from .runtime import active_capture, bank_from_loader, output_saved
 
 __all__ = ["Expert", "StepCapture", "expert_dir", "load_expert"]
 
@@ -80,16 +80,6 @@ def _w_get_dataset(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
     result = wrapped(*args, **kwargs)
     module = sys.modules.get(getattr(wrapped, "__module__", "") or "")
     capture.use_dataset(namespace, result, getattr(module, "get_network", None))
-    return result
-
-
-def _w_torch_save(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    result = wrapped(*args, **kwargs)
-    runtime = current_runtime()
-    capture = getattr(runtime, "capture", None)
-    f = args[1] if len(args) > 1 else kwargs.get("f")
-    if isinstance(capture, StepCapture) and isinstance(f, (str, os.PathLike)) and capture.results.search(os.fspath(f)):
-        runtime.note_output_dir(os.path.dirname(os.path.abspath(os.fspath(f))))
     return result
 
 
@@ -185,7 +175,7 @@ class StepCapture(Capture):
     def wrappers(self) -> Sequence[Wrapper]:
         return (
             (self.dataset_module, self.dataset_function, _w_get_dataset),
-            ("torch", "save", _w_torch_save),
+            ("torch", "save", output_saved(1, "f", lambda path: bool(self.results.search(path)))),
         )
 
     # ------------------------------------------------------------------ the run's data and expert
