@@ -1,8 +1,11 @@
 """Look-alike upstream checkouts for the tests: our own small files at the paths a patch covers,
 committed in a git repository whose remote is the pinned one, and a lock pinning that commit."""
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import git
 
@@ -114,3 +117,22 @@ def write_demo_teacher(path: Path, num_classes: int, seed: int = 0, size: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state}, path)
     return path
+
+
+def run_lookalike(method: str, script: Path, args: Sequence[str], mode: str, *, world: Mapping, cwd: Path,
+                  dire_flags: Sequence[str] = (), fake_data: Optional[Path] = None,
+                  extra_env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run a look-alike's ``script`` as a user would: ``"vanilla"`` under the CPU shim alone, else
+    through ``dire-run`` with ``world``'s real data and cache; no inherited ``DIRE_*`` settings."""
+    if mode == "vanilla":
+        cmd = [sys.executable, "-m", "dire_plugin.upstream.shim", str(script), *args]
+    else:
+        cmd = [sys.executable, "-m", "dire_plugin.cli.run", "--real-data", str(world["data"]), "--cache-dir",
+               str(world["base"] / "cache"), *dire_flags, method, str(script), "--", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
+    env.update(DIRE_CPU_SHIM="1", DIRE_UPSTREAM_LOCK=str(world["lock"]), PYTHONDONTWRITEBYTECODE="1",
+               PYTHONUNBUFFERED="1")
+    if fake_data is not None:  # the script reads its own training set: the shim's fake one
+        env["DIRE_SHIM_FAKE_DATA"] = str(fake_data)
+    env.update(extra_env or {})
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

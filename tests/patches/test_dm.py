@@ -10,7 +10,6 @@ In process on a DM-shaped loop of our own (tests/fixtures/dm_like, imported as t
 import importlib.util
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from dire_plugin.hooks.settings import RunConfig
 from dire_plugin.regularizer.functional import dire_components
 from dire_plugin.regularizer.grouped import PackedEmbeddings
 from dire_plugin.upstream.smoke import run_smoke, write_fake_cifar
-from lookalike import build_checkout, write_lock
+from lookalike import build_checkout, run_lookalike, write_lock
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "dm_like" / "methods" / "dc"
 URL = "https://github.com/justincui03/dc_benchmark"
@@ -286,16 +285,9 @@ def _run(world, name, mode, extra_env=None, extra_args=(), check=True):
     script = world["root"] / SCRIPT
     out = world["base"] / name
     args = [*ARGS, "--data_path", str(world["data"]), "--save_path", str(out), *extra_args]
-    if mode == "vanilla":
-        cmd = [sys.executable, "-m", "dire_plugin.upstream.shim", str(script), *args]
-    else:
-        cmd = [sys.executable, "-m", "dire_plugin.cli.run", "--real-data", str(world["data"]), "--cache-dir",
-               str(world["base"] / "cache"), "--r-c", str(R_C), "--r-e", str(R_E), "dm", str(script), "--", *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
-    env.update(DIRE_CPU_SHIM="1", DIRE_SHIM_FAKE_DATA=str(world["data"]), DIRE_UPSTREAM_LOCK=str(world["lock"]),
-               PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
     # From the script's folder, as DC-BENCH runs it (cd methods/dc && python main_DM.py ...).
-    run = subprocess.run(cmd, cwd=script.parent, env=env, capture_output=True, text=True, timeout=300)
+    run = run_lookalike("dm", script, args, mode, world=world, cwd=script.parent, fake_data=world["data"],
+                        dire_flags=("--r-c", str(R_C), "--r-e", str(R_E)), extra_env=extra_env)
     if check:
         assert run.returncode == 0, run.stderr
     return run, out

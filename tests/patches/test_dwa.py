@@ -8,7 +8,6 @@ end to end through ``dire-run`` on a look-alike checkout of the repository.
 import copy
 import importlib.util
 import json
-import os
 import random
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from dire_plugin import DiReLoss, EmbeddingCapture, RealEmbeddingBank
 from dire_plugin.hooks.registry import load_method
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
-from lookalike import build_checkout, write_image_folder, write_lock
+from lookalike import build_checkout, run_lookalike, write_image_folder, write_lock
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "dwa_like" / "distillation"
 URL = "https://github.com/AngusDujw/Diversity-Driven-Synthesis"
@@ -252,15 +251,8 @@ def _run(world, out, mode, extra_env=None, extra_args=()):
     script = world["root"] / SCRIPT
     args = [*ARGS, "--syn-data-path", str(out), "--init-path", str(world["init"]), "--record", str(out / "record.pt"),
             *extra_args]
-    if mode == "vanilla":
-        cmd = [sys.executable, "-m", "dire_plugin.upstream.shim", str(script), *args]
-    else:
-        cmd = [sys.executable, "-m", "dire_plugin.cli.run", "--real-data", str(world["data"]), "--cache-dir",
-               str(world["base"] / "cache"), "dwa", str(script), "--", *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
-    env.update(DIRE_CPU_SHIM="1", DIRE_UPSTREAM_LOCK=str(world["lock"]), PYTHONUNBUFFERED="1", **(extra_env or {}))
     out.mkdir(parents=True, exist_ok=True)
-    run = subprocess.run(cmd, cwd=world["run"], env=env, capture_output=True, text=True, timeout=300)
+    run = run_lookalike("dwa", script, args, mode, world=world, cwd=world["run"], extra_env=extra_env)
     assert run.returncode == 0, run.stderr
     return run, torch.load(out / "record.pt", weights_only=True)
 

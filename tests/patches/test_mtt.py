@@ -10,9 +10,7 @@ runner) on a look-alike checkout (tests/fixtures/mtt_like, our code). No kornia,
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
 from dire_plugin.patches.mtt import prepare_smoke, write_expert_buffer
 from dire_plugin.upstream.smoke import run_smoke, write_fake_cifar
-from lookalike import build_checkout, write_lock
+from lookalike import build_checkout, run_lookalike, write_lock
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mtt_like"
 URL = "https://github.com/GeorgeCazenavette/mtt-distillation"
@@ -325,15 +323,7 @@ def _run(world, name, mode, extra_env=None, extra_args=(), check=True):
     cwd.mkdir()
     script = world["root"] / SCRIPT
     args = [*world["args"], "--record", str(cwd / "record.pt"), *extra_args]
-    if mode == "vanilla":
-        cmd = [sys.executable, "-m", "dire_plugin.upstream.shim", str(script), *args]
-    else:
-        cmd = [sys.executable, "-m", "dire_plugin.cli.run", "--real-data", str(world["data"]), "--cache-dir",
-               str(world["base"] / "cache"), "mtt", str(script), "--", *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
-    env.update(DIRE_CPU_SHIM="1", DIRE_UPSTREAM_LOCK=str(world["lock"]), DIRE_SHIM_FAKE_DATA=str(world["data"]),
-               PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
-    run = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    run = run_lookalike("mtt", script, args, mode, world=world, cwd=cwd, fake_data=world["data"], extra_env=extra_env)
     if check:
         assert run.returncode == 0, run.stderr
     return run, cwd
