@@ -11,8 +11,12 @@ Shapes (``--shape``):
 * ``tiny``: 10 classes at 16² (a check that the script runs, not a figure).
 
 ``sre2l``: a frozen teacher, DiRe's gradient added in the method's own backward. ``dwa``: the
-teacher's weights keep ``requires_grad`` (DWA's perturbation reads their gradients), and DiRe's
-gradient reaches the images through one input-only backward. ``dm`` and ``mtt`` (their own
+teacher's weights keep ``requires_grad`` (DWA's perturbation reads their gradients); with a batch
+of every class the decoupled capture's ``"auto"`` route takes DWA's own backward after the batch's
+first step (one input-only backward at that first step only, outside the median). The gradient
+share (:mod:`dire_plugin.hooks.share`) is measured on a schedule: the ``+ DiRe`` rows time
+unmeasured steps, a third block times steps that all measure it, and the cost of measuring is
+printed for a 1000-iteration batch (steps 1-5, then every 100th). ``dm`` and ``mtt`` (their own
 settings, whatever ``--shape`` says; ``_overhead_dm.py`` and ``_overhead_mtt.py`` describe them):
 a DM iteration at IPC 10 and 50 (batch_real 256), an MTT iteration at IPC 10 with 20 unrolled
 steps. Vanilla and patched runs are interleaved in one run so machine noise hits both; the script
@@ -128,25 +132,44 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
     def images() -> torch.Tensor:
         return torch.randn(shape.batch, 3, shape.size, shape.size, device=device, requires_grad=True)
 
-    vanilla, patched = [], []
-    for _ in range(opts.rounds):
-        vanilla.append(run_block(model, bn, images(), targets, opts.iterations, device))
+    def patched_block(measure_share: bool) -> float:
         patch.patch(config, bank_factory=lambda *a: bank)
         runtime = current_runtime()
+        # Every step measured, or none (the schedule's few measured steps would sit in the median).
+        runtime.share.first, runtime.share.every = (opts.iterations, 1) if measure_share else (0, 0)
         runtime.memory.add(torch.rand(shape.classes * (IPC - 1), D), torch.arange(shape.classes).repeat(IPC - 1))
-        patched.append(run_block(model, bn, images(), targets, opts.iterations, device))
-        added = runtime.stats.terms_added
+        seconds = run_block(model, bn, images(), targets, opts.iterations, device)
+        added, measured = runtime.stats.terms_added, len(runtime.share.records)
         patch.unpatch()
-        assert added == opts.iterations, f"DiRe added to {added} of {opts.iterations} iterations"
         model.zero_grad(set_to_none=True)
+        assert added == opts.iterations, f"DiRe added to {added} of {opts.iterations} iterations"
+        assert measured == (opts.iterations if measure_share else 0), f"share measured on {measured} steps"
+        return seconds
 
-    v, p = statistics.median(vanilla), statistics.median(patched)
+    vanilla, patched, measuring = [], [], []
+    for _ in range(opts.rounds):
+        vanilla.append(run_block(model, bn, images(), targets, opts.iterations, device))
+        patched.append(patched_block(False))
+        measuring.append(patched_block(True))
+
+    v, p, m = statistics.median(vanilla), statistics.median(patched), statistics.median(measuring)
     print(f"{method}: ResNet-18{' (CIFAR stem)' if shape.cifar_stem else ''}, {shape.size}px, batch {shape.batch}, "
           f"{shape.classes} classes, memory {IPC - 1}/class, {shape.real_per_class} real/class, D={D}, teacher "
           f"{'frozen' if method != 'dwa' else 'with requires_grad (DWA)'}")
     print(f"  vanilla   {v * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in vanilla)})")
     print(f"  + DiRe    {p * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in patched)})")
     print(f"  overhead  {100 * (p / v - 1):+.1f} %")
+    print(f"  measuring the gradient share: {m * 1e3:8.1f} ms on a measured step (+{(m - p) * 1e3:.1f} ms); "
+          f"at steps 1-5 and every 100th of a 1000-iteration batch: {100 * share_cost(m - p, p):.2f} % of the batch")
+
+
+def share_cost(extra: float, iteration: float, iterations: int = 1000) -> float:
+    """The share schedule's extra time over a batch of ``iterations`` iterations, as a fraction of it."""
+    from dire_plugin.hooks.share import ShareMeter
+
+    meter = ShareMeter()
+    measured = sum(meter.due(step) for step in range(1, iterations + 1))
+    return measured * max(extra, 0.0) / (iterations * iteration)
 
 
 def measure_own_loop(method: str, opts: argparse.Namespace, device: torch.device) -> None:

@@ -1,7 +1,7 @@
 """CDA (VILA-Lab/SRe2L, folder CDA/): SRe²L's loss with a crop curriculum."""
 from __future__ import annotations
 
-from dire_plugin.hooks.declare import ScriptSpec, Target
+from dire_plugin.hooks.declare import ScriptSpec, Target, Weights
 from dire_plugin.hooks.patcher import method_patch
 
 from dire_plugin.patches.sre2l import IMAGENET, SMOKE_ARCH, SMOKE_ARGS, TINY
@@ -23,6 +23,9 @@ SCRIPTS = {
         smoke_args=(*_SMOKE, "--arch-path", "{ckpt}", "--batch-size", "100"),
     ),
 }
+
+#: SRe²L's loss and optimizer (Adam at lr 0.25): the released weights, as for SRe²L.
+DEFAULT_WEIGHTS = Weights(why="SRe²L's loss and Adam optimiser: the released SRe²L weights")
 
 TARGETS = (
     Target("CDA/recover_cda_in1k.py", "get_images"),

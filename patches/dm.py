@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dire_plugin.embeddings.realdata import RealDataSpec
-from dire_plugin.hooks.declare import ScriptSpec, Target
+from dire_plugin.hooks.declare import REFERENCE_SHARE, ScriptSpec, Target, Weights
 from dire_plugin.hooks.patcher import method_patch
 
 METHOD = "dm"
@@ -53,6 +53,10 @@ SCRIPTS = {
     # training sets (MNIST, SVHN, TinyImageNet tensors); their --real-data is not covered here.
     f"{_DC}/main_DM.py": replace(_spec(CIFAR10, 10), by_option=("--dataset", (("CIFAR100", _spec(CIFAR100, 100)),))),
 }
+
+#: DM steps its images with SGD on a mean-matching loss, where the released weights give DiRe a
+#: tiny share: its default is the share they give SRe²L, calibrated (README "Default weights").
+DEFAULT_WEIGHTS = Weights(share=REFERENCE_SHARE, why="SGD optimiser: calibrated to the share the released weights give SRe²L")
 
 TARGETS = (
     # The loop: fresh network per iteration, the embed calls, SGD([image_syn]), torch.save of res_DM_*.pt.

@@ -2,17 +2,22 @@
 directed weight perturbation of the teacher at iteration 0 of every batch.
 
 The perturbation (``Perterb.first_step``) reads the teacher's ``.grad``, which DWA accumulates over
-a whole batch and never clears: DiRe's gradient must reach the images only. The decoupled capture
-does that with ``teacher_grads="untouched"`` (one input-only backward per step, at the images),
-and the term computed at the iteration-0 criterion calls that only serve the perturbation never
-reaches the images (the manifest's ``terms_computed`` includes those; ``terms_discarded`` counts them).
+a whole batch and never clears (``Adam([inputs])`` never zeroes it). The decoupled capture's
+``"auto"`` route keeps every value DWA reads vanilla DWA's: the criterion calls before a batch's
+first synthesis step (the perturbation passes, whose terms never reach the images: the manifest's
+``terms_discarded``) and every step of a batch that does not hold all of the teacher's classes
+(ImageNet: ten batches share one teacher, whose accumulated ``.grad`` the next batch reads) get
+DiRe's gradient through one input-only backward; the other steps (CIFAR and Tiny at their
+scripts' batch sizes: one batch per teacher, rebuilt for every ipc index, so its ``.grad`` is never
+read again) through DWA's own backward, as in SRe²L, at no extra cost. ``Perterb.first_step`` is
+wrapped to stop the run should it ever read a ``.grad`` holding DiRe's share.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
 from dire_plugin.embeddings.realdata import RealDataSpec
-from dire_plugin.hooks.declare import ScriptSpec, Target
+from dire_plugin.hooks.declare import ScriptSpec, Target, Weights
 from dire_plugin.hooks.patcher import method_patch
 
 from .sre2l import IMAGENET, TINY
@@ -60,6 +65,9 @@ SCRIPTS = {
     ),
 }
 
+#: SRe²L's loss and Adam optimizer (lr 0.25 in its scripts): the released weights, as for SRe²L.
+DEFAULT_WEIGHTS = Weights(why="SRe²L's loss and Adam optimiser: the released SRe²L weights")
+
 TARGETS = tuple(
     Target(f"distillation/distillation_{name}.py", symbol)
     for name in ("cifar", "tiny", "imgnet")
@@ -70,4 +78,5 @@ TARGETS = tuple(
 )
 
 # The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS stays fast.
-patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="decoupled", teacher_grads="untouched")
+patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="decoupled", teacher_grads="auto",
+                              grad_readers=(("perterb", "Perterb.first_step"),))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from dire_plugin.embeddings.realdata import RealDataSpec
-from dire_plugin.hooks.declare import ScriptSpec, Target
+from dire_plugin.hooks.declare import REFERENCE_SHARE, ScriptSpec, Target, Weights
 from dire_plugin.hooks.patcher import method_patch
 
 METHOD = "mtt"
@@ -50,6 +50,10 @@ SCRIPTS = {
         by_option=("--dataset", (("CIFAR100", ScriptSpec(CIFAR100, **{**_DISTILL, "num_classes": 100})),)),
     ),
 }
+
+#: MTT steps its images with SGD at lr 100-1000 on a small meta-gradient, where the released weights
+#: give DiRe hundreds of times MTT's own gradient: its default is SRe²L's share, calibrated.
+DEFAULT_WEIGHTS = Weights(share=REFERENCE_SHARE, why="SGD optimiser: calibrated to the share the released weights give SRe²L")
 
 TARGETS = (
     # image_syn/label_syn/syn_lr, the two SGDs and their step order, the expert folder, the save folder.

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Dict, Sequence
 
 from dire_plugin.embeddings.realdata import RealDataSpec
-from dire_plugin.hooks.declare import ScriptSpec, Target
+from dire_plugin.hooks.declare import ScriptSpec, Target, Weights
 from dire_plugin.hooks.patcher import method_patch
 
 METHOD = "sre2l"
@@ -54,6 +54,9 @@ SCRIPTS = {
         smoke_args=(*SMOKE_ARGS, "--batch-size", "50", "--arch-path", "{ckpt}", "--store-best-images"),
     ),
 }
+
+#: The released code's weights, tuned for this method's Adam at lr 0.25 (README "Default weights").
+DEFAULT_WEIGHTS = Weights(why="the paper's released SRe²L code (multiplier 0.1 x r_cos 1.0, r_euc 0.01), tuned here")
 
 TARGETS = (
     Target("SRe2L/recover/data_synthesis.py", "get_images"),

@@ -265,6 +265,8 @@ def test_dire_run_refuses_bad_settings_before_any_work(env, tmp_path):
     cases = {
         "negative r_c": (["--real-data", data, "--r-c", "-5"], "--r-c"),
         "nan r_c": (["--real-data", data, "--r-c", "nan"], "--r-c"),
+        "zero share": (["--real-data", data, "--share", "0"], "--share"),
+        "share with weights": (["--real-data", data, "--share", "0.1", "--r-c", "0.5"], "--share calibrates r_c and r_e"),
         "no real data": ([], "no real data"),
         "cache under a file": (["--real-data", data, "--cache-dir", str(tmp_path / "a-file" / "cache")], "a-file"),
         "another class count": (["--real-data", str(ten)], "10"),
@@ -284,13 +286,16 @@ def test_settings_edited_by_hand_are_checked(env, tmp_path):
     path.write_text(json.dumps({**config, "r_c": -5}))
     line = _one_line_error(_run(env, tmp_path / "neg"))
     assert str(path) in line and "r_c must be a finite number >= 0" in line
+    path.write_text(json.dumps({**config, "share": -0.5}))
+    line = _one_line_error(_run(env, tmp_path / "share"))
+    assert str(path) in line and "share must be a finite number > 0" in line
     path.write_text(json.dumps({**config, "memory": "false"}))  # a string: truthy, it would keep the memory on
     line = _one_line_error(_run(env, tmp_path / "string"))
     assert str(path) in line and "memory must be true or false" in line
     path.write_text("{ not json")
     line = _one_line_error(_run(env, tmp_path / "broken"))
     assert str(path) in line and "not valid JSON" in line
-    assert not any((tmp_path / d).exists() for d in ("neg", "string", "broken"))
+    assert not any((tmp_path / d).exists() for d in ("neg", "share", "string", "broken"))
 
 
 def test_ctrl_c_under_dire_run_is_one_line_and_130(env, tmp_path):

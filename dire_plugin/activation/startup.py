@@ -161,6 +161,8 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
         return None
     from ..hooks.settings import RunConfig
 
+    if not any(key in settings for key in ("r_c", "r_e", "share")):  # no weight given anywhere: the method's own
+        settings = {**method.DEFAULT_WEIGHTS.settings(), **settings}
     source = settings.get("_source") or "the settings"
     config = RunConfig.from_dict({**settings, "script": rel}, where=f"{source}: ")
     if not settings.get("_inherited"):
@@ -174,9 +176,10 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
     os.environ[ENV_ACTIVATE] = json.dumps({**{k: v for k, v in settings.items() if not k.startswith("_")}, "script": rel})
     method.patch(config, root=root)
     _ACTIVE = settings["method"]
+    share = "" if config.share is None else f", share={config.share:g} (weights calibrated on the first synthesis steps)"
     logger.info(
-        "[dire] %s patch active: r_c=%g, r_e=%g, reduction=%s, upstream %s",
-        _ACTIVE, config.r_c, config.r_e, config.reduction, commit or "unpinned",
+        "[dire] %s patch active: r_c=%g, r_e=%g%s, reduction=%s, upstream %s",
+        _ACTIVE, config.r_c, config.r_e, share, config.reduction, commit or "unpinned",
     )
     return _ACTIVE
 

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["OneLineParser", "echo", "existing_dir", "fail", "positive_int", "run_command", "run_main", "weight"]
+__all__ = ["OneLineParser", "echo", "existing_dir", "fail", "positive_int", "run_command", "run_main", "share", "weight",
+           "WEIGHTS_AND_SHARE"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,6 +52,21 @@ def weight(text: str) -> float:
         return check_weights(text, 0.0)[0]
     except DiReInputError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0") from None
+
+
+def share(text: str) -> float:
+    """argparse type: DiRe's share of the images' gradient, a finite number > 0."""
+    from ..regularizer.defaults import check_share
+    from ..errors import DiReInputError
+
+    try:
+        return check_share(text)
+    except DiReInputError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0") from None
+
+
+#: The usage error of ``--share`` with explicit weights (``dire-apply``, ``dire-run``).
+WEIGHTS_AND_SHARE = "--share calibrates r_c and r_e itself: give --share or --r-c/--r-e, not both"
 
 
 def existing_dir(path: Optional[str], option: str) -> Path:

@@ -39,7 +39,7 @@ from ..activation.checks import check_cache_dir, check_real_data_for_scripts
 from ..upstream.lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..hooks.registry import METHODS, load_method
 from ..hooks.settings import BANK_DTYPES
-from ._common import OneLineParser, existing_dir, run_main, weight
+from ._common import WEIGHTS_AND_SHARE, OneLineParser, existing_dir, run_main, share, weight
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
 
@@ -48,7 +48,7 @@ PROG = "dire-apply"
 #: local fixture repository).
 ENV_CLONE_URL = "DIRE_CLONE_URL"
 #: Options that only make sense when applying (``--verify --smoke`` reads them too).
-_APPLY_OPTIONS = ("real_data", "r_c", "r_e", "reduction", "cache_dir", "bank_dtype", "clone")
+_APPLY_OPTIONS = ("real_data", "r_c", "r_e", "share", "reduction", "cache_dir", "bank_dtype", "clone")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--verify", action="store_true", help="check PATH against the pinned commit and fingerprints")
     p.add_argument("--smoke", action="store_true", help="with --verify: also run a tiny CPU synthesis")
     p.add_argument("--real-data", metavar="DIR", help="real images of the dataset (required to apply)")
-    p.add_argument("--r-c", type=weight, metavar="F", help="weight of the cosine term (default: dire_plugin.DEFAULT_R_C)")
-    p.add_argument("--r-e", type=weight, metavar="F", help="weight of the Euclidean term (default: dire_plugin.DEFAULT_R_E)")
+    p.add_argument("--r-c", type=weight, metavar="F", help="weight of the cosine term (default: the method's, see --list)")
+    p.add_argument("--r-e", type=weight, metavar="F", help="weight of the Euclidean term (default: the method's, see --list)")
+    p.add_argument("--share", type=share, metavar="S", help="calibrate r_c and r_e (their ratio kept) on the first "
+                   "synthesis steps so that DiRe's gradient is S times the method's on the images "
+                   "(default: the method's own, see --list)")
     p.add_argument("--reduction", choices=("mean", "sum"), help="over classes (default mean)")
     p.add_argument("--cache-dir", metavar="DIR", help="real-embedding cache (default PATH/.dire/cache)")
     p.add_argument("--bank-dtype", choices=BANK_DTYPES, help="storage of the real-embedding bank (default float32; "
@@ -96,6 +99,8 @@ def _check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(f"--remove takes no {', '.join(given + (['--allow-drift'] if args.allow_drift else []))}")
     if args.verify and args.clone:
         parser.error("--clone goes with applying, not --verify")
+    if args.share is not None and (args.r_c is not None or args.r_e is not None):
+        parser.error(WEIGHTS_AND_SHARE)
 
 
 # --- methods ------------------------------------------------------------------------------------
@@ -125,17 +130,27 @@ def _cache_dir(path: Optional[str]) -> Optional[Path]:
     return None if path is None else check_cache_dir(path)
 
 
-def _config(args: argparse.Namespace, lock: MethodLock, root: Path, head: str,
-            real_data: Optional[Path], cache_dir: Optional[Path]) -> Dict[str, Any]:
+def _weights(args: argparse.Namespace, module: ModuleType) -> Dict[str, Any]:
+    """``r_c``, ``r_e``, ``share`` of the options: explicit weights, a share (calibrated from the
+    released weights), or the method's own default."""
     from ..regularizer.defaults import DEFAULT_R_C, DEFAULT_R_E
 
+    if args.share is not None:
+        return {"r_c": DEFAULT_R_C, "r_e": DEFAULT_R_E, "share": args.share}
+    if args.r_c is not None or args.r_e is not None:
+        return {"r_c": DEFAULT_R_C if args.r_c is None else args.r_c,
+                "r_e": DEFAULT_R_E if args.r_e is None else args.r_e, "share": None}
+    return module.DEFAULT_WEIGHTS.settings()
+
+
+def _config(args: argparse.Namespace, lock: MethodLock, module: ModuleType, root: Path, head: str,
+            real_data: Optional[Path], cache_dir: Optional[Path]) -> Dict[str, Any]:
     return {
         "method": lock.method,
         "repository": lock.repository,
         "commit": head,
         "pinned_commit": lock.commit,
-        "r_c": DEFAULT_R_C if args.r_c is None else args.r_c,
-        "r_e": DEFAULT_R_E if args.r_e is None else args.r_e,
+        **_weights(args, module),
         "reduction": args.reduction or "mean",
         "bank_dtype": args.bank_dtype or "float32",
         "real_data": str(real_data) if real_data else "",
@@ -218,7 +233,7 @@ def _apply(args: argparse.Namespace) -> int:
             previous = _readable_config(root, lock.method)
             record = hide_config_dir(root, _readable_exclude_record(root))
             activation.write_exclude_record(root, record)
-            config = _config(args, lock, root, state.head, real_data, cache_dir)
+            config = _config(args, lock, module, root, state.head, real_data, cache_dir)
             config_file = activation.write_config(root, lock.method, config)
             pth = activation.register_checkout(root)
             others = [m for m in activation.applied_methods(root) if m != lock.method]
@@ -245,8 +260,12 @@ def _print_applied(state: CheckoutState, module: ModuleType, config: Dict[str, A
     print(f"  scripts    {scripts[0]}")
     for script in scripts[1:]:
         print(f"             {script}")
-    print(f"  r_c        {config['r_c']}")
-    print(f"  r_e        {config['r_e']}")
+    if config.get("share") is not None:
+        print(f"  share      {config['share']} (r_c and r_e calibrated from {config['r_c']}, {config['r_e']} "
+              "on the first synthesis steps)")
+    else:
+        print(f"  r_c        {config['r_c']}")
+        print(f"  r_e        {config['r_e']}")
     print(f"  reduction  {config['reduction']}")
     print(f"  real data  {config['real_data']} (fits {', '.join(fits)})")
     print(f"  cache      {config['cache_dir']}")
@@ -315,8 +334,10 @@ def _list(args: argparse.Namespace) -> int:
         supported = name in METHODS
         print(f"{name:<{width}}  {'supported' if supported else 'not yet':<9}  {lock.repository} @ {lock.commit}")
         if supported:
-            for script in load_method(name).SCRIPTS:
+            module = load_method(name)
+            for script in module.SCRIPTS:
                 print(f"{'':<{width}}    {script}")
+            print(f"{'':<{width}}    default weight: {module.DEFAULT_WEIGHTS.describe()}")
     for name in METHODS:
         if name not in locks:
             print(f"{name:<{width}}  {'not yet':<9}  (not pinned in upstream.lock)")
@@ -349,8 +370,10 @@ def _status(args: argparse.Namespace) -> int:
             except DiReInputError as e:
                 print(f"  {root}: {method}: {e}; undo with {PROG} --remove {method} {root}")
                 continue
+            weights = (f"share {config['share']}" if config.get("share") is not None
+                       else f"r_c {config.get('r_c')}, r_e {config.get('r_e')}")
             print(f"  {root}: {method} @ {config.get('commit')}, config present "
-                  f"(r_c {config.get('r_c')}, r_e {config.get('r_e')}, applied {config.get('applied_at')})")
+                  f"({weights}, applied {config.get('applied_at')})")
     return 0
 
 
@@ -367,9 +390,11 @@ def _verify(args: argparse.Namespace) -> int:
         print("smoke run skipped: the patch does not fit changed targets")
         return 1
     config = activation.read_config(state.root, lock.method) or _config(
-        args, lock, state.root, state.head,
+        args, lock, module, state.root, state.head,
         existing_dir(args.real_data, "--real-data") if args.real_data else None, _cache_dir(args.cache_dir),
     )
+    if args.share is not None or args.r_c is not None or args.r_e is not None:
+        config = {**config, **_weights(args, module)}  # weights given here override an applied config's
     result = smoke.run_smoke(lock.method, state.root, config)
     return max(0 if ok else 1, result)
 

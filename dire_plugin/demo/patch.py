@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dire_plugin.demo.spec import DATASETS, DIGITS, RECOVER_SCRIPT, DatasetSpec
 from dire_plugin.embeddings.realdata import RealDataSpec
-from dire_plugin.hooks.declare import ScriptSpec
+from dire_plugin.hooks.declare import ScriptSpec, Weights
 from dire_plugin.hooks.patcher import method_patch
 
 METHOD = "demo"
@@ -32,5 +32,8 @@ SCRIPTS = {
 }
 
 TARGETS = ()
+
+#: The demo passes its weights explicitly; these apply to a bare dire-run of its script.
+DEFAULT_WEIGHTS = Weights(why="the released SRe²L weights")
 
 patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="decoupled")

@@ -23,6 +23,7 @@ from ..errors import DiReInputError
 from ..regularizer.grouped import PackedEmbeddings
 from ..regularizer.kernels import DEFAULT_EPS
 from .capture import EmbeddingCapture, resolve_layer, unwrap_model
+from .isolation import private_forward
 from .collectives import all_gather_rows, world
 from ..io.digest import hash_tensor, tensors_sha256
 from ..io.files import atomic_torch_save, load_torch_file
@@ -298,8 +299,9 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
     ) -> "RealEmbeddingBank":
         """Embed every ``(images, labels)`` batch of ``loader`` and group the rows by true label.
 
-        The model runs in eval mode under ``torch.no_grad()``; every submodule's train/eval mode
-        is restored afterwards, so BatchNorm statistics are untouched.
+        The model runs in eval mode under ``torch.no_grad()`` with its forward hooks hidden
+        (:func:`~dire_plugin.embeddings.isolation.private_forward`): BatchNorm statistics and the
+        values a method's hooks store are untouched, and every submodule's mode is restored.
 
         Args:
             model: the (pretrained) model; not moved — inputs are moved to ``device``.
@@ -436,13 +438,13 @@ def _embed(
     model: nn.Module, loader: Iterable, layer: str, device: Optional[Union[str, torch.device]], progress: bool,
     total: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """All ``(embeddings, labels)`` of ``loader`` (CPU), model in eval mode and modes restored."""
+    """All ``(embeddings, labels)`` of ``loader`` (CPU), through :func:`private_forward`."""
     device = _model_device(model) if device is None else torch.device(device)
-    modes = [(m, m.training) for m in model.modules()]
     chunks: List[Tensor] = []
     label_chunks: List[Tensor] = []
-    try:
-        model.eval()
+    # The model is usually the method's own teacher: its forward hooks (SRe²L's BN statistics,
+    # read after the criterion call this build runs inside) must not see our batches.
+    with private_forward(model):
         with torch.no_grad(), EmbeddingCapture(model, layer, detach=True) as capture:
             if total is None and hasattr(loader, "__len__"):
                 total = len(loader)
@@ -465,9 +467,6 @@ def _embed(
                     )
                 chunks.append(emb)
                 label_chunks.append(labels.to(torch.long).cpu())
-    finally:
-        for module, training in modes:
-            module.training = training
     if not chunks or sum(c.shape[0] for c in chunks) == 0:
         raise DiReInputError("the loader yielded no data: cannot build the real embedding bank")
     return torch.cat(chunks), torch.cat(label_chunks)

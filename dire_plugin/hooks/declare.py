@@ -16,8 +16,36 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Tuple
 
 from ..embeddings.realdata import RealDataSpec
+from ..regularizer.defaults import DEFAULT_R_C, DEFAULT_R_E
 
-__all__ = ["ScriptSpec", "Target"]
+__all__ = ["REFERENCE_SHARE", "ScriptSpec", "Target", "Weights"]
+
+#: DiRe's share of the images' gradient (:mod:`dire_plugin.hooks.share`) that the released weights
+#: give SRe²L where they were tuned (measured: README "Default weights"); methods whose image
+#: optimiser is not SRe²L's Adam calibrate to it by default.
+REFERENCE_SHARE = 0.04
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A method's default DiRe weight (``DEFAULT_WEIGHTS`` of its patch module): fixed ``r_c`` /
+    ``r_e``, or, with ``share``, those as the starting point of a calibration to that share of
+    the images' gradient (:mod:`dire_plugin.hooks.share`). ``why`` says how it was chosen."""
+
+    r_c: float = DEFAULT_R_C
+    r_e: float = DEFAULT_R_E
+    share: Optional[float] = None
+    why: str = ""
+
+    def settings(self) -> dict:
+        """The run settings these weights stand for."""
+        return {"r_c": self.r_c, "r_e": self.r_e, "share": self.share}
+
+    def describe(self) -> str:
+        """One line for ``dire-apply --list`` and the log."""
+        if self.share is not None:
+            return f"share {self.share:g} (r_c, r_e calibrated from {self.r_c:g}, {self.r_e:g} on the first steps)"
+        return f"r_c {self.r_c:g}, r_e {self.r_e:g}"
 
 
 @dataclass(frozen=True)

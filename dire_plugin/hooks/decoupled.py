@@ -8,21 +8,36 @@ How a step gets the term, without a second forward:
 2. When the method's ``CrossEntropyLoss`` is called with the teacher's logits, the record whose
    output *is* those logits gives the embeddings of the same forward; the core computes DiRe's
    gradient with respect to them.
-3. The gradient reaches the images by one of two routes (``teacher_grads``):
+3. The gradient reaches the images by one of these routes (``teacher_grads``):
 
    * ``"shared"`` (SRe²L, CDA): a tensor hook on the recorded embeddings adds it when the method's
      own ``loss.backward()`` passes there, so the images get ∂(loss + DiRe)/∂images with no extra
      pass. The teacher's ``.grad`` receives DiRe's share too, which these methods never read.
-   * ``"untouched"`` (DWA, whose weight perturbation reads the teacher's accumulated ``.grad``):
-     right away, ``autograd.grad`` of the embeddings with respect to the images alone (one
-     input-only backward, no parameter gradient computed or accumulated), kept pending and added
-     to the images' ``.grad`` at the synthesis step. A criterion call that no synthesis step
-     follows (DWA's perturbation passes) has its pending gradient replaced by the next one: it
-     never reaches the images, and the manifest counts it as discarded.
+   * ``"untouched"``: right away, ``autograd.grad`` of the embeddings with respect to the images
+     alone (one input-only backward, no parameter gradient computed or accumulated), kept pending
+     and added to the images' ``.grad`` at the synthesis step. A criterion call that no synthesis
+     step follows has its pending gradient replaced by the next one: it never reaches the images,
+     and the manifest counts it as discarded.
+   * ``"auto"`` (DWA, whose weight perturbation reads the teacher's accumulated ``.grad`` at the
+     first iteration of each batch): ``"untouched"`` for a criterion call on images that have not
+     had a synthesis step yet (DWA's perturbation passes, which no step follows, and the batch's
+     first iteration) and for a batch that does not hold every class of the teacher's logits (the
+     teacher then serves further batches, which read its accumulated ``.grad``); ``"shared"``
+     otherwise, since a teacher that classifies every class in one batch serves that batch alone
+     and its accumulated ``.grad`` is never read again. The functions that read it
+     (``grad_readers``, DWA's ``Perterb.first_step``) are wrapped: one that would read a ``.grad``
+     holding DiRe's share stops the run instead.
+
+   On a step whose gradient share is measured (:mod:`.share`), the shared route also computes
+   DiRe's gradient at the images alone (one input-only backward), so that the share can be taken.
 
 4. One tensor of images is optimised until the next one starts (SRe²L: one image per class; its
-   multi-GPU script: a rank's shard): when a new one starts, the last embeddings of the finished
-   one join the per-class memory, so CD acts across ipc indices.
+   multi-GPU script: a rank's shard). The images of a criterion call are the leaves behind its
+   embeddings; the first call on a new tensor commits the last embeddings of the finished one to
+   the per-class memory *before* its own term, so CD acts across ipc indices from the first step
+   of each batch. The memory holds each finished image's embedding from its last forward (taken
+   before its last update). Where the images cannot be told from the graph, the commit happens at
+   the new tensor's first optimizer step instead (one step late).
 5. Under ``torch.distributed`` (SRe²L's multi-GPU recover) the term is computed on the union of
    every rank's current embeddings (:mod:`.distributed`), each rank keeping its own rows' gradient.
 
@@ -42,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from ..embeddings.capture import unwrap_model
-from ..errors import DiReInputError
+from ..errors import DiReHookError, DiReInputError
 from .capture import Capture, Wrapper, plain_tensor_params
 from .distributed import union_term_gradient, w_destroy_process_group
 from .runtime import active_capture, current_runtime, output_saved
@@ -50,7 +65,7 @@ from .runtime import active_capture, current_runtime, output_saved
 __all__ = ["DecoupledCapture"]
 
 _IMAGE_NAME = re.compile(r"class\d+_id\d+\.\w+$")
-TEACHER_GRADS = ("shared", "untouched")
+TEACHER_GRADS = ("shared", "untouched", "auto")
 
 
 @dataclass(eq=False)  # identity: records hold tensors, which do not compare as booleans
@@ -83,6 +98,16 @@ def _w_CrossEntropyLoss_forward(wrapped: Callable, instance: Any, args: tuple, k
     return wrapped(*args, **kwargs)
 
 
+def _w_grad_reader(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    capture = _capture()
+    if capture is not None:
+        capture.check_grad_read(instance, getattr(wrapped, "__qualname__", "the upstream"))
+    result = wrapped(*args, **kwargs)
+    if capture is not None:
+        capture.forget_cleared()
+    return result
+
+
 def _image_leaves(t: Tensor) -> List[Tensor]:
     """The leaf tensors behind ``t`` that are not parameters: the synthetic images."""
     leaves, seen, todo = [], set(), [t.grad_fn]
@@ -101,14 +126,17 @@ def _image_leaves(t: Tensor) -> List[Tensor]:
 
 
 class DecoupledCapture(Capture):
-    """See the module doc. ``teacher_grads``: ``"shared"`` or ``"untouched"``."""
+    """See the module doc. ``teacher_grads``: ``"shared"``, ``"untouched"`` or ``"auto"``;
+    ``grad_readers``: ``(module, attribute path)`` of the upstream functions that read the
+    teacher's accumulated ``.grad`` (checked before each call under ``"auto"``)."""
 
     family = "decoupled"
 
-    def __init__(self, teacher_grads: str = "shared") -> None:
+    def __init__(self, teacher_grads: str = "shared", grad_readers: Sequence[Tuple[str, str]] = ()) -> None:
         if teacher_grads not in TEACHER_GRADS:
             raise DiReInputError(f"teacher_grads must be one of {TEACHER_GRADS}, got {teacher_grads!r}")
         self.teacher_grads = teacher_grads
+        self.grad_readers = tuple(tuple(r) for r in grad_readers)
         self._handles: List[Any] = []
         self._lock = threading.Lock()
         self._main_thread = threading.get_ident()
@@ -118,15 +146,22 @@ class DecoupledCapture(Capture):
         # Recent classifier calls. Not reset per forward: the criterion is itself a module call,
         # and augmentations may be modules too. After backward the graphs hold no buffers.
         self._records: Deque[_Record] = deque(maxlen=64)
-        # The step in flight: a term was attached, and (untouched route) its pending gradient.
+        # The step in flight: a term was attached, and DiRe's gradient at the images when it is
+        # separate: (images, gradient, already inside the method's backward).
         self._attached = False
-        self._pending: Optional[Tuple[weakref.ref, Tensor]] = None
+        self._pending: Optional[Tuple[weakref.ref, Tensor, bool]] = None
         self._stale = False  # the pending gradient's images were not this step's
         self.last: Optional[Tuple[Tensor, Tensor]] = None  # embeddings and labels of the last term
-        self._pending_batch: Optional[Tuple[Tensor, Tensor]] = None
+        # The tensor of images being optimised, and the last embeddings of its images.
         self._images: Optional[weakref.ref] = None
+        self._finished: Optional[Tuple[Tensor, Tensor]] = None
+        self._identified = False  # the last criterion call told its images from the graph
+        self._stepped: Optional[weakref.ref] = None  # images that had a synthesis step
+        self._covers: Optional[Tuple[weakref.ref, bool]] = None  # images, their batch holds every class
+        self._dirty: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # teachers whose .grad holds DiRe's
         self.criterion_calls_skipped = 0
         self.terms_discarded = 0
+        self.routes = {"shared": 0, "untouched": 0}
 
     def wrappers(self) -> Sequence[Wrapper]:
         return (
@@ -134,6 +169,7 @@ class DecoupledCapture(Capture):
             # .../{exp}/new{cls}/class{cls}_id{ipc}.jpg: the manifest goes beside the class folders.
             ("PIL.Image", "Image.save", output_saved(0, "fp", lambda path: bool(_IMAGE_NAME.search(path)), up=2)),
             ("torch.distributed", "destroy_process_group", w_destroy_process_group(current_runtime)),
+            *((module, path, _w_grad_reader) for module, path in self.grad_readers),
         )
 
     # ------------------------------------------------------------------ install
@@ -219,12 +255,14 @@ class DecoupledCapture(Capture):
             # Used: a second criterion call on the same logits (printing) must not add it again.
             for rec in chunks:
                 self._records.remove(rec)
-        images: List[Tensor] = []
-        if self.teacher_grads == "untouched":
-            images = _image_leaves(chunks[0].inp)
-            if len(images) != 1:  # not a forward of one tensor of images: nothing to compute or add
-                self.criterion_calls_skipped += 1
-                return
+        leaves = _image_leaves(chunks[0].inp)
+        images = leaves[0] if len(leaves) == 1 else None
+        if images is None and self.teacher_grads != "shared":
+            self.criterion_calls_skipped += 1  # not a forward of one tensor of images: nothing to compute or add
+            return
+        self._identified = images is not None
+        if images is not None:
+            self._switch_to(images)  # a finished batch joins the memory before this term reads it
         labels = targets.argmax(1) if isinstance(targets, Tensor) and targets.dim() == 2 else targets
         labels = torch.as_tensor(labels).reshape(-1)
         device = outputs.device
@@ -232,11 +270,40 @@ class DecoupledCapture(Capture):
         self._bank(chunks[0], device)
         # Under torch.distributed the term is the one of every rank's current images together.
         grad, union, union_labels = union_term_gradient(self.core, emb, labels.to(device))
-        if self.teacher_grads == "shared":
-            self._attach(chunks, grad)
+        route = self._route(images, outputs, labels, chunks[0])
+        self.routes[route] += 1
+        if route == "shared":
+            self._attach(chunks, grad, images)
         else:
-            self._images_only(chunks, grad, images[0])
+            self._images_only(chunks, grad, images)
         self.last = (union.detach().float(), union_labels.detach().to(device))
+        if images is not None:
+            self._finished = self.last
+
+    def _switch_to(self, images: Tensor) -> None:
+        """``images`` are optimised now: if they are new, the last embeddings of the previous
+        tensor's images join the memory."""
+        current = self._images() if self._images is not None else None
+        if current is images:
+            return
+        if self._images is not None and self._finished is not None:
+            self.core.commit_to_memory(*self._finished)
+        self._images, self._finished = weakref.ref(images), None
+
+    def _route(self, images: Optional[Tensor], outputs: Tensor, labels: Tensor, record: _Record) -> str:
+        if self.teacher_grads != "auto":
+            return self.teacher_grads
+        if self._stepped is None or self._stepped() is not images:
+            return "untouched"  # no synthesis step on these images yet: a pass no step may follow
+        if self._covers is None or self._covers[0]() is not images:
+            covers = int(torch.unique(labels).numel()) >= int(outputs.shape[-1])
+            self._covers = (weakref.ref(images), covers)
+        if not self._covers[1]:
+            return "untouched"  # the teacher serves further batches, which read its accumulated .grad
+        teacher = record.root if record.root is not None else record.layer
+        if any(p.requires_grad for p in teacher.parameters()):
+            self._dirty.add(teacher)
+        return "shared"
 
     def _bank(self, record: _Record, device: torch.device) -> None:
         teacher = record.root if record.root is not None else record.layer
@@ -249,10 +316,29 @@ class DecoupledCapture(Capture):
             yield rec, grad[start:start + rec.emb.shape[0]]
             start += rec.emb.shape[0]
 
-    def _attach(self, chunks: List[_Record], grad: Tensor) -> None:
+    def _at_images(self, chunks: List[_Record], grad: Tensor, images: Tensor) -> Tensor:
+        """DiRe's gradient at ``images`` alone: one input-only backward from the embeddings
+        (parameters are not inputs here: nothing is computed or accumulated for the teacher)."""
+        outputs = [rec.inp for rec, _ in self._parts(chunks, grad)]
+        parts = [part.to(device=rec.inp.device, dtype=rec.inp.dtype).view_as(rec.inp) for rec, part in self._parts(chunks, grad)]
+        (g_images,) = torch.autograd.grad(outputs, [images], grad_outputs=parts, retain_graph=True)
+        return g_images
+
+    def _keep_pending(self, images: Tensor, g_images: Tensor, included: bool) -> None:
+        if self._pending is not None and not self._pending[2]:
+            self.terms_discarded += 1  # a criterion call no synthesis step followed
+        self._pending = (weakref.ref(images), g_images, included)
+        self._stale = False
+
+    def _attach(self, chunks: List[_Record], grad: Tensor, images: Optional[Tensor]) -> None:
         """The shared route: the method's backward adds ``grad`` at the captured embeddings."""
         self._attached = True
         core = self.core
+        if images is not None and core.share_due():
+            # DiRe's part of the images' gradient, for the share only; before the hooks below,
+            # which would fire in this backward too.
+            with core.measuring():
+                self._keep_pending(images, self._at_images(chunks, grad, images), included=True)
         for rec, part in self._parts(chunks, grad):
 
             def add(g: Tensor, part: Tensor = part) -> Tensor:
@@ -265,42 +351,48 @@ class DecoupledCapture(Capture):
 
     def _images_only(self, chunks: List[_Record], grad: Tensor, images: Tensor) -> None:
         """The untouched route: DiRe's gradient at the images now, kept for the synthesis step."""
-        outputs = [rec.inp for rec, _ in self._parts(chunks, grad)]
-        parts = [part.to(device=rec.inp.device, dtype=rec.inp.dtype).view_as(rec.inp) for rec, part in self._parts(chunks, grad)]
-        # Parameters are not inputs here: nothing is computed or accumulated for the teacher.
-        (g_images,) = torch.autograd.grad(outputs, [images], grad_outputs=parts, retain_graph=True)
-        if self._pending is not None:
-            self.terms_discarded += 1  # a criterion call no synthesis step followed
-        self._pending = (weakref.ref(images), g_images)
-        self._stale = False
+        self._keep_pending(images, self._at_images(chunks, grad, images), included=False)
         self._attached = True
+
+    # ------------------------------------------------------------------ reads of the teacher's .grad
+    def check_grad_read(self, optimizer: Any, name: str) -> None:
+        """``name`` is about to read the accumulated ``.grad`` of ``optimizer``'s parameters: stop
+        if it holds DiRe's share (an ``"auto"`` route whose assumption failed)."""
+        params = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group["params"]}
+        for teacher in list(self._dirty):
+            if any(id(p) in params and p.grad is not None for p in teacher.parameters()):
+                raise DiReHookError(
+                    f"{name} is about to read the teacher's accumulated gradient, which holds DiRe's share: the "
+                    f"{self.core.config.method} patch took the shared route because a batch held every class of "
+                    "this teacher, so it expected the teacher to serve that batch alone; report the script and its "
+                    "arguments (DIRE_DISABLE=1 runs vanilla)"
+                )
+
+    def forget_cleared(self) -> None:
+        """Teachers whose gradients were cleared (set to None) hold DiRe's share no more."""
+        for teacher in list(self._dirty):
+            if all(p.grad is None for p in teacher.parameters()):
+                self._dirty.discard(teacher)
 
     # ------------------------------------------------------------------ optimizer steps
     def before_step(self, optimizer: Any) -> None:
         if self._pending is None:
             return
-        ref, g_images = self._pending
+        ref, g_images, included = self._pending
         images = ref()
         self._pending = None
         if images is None or not any(p is images for p in plain_tensor_params(optimizer)):
-            self._stale = True  # the step check then names this, not a backward that never ran
+            self._stale = not included  # the step check then names this, not a backward that never ran
             return
-        if images.grad is None:
-            images.grad = g_images.clone()
-        else:
-            images.grad.add_(g_images)
-        self.core.term_reached_images()
+        self.core.apply_gradient(images, g_images, included)
 
     def after_step(self, optimizer: Any) -> None:
         self._attached = self._stale = False
         images = plain_tensor_params(optimizer)[0]
-        if self._images is not None and self._images() is not images:
-            # The previous batch of images is finished: its last embeddings join the memory.
-            if self._pending_batch is not None:
-                self.core.commit_to_memory(*self._pending_batch)
-            self._pending_batch = None
-        self._images = weakref.ref(images)
-        self._pending_batch = self.last
+        self._stepped = weakref.ref(images)
+        if not self._identified:  # the criterion could not tell the images: switch here, one step late
+            self._switch_to(images)
+            self._finished = self.last
 
     def missing_reason(self) -> str:
         if self._stale:
@@ -312,6 +404,7 @@ class DecoupledCapture(Capture):
     def manifest(self) -> Dict[str, Any]:
         return {
             "teacher_grads": self.teacher_grads,
+            "routes": dict(self.routes),
             "criterion_calls_skipped": self.criterion_calls_skipped,
             "terms_discarded": self.terms_discarded,
         }

@@ -344,6 +344,8 @@ class _SynCall:
     net: "_Net"
     grad: Optional[Tensor] = None
     applied: bool = False
+    #: The embed output with its graph, kept on a step whose gradient share is measured.
+    out: Optional[Tensor] = None
 
 
 @dataclass(eq=False)
@@ -388,6 +390,8 @@ class EmbedCapture(Capture):
         self.label_seconds = 0.0
         self.term_seconds = 0.0
         self.index_seconds = 0.0
+        self._measuring = False
+        self._measured: Optional[Tuple[weakref.ref, Tensor]] = None
 
     def wrappers(self) -> Sequence[Wrapper]:
         out: List[Wrapper] = [(m, p, _w_embed) for m, p in self.embed_targets]
@@ -536,13 +540,16 @@ class EmbedCapture(Capture):
         ipc = n // self.num_classes
         rows = torch.cat([torch.arange(a, b) for _, a, b in chunks])
         labels = (rows // ipc).to(out.device)
-        call = _SynCall(out.detach().reshape(out.shape[0], -1), labels, weakref.ref(images), state)
+        call = _SynCall(out.detach().reshape(out.shape[0], -1), labels, weakref.ref(images), state,
+                        out=out if self.core.share_due() else None)
         state.syn.append(call)
         self._step_calls.append(call)
         self.counts["synthetic_calls"] += 1
         self.counts["synthetic_rows"] += len(labels)
 
         def add(g: Tensor, call: _SynCall = call) -> Tensor:
+            if self._measuring:  # our own backward of DiRe's part alone (the share) passes here too
+                return g
             if call.grad is None:
                 self._compute(call.net)
             call.applied = True
@@ -577,6 +584,29 @@ class EmbedCapture(Capture):
         for c in calls:
             c.grad = grad[start:start + len(c.emb)]
             start += len(c.emb)
+        if all(c.out is not None for c in calls):
+            self._measure(calls)
+
+    def _measure(self, calls: List[_SynCall]) -> None:
+        """DiRe's part of the images' gradient alone, for the share: a backward of our own from the
+        embed outputs to the images, inside DM's backward (reentrant; the graph is kept for DM's)."""
+        images = calls[0].images()
+        if images is None:
+            return
+        outputs = [c.out for c in calls]
+        grads = [c.grad.to(device=c.out.device, dtype=c.out.dtype).view_as(c.out) for c in calls]
+        with self.core.measuring():
+            self._measuring = True
+            try:
+                (g_images,) = torch.autograd.grad(outputs, [images], grad_outputs=grads, retain_graph=True)
+            finally:
+                self._measuring = False
+        for c in calls:
+            c.out = None
+        previous = self._measured
+        if previous is not None and previous[0]() is images:
+            g_images = g_images + previous[1]
+        self._measured = (weakref.ref(images), g_images)
 
     # ------------------------------------------------------------------ optimizer steps
     def is_synthesis_step(self, optimizer: Any) -> bool:
@@ -597,9 +627,13 @@ class EmbedCapture(Capture):
             self._reason = "the embedded synthetic images are not the ones this optimizer updates"
             return
         self.core.term_reached_images()
+        measured, self._measured = self._measured, None
+        if measured is not None and measured[0]() is images:
+            self.core.apply_gradient(images, measured[1], included=True)
 
     def after_step(self, optimizer: Any) -> None:
         self._step_calls = []
+        self._measured = None
         self._net = None  # the next embed call starts afresh, even with the same network
 
     def missing_reason(self) -> str:

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..embeddings.bank import RealEmbeddingBank
+from ..embeddings.collectives import all_gather_rows, world
+from ..embeddings.isolation import own_rng
 from ..embeddings.memory import SyntheticMemory
 from ..errors import DiReHookError
 from ..io.files import atomic_write
@@ -34,7 +36,8 @@ from ..regularizer.functional import active_components, dire_components, weighte
 from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture
 from .distributed import rank_summary
-from .settings import RunConfig
+from .settings import RunConfig, check_run_settings
+from .share import ShareMeter
 
 __all__ = [
     "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "bank_from_loader", "current_runtime",
@@ -45,6 +48,8 @@ __all__ = [
 logger = logging.getLogger("dire")
 
 MANIFEST_NAME = "dire_manifest.json"
+#: Synthesis steps within which a ``share`` calibration must have found its measurable steps.
+CALIBRATION_DEADLINE = 50
 
 #: ``(teacher, layer name, device) -> bank``, called once, at the first term.
 BankFactory = Callable[[nn.Module, str, torch.device], RealEmbeddingBank]
@@ -88,7 +93,12 @@ class DiReRuntime:
         self._suspended = 0
         self._terms = active_components(config.components, config.r_c, config.r_e)
         self._added = False
+        self._in_step = False
         self._handle: Any = None
+        #: DiRe's share of the optimised tensor's gradient (and the ``share`` calibration).
+        self.share = ShareMeter(config.share)
+        self._base_weights = (config.r_c, config.r_e)
+        self._share_observed = 0  # the last step whose share was observed
 
     # ------------------------------------------------------------------ install
     def install(self) -> None:
@@ -121,9 +131,12 @@ class DiReRuntime:
             self._suspended -= 1
 
     def bank_for(self, teacher: nn.Module, layer: str, device: torch.device) -> RealEmbeddingBank:
-        """The real-embedding bank, built from ``teacher`` (its ``layer`` input) the first time."""
+        """The real-embedding bank, built from ``teacher`` (its ``layer`` input) the first time:
+        the build's forwards fire none of the method's hooks (the bank's own
+        :func:`~dire_plugin.embeddings.isolation.private_forward`) and draw no number from the
+        method's random generators."""
         if self.bank is None:
-            with self.suspended():
+            with self.suspended(), own_rng():
                 bank = self.bank_factory(teacher, layer, device)
             logger.info(
                 "[dire] real-embedding bank: %d classes, %d embeddings, dim %d (%s)",
@@ -153,6 +166,76 @@ class DiReRuntime:
             (grad,) = torch.autograd.grad(total, x)
         self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()))
         return grad
+
+    # ------------------------------------------------------------------ the gradient share
+    def share_due(self) -> bool:
+        """Whether the synthesis step in flight is one whose gradient share is measured: a capture
+        whose DiRe gradient joins the method's backward computes it separately on those only."""
+        return self.share.due(self.stats.steps + (0 if self._in_step else 1))
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Time spent inside counts as the cost of measuring the share (manifest, ``seconds``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.share.seconds += time.perf_counter() - start
+
+    def apply_gradient(self, images: Tensor, dire: Tensor, included: bool) -> None:
+        """At a synthesis step (``before_step``): ``dire`` is DiRe's gradient on ``images``, the
+        tensor the optimizer updates, whose ``.grad`` holds the method's gradient, and ``dire``
+        too when ``included`` (it joined the method's backward). On a measured step the share is
+        recorded and, while a ``share`` calibration runs, the step's DiRe part is rescaled (see
+        :mod:`.share`). A ``dire`` not included is added here, and the term counted."""
+        factor = 1.0
+        step = self.stats.steps
+        if self.share.due(step) and self._share_observed != step:
+            with self.measuring():
+                total = images.grad
+                method = torch.zeros_like(dire) if total is None else (total - dire if included else total)
+                sq = torch.stack([dire.detach().double().pow(2).sum(), method.detach().double().pow(2).sum()])
+                if world()[1] > 1:  # the share of every rank's rows together; the same factor everywhere
+                    (parts,) = all_gather_rows([sq.cpu().view(1, 2)], "the gradient share")
+                    sq = torch.cat(parts).sum(0)
+                d2, m2 = (float(v) for v in sq)
+                factor, finished = self.share.observe(step, d2 ** 0.5, m2 ** 0.5)
+            self._share_observed = step
+            if finished:
+                self._calibrated()
+            if self.config.log_every and (step == 1 or step % self.config.log_every == 0):
+                share = self.share.records[-1][1] if self.share.records and self.share.records[-1][0] == step else None
+                logger.info("[dire] step %d: gradient share %s (‖∂DiRe/∂x‖ / ‖∂method/∂x‖)", step,
+                            "not measurable (no method gradient)" if share is None else f"{share:.4g}")
+        if not included:
+            g = dire.to(device=images.device, dtype=images.dtype) * factor
+            if images.grad is None:
+                images.grad = g
+            else:
+                images.grad.add_(g)
+            self.term_reached_images()
+        elif factor != 1.0:
+            images.grad.add_(dire.to(device=images.grad.device, dtype=images.grad.dtype), alpha=factor - 1.0)
+
+    def _calibrated(self) -> None:
+        k = self.share.scale
+        base_c, base_e = self._base_weights
+        self.config.r_c, self.config.r_e = base_c * k, base_e * k
+        logger.info("[dire] share %g: calibrated on the first %d measured steps: weights x%.4g, r_c=%.4g, r_e=%.4g",
+                    self.share.target, len(self.share.factors), k, self.config.r_c, self.config.r_e)
+
+    def _share_manifest(self) -> Dict[str, Any]:
+        out = self.share.summary()
+        elapsed = max(time.time() - self.started, 1e-9)
+        out["run_fraction"] = round(self.share.seconds / elapsed, 6)
+        out["target"] = self.share.target
+        if self.share.target is not None:
+            out["calibration"] = {
+                "done": self.share.scale is not None, "factors": [round(f, 6) for f in self.share.factors],
+                "scale": self.share.scale, "base_r_c": self._base_weights[0], "base_r_e": self._base_weights[1],
+                "r_c": self.config.r_c, "r_e": self.config.r_e,
+            }
+        return out
 
     def term_reached_images(self) -> None:
         """The capture put the term's gradient on the images of the step in flight."""
@@ -187,7 +270,17 @@ class DiReRuntime:
         if not self.active or not self.capture.is_synthesis_step(optimizer):
             return
         self.stats.steps += 1
-        self.capture.before_step(optimizer)
+        self._in_step = True
+        try:
+            self.capture.before_step(optimizer)
+        finally:
+            self._in_step = False
+        if self.share.calibrating and self.stats.steps >= CALIBRATION_DEADLINE:
+            raise DiReHookError(
+                f"share {self.share.target:g} could not be calibrated: the gradient share was measurable on "
+                f"{len(self.share.factors)} of the first {self.stats.steps} synthesis steps (the method's or DiRe's "
+                "gradient was zero, or the images were not found); give --r-c/--r-e instead"
+            )
         if not self._added:
             where = f"{self.config.script or sys.argv[0]}" + (f" (upstream {self.config.commit})" if self.config.commit else "")
             raise DiReHookError(
@@ -224,6 +317,7 @@ class DiReRuntime:
             },
             **counts,
             **ranks,
+            "gradient_share": self._share_manifest(),
             "batches_in_memory": self.stats.batches_to_memory,
             "memory_embeddings": len(self.memory),
             "mean_values": self.stats.means(),
@@ -323,6 +417,7 @@ def start_runtime(config: RunConfig, bank_factory: BankFactory, capture: Capture
             "be patched in too (unpatch the first, or run one method per process)"
         )
     if _RUNTIME is None:
+        check_run_settings(asdict(config))  # the runtime API is a door too: RunConfig(share=0) is refused here
         _RUNTIME = DiReRuntime(config, bank_factory, capture)
         _RUNTIME.install()
         atexit.register(_finish)

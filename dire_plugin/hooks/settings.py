@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import DiReInputError
-from ..regularizer.defaults import COMPONENTS, DEFAULT_R_C, DEFAULT_R_E, REDUCTIONS, check_weights
+from ..regularizer.defaults import COMPONENTS, DEFAULT_R_C, DEFAULT_R_E, REDUCTIONS, check_share, check_weights
 
 __all__ = ["BANK_DTYPES", "RunConfig", "check_run_settings"]
 
@@ -37,6 +37,9 @@ def check_run_settings(settings: Mapping[str, Any], where: str = "") -> Dict[str
             f"{where}the weights of {', '.join(components)} are all 0, so the run would add nothing: "
             "set r_c/r_e, or run vanilla with DIRE_DISABLE=1"
         )
+    share = out.get("share")
+    if share is not None:
+        out["share"] = check_share(share, where)
     reduction = out.get("reduction", "mean")
     if reduction not in REDUCTIONS:
         raise DiReInputError(f"{where}reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
@@ -74,6 +77,9 @@ class RunConfig:
     bank_dtype: str = "float32"
     memory: bool = True
     manifest_dir: str = ""
+    #: DiRe's share of the images' gradient to calibrate ``r_c``/``r_e`` to on the first steps
+    #: (their ratio kept), ``None``: the weights as given (:mod:`dire_plugin.hooks.share`).
+    share: Optional[float] = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "") -> "RunConfig":

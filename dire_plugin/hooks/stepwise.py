@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..embeddings.capture import EmbeddingCapture, find_last_linear
+from ..embeddings.isolation import own_rng
 from ..errors import DiReHookError, DiReInputError
 from ..io.digest import tensors_sha256
 from ..io.files import load_torch_file
@@ -133,15 +134,6 @@ def load_expert(path: str, trajectory: int = EXPERT_TRAJECTORY, epoch: int = -1)
     return Expert(os.path.abspath(path), trajectory, index, count, copied)
 
 
-def _fork_rng():
-    """``torch.random.fork_rng`` over the CPU and every CUDA device (``get_network`` reseeds them all)."""
-    devices: Sequence[int] = []
-    if torch.cuda.is_available():
-        torch.cuda.init()  # a seed queued before CUDA starts would apply later, outside the fork
-        devices = list(range(torch.cuda.device_count()))
-    return torch.random.fork_rng(devices=devices)
-
-
 class StepCapture(Capture):
     """See the module doc. Options (from the patch module): the upstream module and function that
     load the training set, the names of the images and labels in the method's main function, the
@@ -203,7 +195,7 @@ class StepCapture(Capture):
             raise DiReInputError(f"no expert buffer {path} (run MTT's buffer.py first, with the same --dataset, "
                                  "--model and --zca): DiRe's feature extractor is a trained expert")
         self.expert = load_expert(path)
-        with _fork_rng():
+        with own_rng():
             net = get_network(args.model, channel, num_classes, im_size, dist=False)
         self.extractor = self._load_into(net, self.expert, args.model)
         self.layer = find_last_linear(self.extractor)
@@ -311,24 +303,19 @@ class StepCapture(Capture):
             return
         device = images.device
         extractor = self._on_device.get(str(device))
-        if extractor is None or self.core.bank is None:  # the first step: the setup draws no number of the run's
-            with _fork_rng():
-                extractor = self._extractor_on(device)
-                self.core.bank_for(extractor, self.layer, device)
+        if extractor is None or self.core.bank is None:  # the first step (the core builds the bank in own_rng)
+            extractor = self._extractor_on(device)
+            self.core.bank_for(extractor, self.layer, device)
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         g_images = self._dire_gradient(extractor, images.detach(), labels.to(device))
-        if images.grad is None:
-            images.grad = g_images
-        else:
-            images.grad.add_(g_images.to(images.grad.dtype))
+        self.core.apply_gradient(images, g_images, included=False)  # measures the share on its steps
         if cuda:
             torch.cuda.synchronize(device)
         self.extra_seconds += time.perf_counter() - start
         self.extra_steps += 1
-        self.core.term_reached_images()
 
     def _embed(self, extractor: nn.Module, x: Tensor) -> Tensor:
         with EmbeddingCapture(extractor, self.layer) as capture:

@@ -12,7 +12,7 @@ from typing import Tuple
 
 from ..errors import DiReInputError
 
-__all__ = ["COMPONENTS", "DEFAULT_R_C", "DEFAULT_R_E", "REDUCTIONS", "check_weights"]
+__all__ = ["COMPONENTS", "DEFAULT_R_C", "DEFAULT_R_E", "REDUCTIONS", "check_share", "check_weights"]
 
 DEFAULT_R_C = 0.1
 DEFAULT_R_E = 0.001
@@ -38,3 +38,15 @@ def check_weights(r_c: object, r_e: object, where: str = "") -> Tuple[float, flo
             raise DiReInputError(f"{where}{name} must be a finite number >= 0, got {value!r}")
         out.append(number)
     return out[0], out[1]
+
+
+def check_share(value: object, where: str = "") -> float:
+    """``value`` as a float, if it is a finite number > 0: DiRe's share of the images' gradient
+    (``‖∂L_DiRe/∂x‖ / ‖∂L_method/∂x‖``) that ``share`` calibrates the weights to."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise DiReInputError(f"{where}share must be a finite number > 0, got {value!r}")
+    return number

@@ -41,8 +41,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Real images written per class: enough for a bank, few enough to embed in seconds.
 IMAGES_PER_CLASS = 2
 #: Launcher flags for the run settings a config may hold.
-_CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "reduction": "--reduction", "log_every": "--log-every",
-                 "bank_dtype": "--bank-dtype"}
+_CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "share": "--share", "reduction": "--reduction",
+                 "log_every": "--log-every", "bank_dtype": "--bank-dtype"}
 _FRAME = re.compile(r'^\s*File "(.+)", line (\d+)')
 #: Environment variables of an enclosing DiRe run that must not leak into the smoke run.
 _INHERITED = ("DIRE_ACTIVATE", "DIRE_DISABLE")
@@ -232,8 +232,10 @@ def _failed_manifest(work: Path) -> Dict[str, Any]:
 
 def _config_flags(config: Optional[Mapping[str, Any]]) -> List[str]:
     flags: List[str] = []
+    # A share calibrates the weights itself (dire-run refuses both): its run starts from the defaults.
+    skip = ("r_c", "r_e") if config and config.get("share") is not None else ()
     for key, flag in _CONFIG_FLAGS.items():
-        if config and config.get(key) is not None:
+        if config and config.get(key) is not None and key not in skip:
             flags += [flag, str(config[key])]
     if config and config.get("components"):
         flags += ["--components", ",".join(config["components"])]
@@ -309,6 +311,9 @@ def _check_outputs(out: Path, vanilla: bool, pattern: Optional[str] = None) -> s
     manifest = json.loads(manifests[0].read_text())
     if not manifest.get("terms_added", 0) > 0:
         return f"DiRe was added to no step ({manifest.get('synthesis_steps', 0)} synthesis steps, {manifests[0]})"
+    share = manifest.get("gradient_share") or {}
+    if not share.get("steps_measured"):
+        return f"the manifest records no gradient share ({manifests[0]})"
     return ""
 
 
@@ -319,7 +324,11 @@ def _summary(out: Path, vanilla: bool, pattern: Optional[str] = None) -> str:
         return f"{what}, vanilla"
     manifests = list(out.rglob(MANIFEST_NAME))
     manifest = json.loads(manifests[0].read_text()) if manifests else {}
-    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps"
+    share = manifest.get("gradient_share") or {}
+    median = share.get("median")
+    measured = (f", gradient share median {median:.4g} over {share.get('steps_measured')} measured steps"
+                if median is not None else "")
+    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps{measured}"
 
 
 def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Optional[Mapping[str, Any]] = None,

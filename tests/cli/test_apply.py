@@ -276,6 +276,12 @@ REFUSALS = {
     "real-data-class-without-image": (_class_without_image, ["sre2l", "{root}", "--real-data", "{base}/holes"],
                                       ["class_042"]),
     "weight-inf": (None, ["sre2l", "{root}", "--real-data", "{data}", "--r-c", "inf"], ["--r-c"]),
+    "share-zero": (None, ["sre2l", "{root}", "--real-data", "{data}", "--share", "0"], ["--share", "'0'"]),
+    "share-negative": (None, ["sre2l", "{root}", "--real-data", "{data}", "--share=-0.1"], ["--share", "'-0.1'"]),
+    "share-nan": (None, ["sre2l", "{root}", "--real-data", "{data}", "--share", "nan"], ["--share", "'nan'"]),
+    "share-inf": (None, ["sre2l", "{root}", "--real-data", "{data}", "--share", "inf"], ["--share", "'inf'"]),
+    "share-and-weights": (None, ["sre2l", "{root}", "--real-data", "{data}", "--share", "0.1", "--r-e", "0.01"],
+                          ["--share calibrates r_c and r_e itself"]),
 }
 
 
@@ -289,6 +295,28 @@ def test_bad_input_is_refused_without_changing_anything(env, capsys, case):
     rc = main([a.format(**fill) for a in argv])
     assert_refused(capsys, rc, *[f.format(**fill) for f in fragments])
     assert snapshot(env.base) == before
+
+
+def test_weights_default_to_the_methods_own_and_share_is_written(env, capsys):
+    assert _apply(env) == 0
+    config = activation.read_config(env.root, "sre2l")
+    assert (config["r_c"], config["r_e"], config["share"]) == (0.1, 0.001, None)  # sre2l: the released weights
+    assert _apply(env, "--share", "0.2") == 0
+    config = activation.read_config(env.root, "sre2l")
+    assert (config["r_c"], config["r_e"], config["share"]) == (0.1, 0.001, 0.2)  # the calibration's start
+    assert "share      0.2" in capsys.readouterr().out
+    assert _apply(env, "--r-e", "0.01") == 0
+    assert activation.read_config(env.root, "sre2l")["share"] is None  # explicit weights: no calibration
+
+
+def test_list_names_each_methods_default_weight(capsys):
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "default weight: r_c 0.1, r_e 0.001" in out
+    for method in ("dm", "mtt"):
+        block = out[out.index(f"\n{method} "):]
+        share = load_method(method).DEFAULT_WEIGHTS.share
+        assert f"default weight: share {share:g}" in block.split("\n\n")[0]
 
 
 def test_commit_drift_names_both_commits_and_the_changed_target(env, capsys):

@@ -7,7 +7,7 @@ from torch import nn
 from dire_plugin import DiReLoss
 from dire_plugin.embeddings.bank import RealEmbeddingBank
 from dire_plugin.embeddings.memory import SyntheticMemory
-from dire_plugin.errors import DiReHookError
+from dire_plugin.errors import DiReHookError, DiReInputError
 from dire_plugin.embeddings.capture import EmbeddingCapture
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
@@ -47,8 +47,10 @@ def patched():
 
 
 def _step(model, inputs, targets, criterion, print_twice=True):
-    """One SRe²L-shaped iteration; returns the images' gradient before the step."""
+    """One SRe²L-shaped iteration; returns the images' gradient as the optimizer applies it."""
     optimizer = torch.optim.Adam([inputs], lr=0.1, betas=(0.5, 0.9))
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(inputs.grad.clone()))  # after DiRe's
     optimizer.zero_grad()
     outputs = model(torch.roll(inputs, shifts=(1, 1), dims=(2, 3)))
     loss_ce = criterion(outputs, targets)
@@ -56,9 +58,8 @@ def _step(model, inputs, targets, criterion, print_twice=True):
         criterion(outputs, targets).item()  # the upstream's print-time call
     loss = loss_ce + 0.01 * inputs.pow(2).mean()
     loss.backward()
-    grad = inputs.grad.clone()
     optimizer.step()
-    return grad, optimizer
+    return seen[0], optimizer
 
 
 def _expected_grad(model, inputs, targets, bank, memory=None, r_c=0.5, r_e=0.05):
@@ -103,7 +104,9 @@ def test_printed_loss_is_untouched(patched):
     assert float(nn.CrossEntropyLoss()(outputs, targets)) == float(nn.functional.cross_entropy(outputs, targets))
 
 
-def test_memory_carries_finished_batches_into_cd(patched):
+def test_memory_reaches_the_first_step_of_the_next_batch(patched):
+    # The first step of ipc index 1 already pushes away from ipc index 0: where one batch holds
+    # every class (CIFAR recover, DWA), a late commit would leave that step without the memory.
     bank, _ = patched
     model = _teacher()
     targets = torch.arange(NUM_CLASSES)
@@ -113,19 +116,121 @@ def test_memory_carries_finished_batches_into_cd(patched):
         _step(model, first, targets, nn.CrossEntropyLoss())
     runtime = current_runtime()
     assert len(runtime.memory) == 0  # the batch is not finished yet
-    # ipc index 1: a new tensor of images for the same classes
-    second = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
     finished = runtime.capture.last  # embeddings of the first batch's last step
     memory = SyntheticMemory()
     memory.add(*finished)
-    _step(model, second, targets, nn.CrossEntropyLoss())  # its step commits batch one
-    assert len(runtime.memory) == NUM_CLASSES and runtime.stats.batches_to_memory == 1
+    # ipc index 1: a new tensor of images for the same classes
+    second = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
     g_vanilla, g_dire = _expected_grad(model, second, targets, bank, memory=memory)
     grad, _ = _step(model, second, targets, nn.CrossEntropyLoss())
+    assert len(runtime.memory) == NUM_CLASSES and runtime.stats.batches_to_memory == 1
     torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
     # without memory the CD part would be absent: the gradients differ
     _, g_no_memory = _expected_grad(model, second, targets, bank)
     assert not torch.allclose(g_dire, g_no_memory)
+
+
+class _BNStatistics:
+    """SRe²L's BN prior in our own few lines: a forward hook stores the distance of the batch's
+    statistics to the running ones, and the loop reads it *after* its criterion call."""
+
+    def __init__(self, module):
+        self.handle = module.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        x = inputs[0]
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        self.r_feature = torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
+
+
+def test_a_bank_built_at_the_first_step_leaves_the_methods_hooks_alone():
+    # The bank is built inside the first criterion call, through the method's own teacher: its
+    # forwards must not replace the BN statistics the step reads right after that call.
+    model = _teacher()
+    hooks = [_BNStatistics(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    g = torch.Generator().manual_seed(7)
+    real = torch.utils.data.TensorDataset(torch.randn(NUM_CLASSES * 3, 3, 6, 6, generator=g),
+                                          torch.arange(NUM_CLASSES).repeat(3))
+
+    def factory(teacher, layer, device):
+        loader = torch.utils.data.DataLoader(real, batch_size=5)
+        return RealEmbeddingBank.build(teacher, loader, layer=layer or None, progress=False)
+
+    targets = torch.arange(NUM_CLASSES)
+    inputs = torch.randn(NUM_CLASSES, 3, 6, 6, generator=g).requires_grad_()
+
+    def loss_of(outputs, criterion):
+        loss_ce = criterion(outputs, targets)
+        return loss_ce + 0.1 * torch.stack([h.r_feature for h in hooks]).sum()
+
+    sre2l.patch(RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0), bank_factory=factory)
+    runtime = current_runtime()
+    try:
+        runtime.enabled = False  # the reference: the bank built beforehand, the step computed directly
+        bank = factory(model, None, torch.device("cpu"))
+        x = inputs.detach().clone().requires_grad_()
+        with EmbeddingCapture(model) as cap:
+            loss = loss_of(model(torch.roll(x, shifts=(1, 1), dims=(2, 3))), nn.CrossEntropyLoss())
+            (g_vanilla,) = torch.autograd.grad(loss, x, retain_graph=True)
+            (g_dire,) = torch.autograd.grad(DiReLoss(r_c=0.5, r_e=0.05)(cap.embeddings, targets, bank), x)
+        runtime.enabled = True
+        optimizer = torch.optim.Adam([inputs], lr=0.1, betas=(0.5, 0.9))
+        loss_of(model(torch.roll(inputs, shifts=(1, 1), dims=(2, 3))), nn.CrossEntropyLoss()).backward()
+        grad = inputs.grad.clone()
+        optimizer.step()
+        assert runtime.bank is not None and runtime.stats.terms_added == 1  # built inside this step
+    finally:
+        sre2l.unpatch()
+    torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
+
+
+def test_the_gradient_share_is_measured(patched):
+    bank, _ = patched
+    model = _teacher()
+    targets = torch.arange(NUM_CLASSES)
+    inputs = torch.randn(NUM_CLASSES, 3, 6, 6, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    g_vanilla, g_dire = _expected_grad(model, inputs, targets, bank)
+    grad, _ = _step(model, inputs, targets, nn.CrossEntropyLoss())
+    torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)  # measuring changes nothing
+    share = current_runtime().manifest()["gradient_share"]
+    assert share["steps_measured"] == 1 and share["target"] is None
+    assert share["median"] == pytest.approx(float(g_dire.norm() / g_vanilla.norm()), rel=1e-4)
+
+
+def test_share_calibrates_the_weights_on_the_first_steps():
+    bank = _bank()
+    config = RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, share=0.2, log_every=0)
+    sre2l.patch(config, bank_factory=lambda *a: bank)
+    try:
+        runtime = current_runtime()
+        model = _teacher()
+        targets = torch.arange(NUM_CLASSES)
+        inputs = torch.randn(NUM_CLASSES, 3, 6, 6, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        factors = []
+        for step in range(3):  # calibration: each step's DiRe part is scaled to exactly the share asked
+            g_vanilla, g_dire = _expected_grad(model, inputs, targets, bank)
+            grad, _ = _step(model, inputs, targets, nn.CrossEntropyLoss())
+            factors.append(0.2 * float(g_vanilla.norm() / g_dire.norm()))
+            torch.testing.assert_close(grad, g_vanilla + factors[-1] * g_dire, rtol=1e-4, atol=1e-7)
+        k = sorted(factors)[1]
+        assert runtime.share.scale == pytest.approx(k, rel=1e-4)
+        assert (runtime.config.r_c, runtime.config.r_e) == pytest.approx((0.5 * k, 0.05 * k), rel=1e-4)
+        # then held: the terms are computed with the calibrated weights
+        g_vanilla, g_dire = _expected_grad(model, inputs, targets, bank, r_c=0.5 * k, r_e=0.05 * k)
+        grad, _ = _step(model, inputs, targets, nn.CrossEntropyLoss())
+        torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-4, atol=1e-7)
+        share = runtime.manifest()["gradient_share"]
+        assert share["first_steps"][:3] == pytest.approx([0.2, 0.2, 0.2], rel=1e-4)
+        assert share["calibration"]["done"] and share["calibration"]["r_c"] == pytest.approx(0.5 * k, rel=1e-4)
+    finally:
+        sre2l.unpatch()
+
+
+@pytest.mark.parametrize("share", [0.0, -1.0, float("nan"), float("inf"), "0.1x", True])
+def test_a_share_that_is_not_a_positive_number_is_refused(share):
+    with pytest.raises(DiReInputError, match="share must be a finite number > 0"):
+        sre2l.patch(RunConfig(method="sre2l", script="fixture.py", share=share, log_every=0), bank_factory=lambda *a: None)
+    assert current_runtime() is None
 
 
 def test_no_grad_and_unrelated_criterion_calls_add_nothing(patched):

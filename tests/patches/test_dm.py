@@ -151,6 +151,10 @@ def test_images_get_dm_plus_dire_gradient(patched, model):
     g_dm, g_dire = _expected(patched, args, k, get_images, init)
     assert g_dire.abs().sum() > 0
     torch.testing.assert_close(got, g_dm + g_dire, rtol=1e-5, atol=1e-7)
+    # The share, from DiRe's part alone (a backward of ours inside DM's): measuring changed nothing above.
+    share = patched.runtime.manifest()["gradient_share"]
+    assert share["steps_measured"] == 1
+    assert share["median"] == pytest.approx(float(g_dire.norm() / g_dm.norm()), rel=1e-4)
     counts = patched.runtime.capture.counts
     calls = k if model == "ConvNet" else 1
     assert (counts["real_calls"], counts["synthetic_calls"]) == (calls, calls)
@@ -341,5 +345,8 @@ def test_smoke_runs_both_branches_and_finds_the_results(world, monkeypatch, caps
     assert run_smoke("dm", world["root"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" (")[0] for line in lines] == [f"PASS dm {SCRIPT} [ConvNet]", f"PASS dm {SCRIPT} [ConvNetBN]"]
-    assert all(line.endswith("1 res_DM_*.pt file, DiRe added to 3/3 steps") for line in lines), lines
+    # DM's default weight is a share, calibrated on the first steps: the smoke's 3 steps all give it.
+    share = DM.DEFAULT_WEIGHTS.share
+    assert all(line.endswith(f"1 res_DM_*.pt file, DiRe added to 3/3 steps, gradient share median {share:.4g} over 3 "
+                             "measured steps") for line in lines), lines
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dire_plugin import DiReLoss, EmbeddingCapture, RealEmbeddingBank
+from dire_plugin.errors import DiReHookError
 from dire_plugin.hooks.registry import load_method
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
@@ -36,7 +37,10 @@ def _load(name: str):
     return module
 
 
-Perterb = _load("perterb").Perterb
+# Registered under a name of its own, so that the patch's guard on first_step can wrap it.
+PERTERB_MODULE = "dwa_like_perterb"
+sys.modules[PERTERB_MODULE] = _load("perterb")
+Perterb = sys.modules[PERTERB_MODULE].Perterb
 
 
 def _teacher(seed=0):
@@ -59,15 +63,15 @@ def _bank(seed=1):
                                           torch.arange(NUM_CLASSES).repeat(4))
 
 
-def _patch(bank, teacher_grads="untouched", **settings):
+def _patch(bank, teacher_grads=None, **settings):
+    """DWA's own patch (``teacher_grads=None``), or the decoupled capture with another route, its
+    guard on ``first_step`` installed on the look-alike's ``Perterb`` either way."""
     config = RunConfig(**{"method": "dwa", "script": "fixture.py", "r_c": 0.5, "r_e": 0.05, "log_every": 0, **settings})
-    if teacher_grads == "untouched":
-        DWA.patch(config, bank_factory=lambda *a: bank)
-        return DWA.unpatch
-    # The route SRe²L uses: DiRe's gradient flows back through the teacher with the method's own.
     from dire_plugin.hooks.patcher import method_patch
 
-    patch, unpatch = method_patch("dwa", lambda: DWA.SCRIPTS, DWA.TARGETS, capture="decoupled", teacher_grads=teacher_grads)
+    route = teacher_grads or "auto"
+    patch, unpatch = method_patch("dwa", lambda: DWA.SCRIPTS, DWA.TARGETS, capture="decoupled", teacher_grads=route,
+                                  grad_readers=((PERTERB_MODULE, "Perterb.first_step"),))
     patch(config, bank_factory=lambda *a: bank)
     return unpatch
 
@@ -117,11 +121,51 @@ def test_teacher_gradients_at_every_perturbation_are_vanilla():
         # 2 batches x (3 iterations + 2 perturbation passes): the perturbation passes added nothing.
         assert (runtime.stats.steps, runtime.stats.terms_added, runtime.stats.computed) == (6, 6, 10)
         assert runtime.capture.terms_discarded == 4
+        # Batches of 3 of the teacher's 6 classes: it serves both, so no term went through its backward.
+        assert runtime.capture.routes == {"shared": 0, "untouched": 10}
     finally:
         unpatch()
     assert len(seen) == len(vanilla_seen) == 4
     for patched, vanilla in zip(seen, vanilla_seen):  # the second batch's first pass reads batch one's .grad
         assert all(torch.equal(a, b) for a, b in zip(patched, vanilla))
+
+
+def test_a_batch_of_every_class_goes_through_dwas_own_backward_and_reads_stay_vanilla():
+    # DWA's CIFAR and Tiny scripts at their batch sizes: one batch holds every class and the teacher
+    # is rebuilt for the next ipc index, so the .grad DiRe adds to is never read again.
+    bank, init, teacher = _bank(), _init(), _teacher()
+
+    def two_ipcs():
+        seen = []
+        for _ in range(2):
+            seen += dwa_batches(copy.deepcopy(teacher), init, batch_size=NUM_CLASSES, iterations=4, lr=0.0)[0]
+        return seen
+
+    vanilla_seen = two_ipcs()
+    unpatch = _patch(bank)
+    try:
+        seen = two_ipcs()
+        routes = current_runtime().capture.routes
+    finally:
+        unpatch()
+    # Per batch: the 2 perturbation passes and iteration 0 input-only, iterations 1-3 shared.
+    assert routes == {"untouched": 6, "shared": 6}
+    assert len(seen) == len(vanilla_seen) == 4
+    for patched, vanilla in zip(seen, vanilla_seen):
+        assert all(torch.equal(a, b) for a, b in zip(patched, vanilla))
+
+
+def test_a_teacher_read_again_after_a_shared_batch_stops_the_run():
+    # The assumption behind the shared route fails (a teacher that classified every class in one
+    # batch serves another): first_step would read DiRe's share, so the run stops instead.
+    bank, init, teacher = _bank(), _init(), _teacher()
+    unpatch = _patch(bank)
+    try:
+        dwa_batches(teacher, init, batch_size=NUM_CLASSES, iterations=2)
+        with pytest.raises(DiReHookError, match="Perterb.first_step is about to read the teacher's accumulated gradient"):
+            dwa_batches(teacher, init, batch_size=NUM_CLASSES, iterations=2)
+    finally:
+        unpatch()
 
 
 def test_dire_changes_the_images():
@@ -187,8 +231,11 @@ def test_images_get_vanilla_plus_dire_gradient():
                 perturb.first_step(True)
             (criterion(teacher(jit), targets) + 0.01 * inputs.pow(2).mean()).backward()
             optimizer.step()
+        routes = current_runtime().capture.routes
     finally:
         unpatch()
+    # Iteration 1 (a batch of every class, after its first step) went through DWA's own backward.
+    assert routes == {"untouched": 2, "shared": 1}
     assert g_dire.abs().sum() > 0
     torch.testing.assert_close(got[1], g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
 
@@ -268,8 +315,10 @@ def test_dire_run_on_a_lookalike_checkout(world):
     manifest = json.loads((base / "dire" / "t" / "dire_manifest.json").read_text())
     # 2 ipc x 2 batches x 3 iterations synthesis steps; 2 perturbation passes per batch got nothing.
     assert (manifest["synthesis_steps"], manifest["terms_added"], manifest["terms_computed"]) == (12, 12, 20)
-    assert manifest["capture"] == {"family": "decoupled", "teacher_grads": "untouched", "criterion_calls_skipped": 0,
-                                   "terms_discarded": 8}
+    # Batches of 5 of the teacher's 10 classes: the teacher serves two batches, so every term takes
+    # the input-only route (the next batch's perturbation reads the accumulated .grad).
+    assert manifest["capture"] == {"family": "decoupled", "teacher_grads": "auto", "routes": {"shared": 0, "untouched": 20},
+                                   "criterion_calls_skipped": 0, "terms_discarded": 8}
     assert manifest["batches_in_memory"] == 3 and manifest["memory_embeddings"] == 15  # the last batch is still open
 
     disabled, _ = _run(world, base / "disabled", "dire", {"DIRE_DISABLE": "1"})
@@ -283,5 +332,15 @@ def test_dire_run_on_a_lookalike_checkout(world):
     _, still_vanilla = _run(world, base / "still-vanilla", "vanilla", extra_args=["--lr", "0"])
     assert len(still["first_step"]) == len(still_vanilla["first_step"]) == 8
     for patched, vanilla in zip(still["first_step"], still_vanilla["first_step"]):
+        assert all(torch.equal(a, b) for a, b in zip(patched, vanilla))
+    # One batch of every class per teacher (CIFAR-10 at batch 10): after each batch's first step,
+    # DiRe goes through DWA's own backward, and the reads stay vanilla all the same.
+    whole = ["--lr", "0", "--batch-size", "10"]
+    _, shared = _run(world, base / "shared-dire", "dire", extra_args=whole)
+    _, shared_vanilla = _run(world, base / "shared-vanilla", "vanilla", extra_args=whole)
+    manifest = json.loads((base / "shared-dire" / "t" / "dire_manifest.json").read_text())
+    assert manifest["capture"]["routes"] == {"shared": 4, "untouched": 6}  # 2 ipc x (2 passes + iteration 0 | 1, 2)
+    assert len(shared["first_step"]) == len(shared_vanilla["first_step"]) == 4
+    for patched, vanilla in zip(shared["first_step"], shared_vanilla["first_step"]):
         assert all(torch.equal(a, b) for a, b in zip(patched, vanilla))
     assert subprocess.run(["git", "status", "--porcelain"], cwd=world["root"], capture_output=True, text=True).stdout == ""

@@ -201,12 +201,16 @@ def test_images_get_vanilla_plus_dire_gradient(setup):
     try:
         record, _ = mtt_loop(init, label_syn, trajectory, iterations=2,
                              on_step=lambda images: seen.append((images.detach().clone(), images.grad.clone())))
+        shares = [share for _, share in current_runtime().share.records]
     finally:
         unpatch()
+    expected = []
     for (images, got), vanilla in zip(seen, record["images"]):
         dire = _dire_gradient(trajectory, images, label_syn, bank)
         assert dire.abs().sum() > 0
         torch.testing.assert_close(got, vanilla + dire, rtol=1e-5, atol=1e-8)
+        expected.append(float(dire.norm() / vanilla.norm()))
+    assert shares == pytest.approx(expected, rel=1e-4)  # DiRe's share of each step's image gradient
     assert len(seen) == 2 and not torch.equal(seen[0][0], seen[1][0])  # the second step saw updated images
 
 
