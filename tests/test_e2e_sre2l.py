@@ -266,6 +266,8 @@ def test_dire_run_refuses_bad_settings_before_any_work(env, tmp_path):
         "negative r_c": (["--real-data", data, "--r-c", "-5"], "--r-c"),
         "nan r_c": (["--real-data", data, "--r-c", "nan"], "--r-c"),
         "zero share": (["--real-data", data, "--share", "0"], "--share"),
+        "r_c beyond float32": (["--real-data", data, "--r-c", "1e39"], "at most 3.4e+38"),
+        "both weights 0": (["--real-data", data, "--r-c", "0", "--r-e", "0"], "are all 0, so DiRe would add nothing"),
         "share with weights": (["--real-data", data, "--share", "0.1", "--r-c", "0.5"], "--share calibrates r_c and r_e"),
         "no real data": ([], "no real data"),
         "cache under a file": (["--real-data", data, "--cache-dir", str(tmp_path / "a-file" / "cache")], "a-file"),

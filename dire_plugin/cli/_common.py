@@ -51,7 +51,7 @@ def weight(text: str) -> float:
     try:
         return check_weights(text, 0.0)[0]
     except DiReInputError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0 that float32 holds (at most 3.4e+38)") from None
 
 
 def share(text: str) -> float:

@@ -38,7 +38,7 @@ from ..io.files import locked
 from ..activation.checks import check_cache_dir, check_real_data_for_scripts
 from ..upstream.lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..hooks.registry import METHODS, load_method
-from ..hooks.settings import BANK_DTYPES
+from ..hooks.settings import BANK_DTYPES, check_run_settings
 from ._common import WEIGHTS_AND_SHARE, OneLineParser, existing_dir, run_main, share, weight
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
@@ -205,6 +205,7 @@ def _readable_config(root: Path, method: str) -> Optional[Dict[str, Any]]:
 
 def _apply(args: argparse.Namespace) -> int:
     lock, module = _supported(args.method)
+    check_run_settings(_weights(args, module))  # e.g. --r-c 0 --r-e 0: a run that adds nothing, refused now
     real_data = existing_dir(args.real_data, "--real-data")
     fits = check_real_data_for_scripts(real_data, module.SCRIPTS)
     cache_dir = _cache_dir(args.cache_dir)

@@ -29,7 +29,7 @@ from ..embeddings.bank import RealEmbeddingBank
 from ..embeddings.collectives import all_gather_rows, world
 from ..embeddings.isolation import own_rng
 from ..embeddings.memory import SyntheticMemory
-from ..errors import DiReHookError
+from ..errors import DiReHookError, DiReInputError
 from ..io.files import atomic_write
 from ..regularizer.defaults import COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
@@ -163,6 +163,11 @@ class DiReRuntime:
                 reduction=self.config.reduction, components=self._terms,
             )
             total = weighted_total(values, self.config.r_c, self.config.r_e)
+            if not bool(torch.isfinite(total)):  # finite terms (checked), so the weights overflowed float32
+                raise DiReInputError(
+                    f"the weighted DiRe term overflows float32 (r_c={self.config.r_c:g}, r_e={self.config.r_e:g}, "
+                    f"terms {({k: float(v) for k, v in values.items()})}): use smaller weights or --share"
+                )
             (grad,) = torch.autograd.grad(total, x)
         self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()))
         return grad

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import DiReInputError
-from ..regularizer.defaults import COMPONENTS, DEFAULT_R_C, DEFAULT_R_E, REDUCTIONS, check_share, check_weights
+from ..regularizer.defaults import (
+    COMPONENTS, DEFAULT_R_C, DEFAULT_R_E, REDUCTIONS, check_active_weights, check_share, check_weights,
+)
 
 __all__ = ["BANK_DTYPES", "RunConfig", "check_run_settings"]
 
@@ -31,12 +33,7 @@ def check_run_settings(settings: Mapping[str, Any], where: str = "") -> Dict[str
         c not in COMPONENTS for c in components
     ):
         raise DiReInputError(f"{where}components must be a non-empty list of {', '.join(COMPONENTS)}, got {components!r}")
-    weights = {"cd": r_c, "cdm": r_c, "edm": r_e}
-    if not any(weights[c] for c in components):
-        raise DiReInputError(
-            f"{where}the weights of {', '.join(components)} are all 0, so the run would add nothing: "
-            "set r_c/r_e, or run vanilla with DIRE_DISABLE=1"
-        )
+    check_active_weights(components, r_c, r_e, where)
     share = out.get("share")
     if share is not None:
         out["share"] = check_share(share, where)

@@ -8,17 +8,23 @@ i.e. ``r_c = 0.1·1.0`` and ``r_e = 0.1·0.01``.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Iterable, Tuple
 
 from ..errors import DiReInputError
 
-__all__ = ["COMPONENTS", "DEFAULT_R_C", "DEFAULT_R_E", "REDUCTIONS", "check_share", "check_weights"]
+__all__ = [
+    "COMPONENTS", "DEFAULT_R_C", "DEFAULT_R_E", "FLOAT32_MAX", "REDUCTIONS", "check_active_weights", "check_share",
+    "check_weights",
+]
 
 DEFAULT_R_C = 0.1
 DEFAULT_R_E = 0.001
 #: The three terms: cosine among synthetic (CD), 1 − cosine to real (CDM), distance to real (EDM).
 COMPONENTS = ("cd", "cdm", "edm")
 REDUCTIONS = ("mean", "sum")
+#: The largest float32 (``torch.finfo(torch.float32).max``): DiRe's terms are float32, so a larger
+#: weight turns the first term into inf and the images' update into NaN.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_weights(r_c: object, r_e: object, where: str = "") -> Tuple[float, float]:
@@ -36,8 +42,22 @@ def check_weights(r_c: object, r_e: object, where: str = "") -> Tuple[float, flo
             number = math.nan
         if isinstance(value, bool) or not math.isfinite(number) or number < 0:
             raise DiReInputError(f"{where}{name} must be a finite number >= 0, got {value!r}")
+        if number > FLOAT32_MAX:
+            raise DiReInputError(f"{where}{name} must be at most {FLOAT32_MAX:.4g} (DiRe's terms are float32), got {value!r}")
         out.append(number)
     return out[0], out[1]
+
+
+def check_active_weights(components: Iterable[str], r_c: float, r_e: float, where: str = "") -> None:
+    """Refuse weights that switch every chosen component off: the run (or loss) would add nothing,
+    a silent no-op that looks like DiRe. ``r_c`` weighs CD and CDM, ``r_e`` EDM."""
+    weights = {"cd": r_c, "cdm": r_c, "edm": r_e}
+    components = tuple(components)
+    if not any(weights.get(c) for c in components):
+        raise DiReInputError(
+            f"{where}the weights of {', '.join(components)} are all 0, so DiRe would add nothing: "
+            "set r_c/r_e, or run vanilla with DIRE_DISABLE=1"
+        )
 
 
 def check_share(value: object, where: str = "") -> float:

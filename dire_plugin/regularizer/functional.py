@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .defaults import COMPONENTS, REDUCTIONS, check_weights
+from .defaults import COMPONENTS, REDUCTIONS, check_active_weights, check_weights
 from ..errors import DiReInputError
 from .grouped import ClassSums, PackedEmbeddings, check_embeddings
 from .kernels import (
@@ -245,14 +245,16 @@ def dire_loss(
 ) -> Tensor:
     """``L_syn = r_c · (CD + CDM) + r_e · EDM`` over the enabled components (module doc).
 
-    ``r_c`` and ``r_e`` must be finite numbers >= 0 (:func:`check_weights`).
+    ``r_c`` and ``r_e`` must be finite numbers >= 0 that float32 holds (:func:`check_weights`), not
+    both 0 for the chosen components (:func:`check_active_weights`).
     """
     r_c, r_e = check_weights(r_c, r_e)
+    check_active_weights(check_components(components), r_c, r_e)
     active = active_components(components, r_c, r_e)
-    if not active:
-        # Nothing to compute, but the same input is refused whatever the weights (NaN included).
-        check_batch(syn_emb, syn_labels, memory)
-        check_embeddings(syn_emb, "synthetic embeddings")
-        return syn_emb.new_zeros((), dtype=torch.float32) * syn_emb.sum()
     terms = dire_components(syn_emb, syn_labels, real, memory, reduction, active, **kwargs)
-    return weighted_total(terms, r_c, r_e)
+    total = weighted_total(terms, r_c, r_e)
+    if kwargs.get("check_finite", True) and not bool(torch.isfinite(total)):
+        # The terms were finite (dire_components checks them): the weights overflowed float32.
+        raise DiReInputError(f"the weighted DiRe term overflows float32 (r_c={r_c:g}, r_e={r_e:g}, terms "
+                             f"{({k: float(v) for k, v in terms.items()})}): use smaller weights")
+    return total

@@ -1,11 +1,13 @@
 """``DiReLoss``: a thin stateful wrapper over :mod:`dire_plugin.regularizer.functional`."""
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .defaults import check_active_weights
 from .functional import COMPONENTS, REDUCTIONS, check_components, check_weights, dire_components, dire_loss
 from ..errors import DiReInputError
 from .grouped import ClassSums, PackedEmbeddings, pack_mapping
@@ -64,6 +66,7 @@ class DiReLoss(nn.Module):
             raise DiReInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.r_c, self.r_e = check_weights(r_c, r_e)
         self.terms = check_components(components)
+        check_active_weights(self.terms, self.r_c, self.r_e, "DiReLoss: ")
         self.reduction = reduction
         self.memory = memory
         self.eps, self.chunk_elements, self.check_finite = eps, int(chunk_elements), check_finite
@@ -80,10 +83,13 @@ class DiReLoss(nn.Module):
         flags = {"multiplier": multiplier, "r_cos": r_cos, "r_euc": r_euc}
         for name, value in flags.items():
             try:
-                check_weights(value, 0.0)
-            except DiReInputError:
-                raise DiReInputError(f"DiReLoss.from_released: {name} must be a finite number >= 0, got {value!r}") from None
-        # The products are checked again by __init__ (finite flags can still overflow to inf).
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+                raise DiReInputError(f"DiReLoss.from_released: {name} must be a finite number >= 0, got {value!r}")
+        # A flag alone may exceed float32 (1e200 x 1e-200): the products are the weights, which
+        # __init__ checks (finite >= 0, within float32).
         return cls(r_c=float(multiplier) * float(r_cos), r_e=float(multiplier) * float(r_euc), **kwargs)
 
     def extra_repr(self) -> str:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dire_plugin import DiReInputError, DiReLoss
+from dire_plugin.regularizer.defaults import COMPONENTS
 from dire_plugin.regularizer.functional import dire_components
 from dire_plugin.regularizer.grouped import pack_mapping
 
@@ -306,14 +307,36 @@ def test_bad_batches_are_one_line_errors(case, match, call):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("weights", [(1.0, 0.1), (0.0, 0.0)], ids=["weighted", "zero-weights"])
-def test_nan_embeddings_are_refused_whatever_the_weights(weights):
-    # With both weights 0 nothing is computed; the input is still checked, not turned into a NaN loss.
+def test_nan_embeddings_are_refused():
     syn, labels, real, _ = _data(14)
     syn = syn.detach().clone()
     syn[2, 1] = math.nan
     with pytest.raises(DiReInputError, match="NaN or Inf"):
-        DiReLoss(r_c=weights[0], r_e=weights[1])(syn, labels, real)
+        DiReLoss(r_c=1.0, r_e=0.1)(syn, labels, real)
+
+
+@pytest.mark.parametrize("weights, components", [((0.0, 0.0), COMPONENTS), ((0.0, 0.5), ("cd", "cdm")),
+                                                 ((0.5, 0.0), ("edm",))])
+def test_weights_that_switch_every_component_off_are_refused(weights, components):
+    # Before, DiReLoss(r_c=0, r_e=0) returned -0: a loss that looks like DiRe and adds nothing.
+    with pytest.raises(DiReInputError, match="are all 0, so DiRe would add nothing"):
+        DiReLoss(r_c=weights[0], r_e=weights[1], components=components)
+    syn, labels, real, _ = _data(14)
+    from dire_plugin.regularizer.functional import dire_loss
+
+    with pytest.raises(DiReInputError, match="are all 0"):
+        dire_loss(syn, labels, pack_mapping(real, syn.device), *weights, components=components)
+
+
+def test_weights_beyond_float32_are_refused_and_an_overflowing_total_is_named():
+    # Before: --r-c 1e39 gave NaN at step 1, one NaN update of the images, then blamed the embeddings.
+    for big in (1e39, 1e300):
+        with pytest.raises(DiReInputError, match="r_c must be at most 3.403e\\+38"):
+            DiReLoss(r_c=big)
+    syn, labels, real, _ = _data(14)
+    with pytest.raises(DiReInputError, match="the weighted DiRe term overflows float32"):
+        # float32 embeddings (as a run has them) with EDM > 1: the weighted sum passes float32's max.
+        DiReLoss(r_c=3.4e38, r_e=3.4e38)(syn.float() * 10, labels, {c: t.float() for c, t in real.items()})
 
 
 def test_a_mapping_value_that_is_not_a_tensor_is_named():
