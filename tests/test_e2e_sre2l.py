@@ -141,6 +141,21 @@ def test_pth_is_inert_for_other_processes(env, tmp_path):
         other.unlink()
 
 
+def test_dire_variables_read_yes_and_no_and_refuse_the_rest(env, tmp_path):
+    assert dire_apply(["sre2l", str(env["root"]), "--real-data", str(env["data"]),
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
+    on = _run(env, tmp_path / "false", {"DIRE_DISABLE": "false"})  # once read as "set": DiRe off
+    assert on.returncode == 0 and "[dire] sre2l patch active" in on.stderr, on.stderr
+    off = _run(env, tmp_path / "yes", {"DIRE_DISABLE": "yes"})
+    assert off.returncode == 0 and "[dire] DIRE_DISABLE=yes: sre2l runs vanilla" in off.stderr, off.stderr
+    for name, value in (("DIRE_DISABLE", "maybe"), ("DIRE_DISABLE", "2"), ("DIRE_CPU_SHIM", "maybe"),
+                        ("DIRE_DIST_TIMEOUT", "soon")):
+        run = _run(env, tmp_path / "bad", {name: value})
+        line = _one_line_error(run)
+        assert line.startswith(f"dire: error: {name}={value!r} is not "), (name, run.stderr)
+        assert not (tmp_path / "bad").exists(), name
+
+
 def test_dire_run_launcher_without_apply(env, tmp_path):
     script = env["root"] / SCRIPT
     cmd = [str(env["py"]), "-m", "dire_plugin.cli.run", "sre2l", str(script), "--real-data", str(env["data"]),
