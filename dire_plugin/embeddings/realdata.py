@@ -3,10 +3,12 @@ upstream script's teacher saw them, and fingerprinted by what the loader will re
 
 * :func:`check_real_data`: one :class:`~dire_plugin.errors.DiReInputError` line for a folder that
   cannot be the teacher's real data (missing, no class folders, a class without images, a first
-  image that does not decode, the wrong class count, torchvision's CIFAR files missing). Opens one
-  image per class, so it is cheap enough at ImageNet scale to run at every start.
+  image that does not decode, an image name that is no regular file, the wrong class count,
+  torchvision's CIFAR files missing). Opens one image per class, so it is cheap enough at
+  ImageNet scale to run at every start.
 * :func:`real_data_loader`: the DataLoader for the bank; an image that fails to decode while the
-  bank is built is one line naming it.
+  bank is built is one line naming it, and one that is no regular file (a FIFO would block the
+  loader) is refused before any is opened.
 * :func:`data_fingerprint`: the ``dataset_id`` of the bank's cache key: every file the loader
   reads, its class, size and mtime, so data changed in place is a cache miss, never a stale hit.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 from array import array
 from collections.abc import Collection
@@ -52,9 +55,10 @@ _CIFAR_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 #: A teacher's class count, several (the scripts one of which will run), or None (not checked).
 NumClasses = Union[int, Collection, None]
 
-# (path, size, mtime_ns) of images that decoded here: dire-apply checks the data once per covered
-# script and the loader checks it again, and the same unchanged file need not be decoded twice.
-_DECODED: Set[Tuple[str, int, int]] = set()
+# (path, size, mtime_ns) → (width, height) of images that decoded here: dire-apply checks the data
+# once per covered script and the loader checks it again, and the same unchanged file need not be
+# decoded twice.
+_DECODED: Dict[Tuple[str, int, int], Tuple[int, int]] = {}
 
 
 def torchvision_cifar_root(path: Path, kind: Optional[str] = None) -> Optional[Tuple[Path, str]]:
@@ -134,15 +138,29 @@ def _read_image(path: str) -> Any:
         raise DiReInputError(f"real image {path} cannot be read ({reason}): replace or remove it") from None
 
 
-def _check_decodes(path: Path) -> None:
+def _not_regular(path: os.PathLike, mode: int) -> DiReInputError:
+    """The refusal of an image name that is no regular file: opening a FIFO for reading blocks
+    until a writer comes, so the loader is never allowed to try."""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return DiReInputError(f"real image {path} is {kind}, not an image file: remove it from the real data")
+
+
+def _check_decodes(path: Path) -> Tuple[int, int]:
+    """``(width, height)`` of the image at ``path``, or one line naming it when it cannot be one."""
     try:
         st = path.stat()
     except OSError as e:  # e.g. a dangling link, which the loader lists as an image too
         raise DiReInputError(f"real image {path} cannot be read ({e.strerror or e}): replace or remove it") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    if st.st_size == 0:
+        raise DiReInputError(f"real image {path} is an empty file (0 bytes): replace or remove it")
     seen = (str(path), st.st_size, st.st_mtime_ns)
     if seen not in _DECODED:
-        _read_image(str(path))
-        _DECODED.add(seen)
+        _DECODED[seen] = _read_image(str(path)).size
+    return _DECODED[seen]
 
 
 def _image_suffixes() -> Tuple[str, ...]:
@@ -161,6 +179,10 @@ def _first_image(folder: Path, suffixes: Tuple[str, ...]) -> Optional[Path]:
             if entry.is_dir():
                 has_subfolders = True
             elif entry.name.lower().endswith(suffixes):
+                # The listing's file types cost no extra call; a link is left to the stat of the
+                # decode check and of the fingerprint, which follow it.
+                if not entry.is_file() and not entry.is_symlink():
+                    raise _not_regular(Path(entry.path), entry.stat(follow_symlinks=False).st_mode)
                 names.append(entry.name)
     if names:
         return folder / min(names)
@@ -204,8 +226,10 @@ def check_real_data(path: os.PathLike, spec: RealDataSpec, num_classes: NumClass
 
     Checked before anything is changed or built: ``path`` is a folder; it is torchvision's CIFAR
     layout for ``spec.kind`` with all its files present (torchvision checks their MD5 sums when
-    it opens them), or holds class folders, each with an image, and the first image of each
-    class (in the loader's order) decodes; and its class count fits ``num_classes``.
+    it opens them), or holds class folders, each with an image, no image name directly in a class
+    folder is a FIFO, socket or device, and the first image of each class (in the loader's order)
+    decodes (the first that does not is named, before the class count is compared); and its
+    class count fits ``num_classes``.
 
     Args:
         path: the real training data (``--real-data``).
@@ -263,9 +287,11 @@ def check_real_data(path: os.PathLike, spec: RealDataSpec, num_classes: NumClass
         hint = " (a hidden folder: the loader counts every folder as a class)" if empty[0].startswith(".") else ""
         more = f"; {len(empty) - 1} more class folders hold none either" if len(empty) > 1 else ""
         raise DiReInputError(f"class folder {p / empty[0]} holds no image{hint}{more}")
-    _check_class_count(str(p), len(classes), num_classes)
+    # Decoded before the class count is compared: a folder of broken files is refused for them,
+    # not for a count that would send the user after the wrong problem.
     for name in classes:
         _check_decodes(firsts[name])
+    _check_class_count(str(p), len(classes), num_classes)
     return p
 
 
@@ -281,12 +307,14 @@ def _hash_folder_samples(h: "hashlib._Hash", samples: Sequence[Tuple[str, int]],
     # columns, which keeps the fingerprint near the cost of ImageFolder's own listing.
     paths = [path for path, _ in samples]
     sizes, mtimes = array("q"), array("q")
-    stat = os.stat
+    stat_file, is_regular = os.stat, stat.S_ISREG
     for path in paths:
         try:
-            st = stat(path)
+            st = stat_file(path)
         except OSError as e:
             raise DiReInputError(f"real image {path} cannot be read ({e.strerror or e})") from None
+        if not is_regular(st.st_mode):  # before any worker opens it: a FIFO would block the build
+            raise _not_regular(path, st.st_mode)
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
     # Paths relative to root (NUL cannot occur in a path), so the same tree elsewhere gives the

@@ -102,6 +102,58 @@ def test_unreadable_first_image_is_named(tmp_path):
     _one_line(e)
 
 
+def test_images_that_are_all_empty_files_are_named_not_the_class_count(tmp_path):
+    root = write_image_folder(tmp_path / "real", num_classes=3, per_class=2, size=8)
+    for image in root.rglob("*.png"):
+        image.write_bytes(b"")
+    with pytest.raises(DiReInputError) as e:
+        check_real_data(root, SPEC, 100)  # the count does not fit either: the files are the problem
+    assert _one_line(e) == (f"real image {root.resolve() / 'class_000' / 'img_0.png'} is an empty file (0 bytes): "
+                            "replace or remove it")
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, not hang, when something opens a FIFO for reading (the alarm interrupts the open)."""
+    import signal
+
+    def alarm(signum, frame):
+        raise TimeoutError("blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, 20)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_named_like_an_image_is_refused_never_opened(tmp_path, no_hang):
+    root = write_image_folder(tmp_path / "real", num_classes=3, per_class=2, size=8)
+    fifo = root / "class_001" / "zz_pipe.png"  # not the first image of its class
+    os.mkfifo(fifo)
+    with pytest.raises(DiReInputError) as e:
+        check_real_data(root, SPEC, 3)
+    assert _one_line(e) == f"real image {root.resolve() / 'class_001' / 'zz_pipe.png'} is a FIFO, not an image file: " \
+                           "remove it from the real data"
+    fifo.unlink()
+    # Deeper down or behind a link, the listing does not see it: the fingerprint's stat refuses it
+    # before the loader opens anything.
+    (root / "class_002" / "nested").mkdir()
+    os.mkfifo(root / "class_002" / "nested" / "pipe.png")
+    (root / "class_000" / "link.png").symlink_to(root / "class_002" / "nested" / "pipe.png")
+    assert check_real_data(root, SPEC, 3) == root.resolve()
+    with pytest.raises(DiReInputError, match=r"class_000/link\.png is a FIFO, not an image file") as e:
+        real_data_loader(root, SPEC, num_classes=3, workers=0)
+    _one_line(e)
+    (root / "class_000" / "link.png").unlink()
+    with pytest.raises(DiReInputError, match=r"class_002/nested/pipe\.png is a FIFO"):
+        real_data_loader(root, SPEC, num_classes=3, workers=0)
+    (root / "class_002" / "img_0.png").unlink()
+    (root / "class_002" / "img_1.png").unlink()  # now the FIFO is the first image of class_002
+    with pytest.raises(DiReInputError, match=r"class_002/nested/pipe\.png is a FIFO"):
+        check_real_data(root, SPEC, 3)
+
+
 def test_class_count_int_collection_or_none(tmp_path):
     root = write_image_folder(tmp_path / "real", num_classes=3, per_class=1, size=8)
     with pytest.raises(DiReInputError, match="holds 3 classes, the teacher of this script has 10") as e:
