@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import stat
 import sys
@@ -55,10 +56,14 @@ _CIFAR_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 #: A teacher's class count, several (the scripts one of which will run), or None (not checked).
 NumClasses = Union[int, Collection, None]
 
+logger = logging.getLogger("dire")
+
 # (path, size, mtime_ns) → (width, height) of images that decoded here: dire-apply checks the data
 # once per covered script and the loader checks it again, and the same unchanged file need not be
 # decoded twice.
 _DECODED: Dict[Tuple[str, int, int], Tuple[int, int]] = {}
+# (real data folder, crop) already warned about as smaller than the crop: once per process.
+_WARNED_SMALL: Set[Tuple[str, int]] = set()
 
 
 def torchvision_cifar_root(path: Path, kind: Optional[str] = None) -> Optional[Tuple[Path, str]]:
@@ -229,7 +234,9 @@ def check_real_data(path: os.PathLike, spec: RealDataSpec, num_classes: NumClass
     it opens them), or holds class folders, each with an image, no image name directly in a class
     folder is a FIFO, socket or device, and the first image of each class (in the loader's order)
     decodes (the first that does not is named, before the class count is compared); and its
-    class count fits ``num_classes``.
+    class count fits ``num_classes``. For one script (``num_classes`` an int or ``None``), a
+    first image smaller than ``spec.crop`` is one warning per process naming both sizes: the
+    bank would upscale it.
 
     Args:
         path: the real training data (``--real-data``).
@@ -289,10 +296,25 @@ def check_real_data(path: os.PathLike, spec: RealDataSpec, num_classes: NumClass
         raise DiReInputError(f"class folder {p / empty[0]} holds no image{hint}{more}")
     # Decoded before the class count is compared: a folder of broken files is refused for them,
     # not for a count that would send the user after the wrong problem.
-    for name in classes:
-        _check_decodes(firsts[name])
+    sizes = {name: _check_decodes(firsts[name]) for name in classes}
     _check_class_count(str(p), len(classes), num_classes)
+    if num_classes is None or isinstance(num_classes, int):  # the running script's spec, not one of many
+        _warn_if_upscaled(p, spec, {firsts[name]: size for name, size in sizes.items()})
     return p
+
+
+def _warn_if_upscaled(root: Path, spec: RealDataSpec, sizes: Dict[Path, Tuple[int, int]]) -> None:
+    """One warning per folder and crop when a checked image is smaller than the crop the teacher
+    sees: its Resize would upscale it. A warning, not a refusal: only the first image of each
+    class is looked at, and a data set of mixed sizes (ImageNet has a few small images) is the
+    upstream's own business."""
+    path, (width, height) = min(sizes.items(), key=lambda item: min(item[1]))
+    if min(width, height) >= spec.crop or (str(root), spec.crop) in _WARNED_SMALL:
+        return
+    _WARNED_SMALL.add((str(root), spec.crop))
+    logger.warning("[dire] warning: real image %s is %dx%d px, smaller than the %d px the script's teacher sees: "
+                   "the bank upscales such images to %d px (first image of each class checked); give the real "
+                   "data at the teacher's resolution", path, width, height, spec.crop, spec.resize or spec.crop)
 
 
 def _little_endian(values: "array") -> bytes:

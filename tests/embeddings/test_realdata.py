@@ -154,6 +154,25 @@ def test_a_fifo_named_like_an_image_is_refused_never_opened(tmp_path, no_hang):
         check_real_data(root, SPEC, 3)
 
 
+def test_images_smaller_than_the_crop_are_warned_about_once_with_both_sizes(tmp_path, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("dire"), "propagate", True)  # an activation earlier may have cut it
+    crop32 = RealDataSpec("imagefolder", crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    small = write_image_folder(tmp_path / "small", num_classes=3, per_class=2, size=16)
+    check_real_data(small, crop32, [3, 10])  # which script runs is not known yet: no warning
+    assert "smaller than" not in caplog.text
+    check_real_data(small, crop32, 3)
+    real_data_loader(small, crop32, num_classes=3, workers=0)
+    warnings = [r.getMessage() for r in caplog.records if "smaller than" in r.getMessage()]
+    assert warnings == [f"[dire] warning: real image {small.resolve() / 'class_000' / 'img_0.png'} is 16x16 px, "
+                        "smaller than the 32 px the script's teacher sees: the bank upscales such images to 32 px "
+                        "(first image of each class checked); give the real data at the teacher's resolution"]
+    caplog.clear()
+    check_real_data(write_image_folder(tmp_path / "big", num_classes=3, per_class=1, size=32), crop32, 3)
+    assert "smaller than" not in caplog.text
+
+
 def test_class_count_int_collection_or_none(tmp_path):
     root = write_image_folder(tmp_path / "real", num_classes=3, per_class=1, size=8)
     with pytest.raises(DiReInputError, match="holds 3 classes, the teacher of this script has 10") as e:
