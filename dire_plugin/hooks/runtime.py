@@ -167,10 +167,20 @@ class DiReRuntime:
             self.stats.batches_to_memory += 1
 
     def note_output_dir(self, folder: str) -> None:
-        """Outputs of the run were written in ``folder``: the manifest goes there too."""
+        """Outputs of the run were written in ``folder``: the manifest goes there too, unless it
+        lies inside the upstream checkout (:meth:`outputs_in_checkout`)."""
         folder = os.path.abspath(folder)
         if folder not in self.output_dirs:
             self.output_dirs.append(folder)
+
+    def outputs_in_checkout(self) -> List[str]:
+        """The output folders inside the upstream checkout (DM's default ``--save_path result``,
+        MTT's ``./logged_files`` run from the checkout): README promises that nothing of ours is
+        written there outside ``.dire/``, so their manifest goes to the fallback folder."""
+        if not self.config.root:
+            return []
+        root = os.path.join(os.path.realpath(self.config.root), "")
+        return [d for d in self.output_dirs if os.path.join(os.path.realpath(d), "").startswith(root)]
 
     def _log_values(self, values: Dict[str, Tensor], total: float) -> None:
         self.stats.computed += 1
@@ -217,6 +227,7 @@ class DiReRuntime:
             "argv": list(sys.argv),
             "plugin_version": __version__,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "outputs": list(self.output_dirs),  # where the run wrote, also when the manifest is not beside them
             "capture": {"family": self.capture.family, **self.capture.manifest()},
             "bank": None if bank is None else {
                 "fingerprint": bank.fingerprint, "cache_hit": bank.cache_hit, "classes": len(bank),
@@ -242,12 +253,15 @@ class DiReRuntime:
         return folder / f"{stem}-{stamp}-{os.getpid()}-{MANIFEST_NAME}"
 
     def write_manifest(self, error: Optional[BaseException] = None) -> List[Path]:
-        """Write the manifest beside the outputs (or to :meth:`fallback_manifest_path`)."""
+        """Write the manifest beside the outputs outside the checkout (or, when there are none, to
+        :meth:`fallback_manifest_path`)."""
         rank = os.environ.get("RANK", "0")
         if error is None and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.manifest_written = True
             return []  # rank 0 writes the one manifest, with every rank's counts
-        paths = [Path(d) / MANIFEST_NAME for d in self.output_dirs] or [self.fallback_manifest_path()]
+        inside = self.outputs_in_checkout()
+        beside = [Path(d) / MANIFEST_NAME for d in self.output_dirs if d not in inside]
+        paths = beside or [self.fallback_manifest_path()]
         if error is not None and rank != "0":  # each failing rank says what happened to it
             paths = [p.with_name(f"rank{rank}-{p.name}") for p in paths]
         data = json.dumps(self.manifest(error), indent=2) + "\n"
@@ -342,8 +356,14 @@ def _finish() -> None:
     runtime = _RUNTIME
     if runtime is None or runtime.manifest_written or runtime.stats.computed == 0 and runtime.stats.steps == 0:
         return
+    inside = runtime.outputs_in_checkout()
     for path in runtime.write_manifest():
-        logger.info("[dire] manifest: %s (DiRe added to %d of %d synthesis steps)", path, runtime.stats.terms_added, runtime.stats.steps)
+        why = ""
+        if inside and str(path.parent) not in runtime.output_dirs:
+            why = (f"; not beside the outputs in {', '.join(inside)}: they lie inside the upstream checkout, "
+                   "where dire-plugin writes nothing outside .dire/")
+        logger.info("[dire] manifest: %s (DiRe added to %d of %d synthesis steps%s)", path, runtime.stats.terms_added,
+                    runtime.stats.steps, why)
 
 
 def fail_run(error: BaseException, prog: str = "dire") -> int:

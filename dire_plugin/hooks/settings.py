@@ -74,6 +74,8 @@ class RunConfig:
     bank_dtype: str = "float32"
     memory: bool = True
     manifest_dir: str = ""
+    #: The upstream checkout the script belongs to: the manifest is never written inside it.
+    root: str = ""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "") -> "RunConfig":
