@@ -35,6 +35,7 @@ from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture
 from .distributed import rank_summary
 from .settings import RunConfig
+from .termination import install_sigterm, interruption
 
 __all__ = [
     "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "bank_from_loader", "current_runtime",
@@ -253,14 +254,15 @@ class DiReRuntime:
         return folder / f"{stem}-{stamp}-{os.getpid()}-{MANIFEST_NAME}"
 
     def write_manifest(self, error: Optional[BaseException] = None) -> List[Path]:
-        """Write the manifest beside the outputs outside the checkout (or, when there are none, to
-        :meth:`fallback_manifest_path`)."""
+        """Write the manifest of a finished run beside its outputs outside the checkout; that of a
+        failed one, or of one with no such outputs, to :meth:`fallback_manifest_path` (README: a
+        failed run's manifest is in ``<cache>/runs/``)."""
         rank = os.environ.get("RANK", "0")
         if error is None and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.manifest_written = True
             return []  # rank 0 writes the one manifest, with every rank's counts
         inside = self.outputs_in_checkout()
-        beside = [Path(d) / MANIFEST_NAME for d in self.output_dirs if d not in inside]
+        beside = [Path(d) / MANIFEST_NAME for d in self.output_dirs if d not in inside] if error is None else []
         paths = beside or [self.fallback_manifest_path()]
         if error is not None and rank != "0":  # each failing rank says what happened to it
             paths = [p.with_name(f"rank{rank}-{p.name}") for p in paths]
@@ -328,7 +330,7 @@ def bank_from_loader(config: RunConfig, teacher: nn.Module, layer: str, device: 
 
 def start_runtime(config: RunConfig, bank_factory: BankFactory, capture: Capture) -> DiReRuntime:
     """Install the process-wide runtime; the manifest is written at exit, and an uncaught error of
-    ours ends the run with one line and exit code 2. One per process: a second method's patch
+    ours ends the run with one line and exit code 2 (SIGTERM: 143). One per process: a second method's patch
     while another's runtime is running is refused (its capture would never be installed)."""
     global _RUNTIME
     if _RUNTIME is not None and _RUNTIME.capture is not capture:
@@ -341,6 +343,7 @@ def start_runtime(config: RunConfig, bank_factory: BankFactory, capture: Capture
         _RUNTIME.install()
         atexit.register(_finish)
         _install_excepthook()
+        install_sigterm()  # the failed run's manifest and one line, as for Ctrl-C, through the hook
     return _RUNTIME
 
 
@@ -369,16 +372,18 @@ def _finish() -> None:
 def fail_run(error: BaseException, prog: str = "dire") -> int:
     """End a patched run that raised ``error``: write the manifest where the user can find it and
     say where. A :class:`~dire_plugin.errors.DiReError` (ours) is one line on stderr and exit code
-    2; ``KeyboardInterrupt`` one line and 130; anything else (the upstream's own error) is left to
-    the caller to report, exit code 1."""
+    2; ``KeyboardInterrupt`` one line and 130, SIGTERM (:class:`~.termination.Terminated`) one
+    line and 143; anything else (the upstream's own error) is left to the caller to report, exit
+    code 1."""
     from ..errors import DiReError
 
     runtime = _RUNTIME
     path = runtime.report_failure(error) if runtime is not None else None
     where = f" (manifest of this run: {path})" if path is not None else ""
-    if isinstance(error, KeyboardInterrupt):
-        print(f"{prog}: interrupted{where}", file=sys.stderr, flush=True)
-        return 130
+    ended = interruption(error)
+    if ended is not None:
+        print(f"{prog}: {ended[0]}{where}", file=sys.stderr, flush=True)
+        return ended[1]
     if isinstance(error, DiReError):
         print(f"{prog}: error: {' '.join(str(error).split())}{where}", file=sys.stderr, flush=True)
         return 2
