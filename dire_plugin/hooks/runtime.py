@@ -35,7 +35,7 @@ from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture
 from .distributed import rank_summary
 from .settings import RunConfig
-from .termination import install_sigterm, interruption
+from .termination import install_sigterm, interruption, uninstall_sigterm
 
 __all__ = [
     "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "bank_from_loader", "current_runtime",
@@ -353,6 +353,7 @@ def stop_runtime() -> None:
     if _RUNTIME is not None:
         _RUNTIME.uninstall()
         _RUNTIME = None
+        uninstall_sigterm()
 
 
 def _finish() -> None:

@@ -11,7 +11,7 @@ import signal
 import threading
 from typing import Any, Optional, Tuple
 
-__all__ = ["Terminated", "install_sigterm", "interruption"]
+__all__ = ["Terminated", "install_sigterm", "interruption", "uninstall_sigterm"]
 
 
 class Terminated(BaseException):
@@ -40,6 +40,13 @@ def install_sigterm() -> bool:
         return False
     signal.signal(signal.SIGTERM, _raise_terminated)
     return True
+
+
+def uninstall_sigterm() -> None:
+    """SIGTERM's default action again, if ours is in place (the runtime stopped: a process that
+    goes on, a test run, is not ended by our exception)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def interruption(error: BaseException) -> Optional[Tuple[str, int]]:
