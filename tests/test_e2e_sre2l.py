@@ -59,9 +59,10 @@ def env(world, monkeypatch):
         dire_apply(["--remove", method, str(world["root"])])
 
 
-def _run(world, out, extra_env=None, script=SCRIPT, args=ARGS, shim_only=False):
+def _run(world, out, extra_env=None, script=SCRIPT, args=ARGS, shim_only=False, popen=False):
     """``python SCRIPT ARGS`` from the script's folder, CUDA shimmed onto the CPU (by the
-    activation, or, for a checkout with nothing applied, by a wrapper that installs the shim only)."""
+    activation, or, for a checkout with nothing applied, by a wrapper that installs the shim only);
+    with ``popen``, the running process (stderr piped)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_") or k == ENV_LOCK}
     env.update({"DIRE_CPU_SHIM": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})})
     path = world["root"] / script
@@ -72,6 +73,9 @@ def _run(world, out, extra_env=None, script=SCRIPT, args=ARGS, shim_only=False):
         cmd = [str(world["py"]), "-c", code]
     else:
         cmd = [str(world["py"]), *argv]
+    if popen:
+        return subprocess.Popen(cmd, cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     return subprocess.run(cmd, cwd=path.parent, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -139,6 +143,21 @@ def test_pth_is_inert_for_other_processes(env, tmp_path):
         assert out.stdout.split() == ["True", "False"] and "[dire]" not in out.stderr
     finally:
         other.unlink()
+
+
+def test_dire_variables_read_yes_and_no_and_refuse_the_rest(env, tmp_path):
+    assert dire_apply(["sre2l", str(env["root"]), "--real-data", str(env["data"]),
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
+    on = _run(env, tmp_path / "false", {"DIRE_DISABLE": "false"})  # once read as "set": DiRe off
+    assert on.returncode == 0 and "[dire] sre2l patch active" in on.stderr, on.stderr
+    off = _run(env, tmp_path / "yes", {"DIRE_DISABLE": "yes"})
+    assert off.returncode == 0 and "[dire] DIRE_DISABLE=yes: sre2l runs vanilla" in off.stderr, off.stderr
+    for name, value in (("DIRE_DISABLE", "maybe"), ("DIRE_DISABLE", "2"), ("DIRE_CPU_SHIM", "maybe"),
+                        ("DIRE_DIST_TIMEOUT", "soon")):
+        run = _run(env, tmp_path / "bad", {name: value})
+        line = _one_line_error(run)
+        assert line.startswith(f"dire: error: {name}={value!r} is not "), (name, run.stderr)
+        assert not (tmp_path / "bad").exists(), name
 
 
 def test_dire_run_launcher_without_apply(env, tmp_path):
@@ -300,21 +319,54 @@ def test_settings_edited_by_hand_are_checked(env, tmp_path):
     assert not any((tmp_path / d).exists() for d in ("neg", "share", "string", "broken"))
 
 
-def test_ctrl_c_under_dire_run_is_one_line_and_130(env, tmp_path):
-    import signal
+LONG_ARGS = [a if a != "3" else "100000" for a in ARGS]  # --iteration: long enough to interrupt
+
+
+def _signal_at_the_first_step(proc, signum):
+    """Send ``signum`` once the run has logged its first DiRe term; its whole stderr."""
     import time
 
-    args = [a if a != "3" else "100000" for a in ARGS]  # --iteration: long enough to interrupt
-    proc = _dire_run(env, tmp_path, "--real-data", str(env["data"]), "--cache-dir", str(tmp_path / "cache"),
-                     args=args, popen=True)
     seen = []
     deadline = time.time() + 240
     for line in proc.stderr:
         seen.append(line)
         if "[dire] step 1:" in line or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, rest = proc.communicate(timeout=120)
-    err = "".join(seen) + rest
+    return "".join(seen) + rest
+
+
+def test_ctrl_c_under_dire_run_is_one_line_and_130(env, tmp_path):
+    import signal
+
+    proc = _dire_run(env, tmp_path, "--real-data", str(env["data"]), "--cache-dir", str(tmp_path / "cache"),
+                     args=LONG_ARGS, popen=True)
+    err = _signal_at_the_first_step(proc, signal.SIGINT)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("dire-run: interrupted"), err
+
+
+@pytest.mark.parametrize("door", ["dire-run", "patched script"])
+def test_sigterm_is_one_line_143_and_the_failed_runs_manifest(env, tmp_path, door):
+    import signal
+
+    cache = tmp_path / "cache"
+    if door == "dire-run":
+        proc = _dire_run(env, tmp_path, "--real-data", str(env["data"]), "--cache-dir", str(cache),
+                         args=LONG_ARGS, popen=True)
+        prog = "dire-run"
+    else:  # the .pth start-up line, as a batch scheduler's kill finds the upstream command
+        assert dire_apply(["sre2l", str(env["root"]), "--real-data", str(env["data"]), "--cache-dir", str(cache)]) == 0
+        proc = _run(env, tmp_path / "out", args=LONG_ARGS, popen=True)
+        prog = "dire"
+    before = _checkout_files(env["root"])
+    err = _signal_at_the_first_step(proc, signal.SIGTERM)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"{prog}: terminated by SIGTERM (manifest of this run: {cache / 'runs'}"), err
+    manifest = json.loads(Path(line.rsplit("manifest of this run: ", 1)[1].rstrip(")")).read_text())
+    assert (manifest["status"], manifest["error"]) == ("failed", "Terminated: SIGTERM")
+    assert manifest["terms_computed"] >= 1  # it ended inside the run, not before
+    assert _checkout_files(env["root"]) == before

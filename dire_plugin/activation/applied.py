@@ -57,7 +57,7 @@ LEGACY_CONFIG = "config.json"
 PTH_NAME = "dire_plugin_activate.pth"
 #: JSON ``{"root": ..., ...}`` of the active run; inherited by child processes.
 ENV_ACTIVATE = "DIRE_ACTIVATE"
-#: Any non-empty value other than ``0`` runs the checkout vanilla (the baseline).
+#: On (``1/true/yes/on``; see :func:`dire_plugin.io.environ.env_flag`) runs the checkout vanilla (the baseline).
 ENV_DISABLE = "DIRE_DISABLE"
 #: Where the ``.pth`` goes (default: this interpreter's site-packages); tests point it elsewhere.
 ENV_SITE_DIR = "DIRE_SITE_DIR"

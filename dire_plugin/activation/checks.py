@@ -12,7 +12,15 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from ..errors import DiReInputError
 
-__all__ = ["check_cache_dir", "check_real_data_for_script", "check_real_data_for_scripts"]
+__all__ = ["check_cache_dir", "check_environment", "check_real_data_for_script", "check_real_data_for_scripts"]
+
+
+def check_environment() -> None:
+    """The ``DIRE_*`` variables a run reads later (``DIRE_DIST_TIMEOUT`` at its first exchange
+    between ranks), so a bad value is one line at start-up, not after the teacher has loaded."""
+    from ..embeddings.collectives import exchange_timeout
+
+    exchange_timeout()
 
 
 def check_cache_dir(path: os.PathLike, what: str = "--cache-dir") -> Path:

@@ -27,10 +27,12 @@ def relative_script(script: Path, covered: Iterable[str]) -> str:
 def launch(prog: str, method_name: str, script: Path, args: List[str], overrides: Dict[str, Any]) -> int:
     """Activate ``method_name`` for ``script`` with ``overrides`` on top of the checkout's settings,
     then run it with ``args``. Returns the exit code: 2 with one line for an error of ours (before
-    or during the run, with the failed run's manifest named), 130 for Ctrl-C; the script's own
-    errors propagate as they would under ``python``."""
+    or during the run, with the failed run's manifest named), 130 for Ctrl-C, 143 for SIGTERM;
+    the script's own errors propagate as they would under ``python``."""
+    from ..hooks.termination import Terminated, install_sigterm, interruption
     from .startup import activate
 
+    install_sigterm()
     try:
         if not script.is_file():
             raise DiReInputError(f"script {script} does not exist")
@@ -43,16 +45,17 @@ def launch(prog: str, method_name: str, script: Path, args: List[str], overrides
     except DiReError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        what, code = interruption(e)
+        print(f"{prog}: {what}", file=sys.stderr)
+        return code
     sys.argv = [str(script), *args]
     sys.path.insert(0, str(script.parent))
     from ..hooks.runtime import fail_run
 
     try:
         runpy.run_path(str(script), run_name="__main__")
-    except (DiReError, KeyboardInterrupt) as e:
+    except (DiReError, KeyboardInterrupt, Terminated) as e:
         return fail_run(e, prog)
     except BaseException as e:
         if not isinstance(e, SystemExit):

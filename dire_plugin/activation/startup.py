@@ -33,8 +33,11 @@ _ACTIVE: Optional[str] = None  # method name once patched in this process
 
 
 def disabled() -> bool:
-    """``DIRE_DISABLE`` set to anything but ``""``/``0``: run the upstream vanilla (the baseline)."""
-    return os.environ.get(ENV_DISABLE, "") not in ("", "0")
+    """``DIRE_DISABLE`` is on (``1/true/yes/on``): run the upstream vanilla (the baseline). Any
+    value but those and ``0/false/no/off``/empty is a :class:`~dire_plugin.errors.DiReInputError`."""
+    from ..io.environ import env_flag
+
+    return env_flag(ENV_DISABLE)
 
 
 def active_method() -> Optional[str]:
@@ -152,19 +155,24 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
             raise DiReHookError(f"{rel or path} is not a script the {settings['method']} patch covers")
         return None  # squeeze/relabel/validate scripts of an applied checkout: nothing to do
     commit = settings.get("commit", "")
-    if os.environ.get("DIRE_CPU_SHIM", "") not in ("", "0"):
-        from ..upstream import shim  # vanilla dry runs on a laptop need it as much as DiRe ones
+    from ..io.environ import env_flag
+    from ..upstream import shim
 
+    off = disabled()  # both flags read before either acts: a bad value changes nothing
+    if env_flag(shim.ENV_SHIM):  # vanilla dry runs on a laptop need it as much as DiRe ones
         shim.install()
-    if disabled():
-        logger.info("[dire] %s=1: %s runs vanilla (upstream %s)", ENV_DISABLE, settings["method"], commit)
+    if off:
+        logger.info("[dire] %s=%s: %s runs vanilla (upstream %s)", ENV_DISABLE, os.environ[ENV_DISABLE],
+                    settings["method"], commit)
         return None
     from ..hooks.settings import RunConfig
+    from .checks import check_environment
 
     if not any(key in settings for key in ("r_c", "r_e", "share")):  # no weight given anywhere: the method's own
         settings = {**method.DEFAULT_WEIGHTS.settings(), **settings}
     source = settings.get("_source") or "the settings"
     config = RunConfig.from_dict({**settings, "script": rel}, where=f"{source}: ")
+    check_environment()
     if not settings.get("_inherited"):
         _check_inputs(settings, method.SCRIPTS[rel], sys.argv[1:] if argv is None else argv)
     root = settings.get("root")

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from ..errors import DiReHookError
+from ..io.environ import bad_value
 
-__all__ = ["ENV_TIMEOUT", "all_gather_rows", "world"]
+__all__ = ["ENV_TIMEOUT", "all_gather_rows", "exchange_timeout", "world"]
 
 ENV_TIMEOUT = "DIRE_DIST_TIMEOUT"
 #: Rows per collective when a large tensor (the real-embedding bank) is gathered.
@@ -33,14 +34,15 @@ def world() -> Tuple[int, int]:
     return 0, 1
 
 
-def _timeout() -> datetime.timedelta:
+def exchange_timeout() -> datetime.timedelta:
+    """How long a collective waits (``DIRE_DIST_TIMEOUT``, default 600 s); a value that is no
+    number of seconds is a :class:`~dire_plugin.errors.DiReInputError` (checked at start-up too)."""
     try:
         seconds = float(os.environ.get(ENV_TIMEOUT, "600"))
     except ValueError:
         seconds = float("nan")
     if not 0 < seconds < 10 ** 7:  # NaN and inf too: timedelta would raise its own error on them
-        raise DiReHookError(f"{ENV_TIMEOUT}={os.environ[ENV_TIMEOUT]!r} is not a number of seconds "
-                            "(greater than 0, at most 10^7)")
+        raise bad_value(ENV_TIMEOUT, os.environ[ENV_TIMEOUT], "a number of seconds (greater than 0, at most 10^7)")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -58,7 +60,7 @@ def _gather(t: Tensor, what: str) -> List[Tensor]:
 
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     work = dist.all_gather(out, t, async_op=True)
-    timeout = _timeout()
+    timeout = exchange_timeout()
     try:
         work.wait(timeout=timeout)
     except RuntimeError as e:  # gloo and NCCL report a timeout (or a peer that went away) this way

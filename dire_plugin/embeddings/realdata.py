@@ -3,10 +3,12 @@ upstream script's teacher saw them, and fingerprinted by what the loader will re
 
 * :func:`check_real_data`: one :class:`~dire_plugin.errors.DiReInputError` line for a folder that
   cannot be the teacher's real data (missing, no class folders, a class without images, a first
-  image that does not decode, the wrong class count, torchvision's CIFAR files missing). Opens one
-  image per class, so it is cheap enough at ImageNet scale to run at every start.
+  image that does not decode, an image name that is no regular file, the wrong class count,
+  torchvision's CIFAR files missing). Opens one image per class, so it is cheap enough at
+  ImageNet scale to run at every start.
 * :func:`real_data_loader`: the DataLoader for the bank; an image that fails to decode while the
-  bank is built is one line naming it.
+  bank is built is one line naming it, and one that is no regular file (a FIFO would block the
+  loader) is refused before any is opened.
 * :func:`data_fingerprint`: the ``dataset_id`` of the bank's cache key: every file the loader
   reads, its class, size and mtime, so data changed in place is a cache miss, never a stale hit.
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import stat
 import sys
 from array import array
 from collections.abc import Collection
@@ -52,9 +56,14 @@ _CIFAR_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 #: A teacher's class count, several (the scripts one of which will run), or None (not checked).
 NumClasses = Union[int, Collection, None]
 
-# (path, size, mtime_ns) of images that decoded here: dire-apply checks the data once per covered
-# script and the loader checks it again, and the same unchanged file need not be decoded twice.
-_DECODED: Set[Tuple[str, int, int]] = set()
+logger = logging.getLogger("dire")
+
+# (path, size, mtime_ns) → (width, height) of images that decoded here: dire-apply checks the data
+# once per covered script and the loader checks it again, and the same unchanged file need not be
+# decoded twice.
+_DECODED: Dict[Tuple[str, int, int], Tuple[int, int]] = {}
+# (real data folder, crop) already warned about as smaller than the crop: once per process.
+_WARNED_SMALL: Set[Tuple[str, int]] = set()
 
 
 def torchvision_cifar_root(path: Path, kind: Optional[str] = None) -> Optional[Tuple[Path, str]]:
@@ -134,15 +143,29 @@ def _read_image(path: str) -> Any:
         raise DiReInputError(f"real image {path} cannot be read ({reason}): replace or remove it") from None
 
 
-def _check_decodes(path: Path) -> None:
+def _not_regular(path: os.PathLike, mode: int) -> DiReInputError:
+    """The refusal of an image name that is no regular file: opening a FIFO for reading blocks
+    until a writer comes, so the loader is never allowed to try."""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return DiReInputError(f"real image {path} is {kind}, not an image file: remove it from the real data")
+
+
+def _check_decodes(path: Path) -> Tuple[int, int]:
+    """``(width, height)`` of the image at ``path``, or one line naming it when it cannot be one."""
     try:
         st = path.stat()
     except OSError as e:  # e.g. a dangling link, which the loader lists as an image too
         raise DiReInputError(f"real image {path} cannot be read ({e.strerror or e}): replace or remove it") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    if st.st_size == 0:
+        raise DiReInputError(f"real image {path} is an empty file (0 bytes): replace or remove it")
     seen = (str(path), st.st_size, st.st_mtime_ns)
     if seen not in _DECODED:
-        _read_image(str(path))
-        _DECODED.add(seen)
+        _DECODED[seen] = _read_image(str(path)).size
+    return _DECODED[seen]
 
 
 def _image_suffixes() -> Tuple[str, ...]:
@@ -161,6 +184,10 @@ def _first_image(folder: Path, suffixes: Tuple[str, ...]) -> Optional[Path]:
             if entry.is_dir():
                 has_subfolders = True
             elif entry.name.lower().endswith(suffixes):
+                # The listing's file types cost no extra call; a link is left to the stat of the
+                # decode check and of the fingerprint, which follow it.
+                if not entry.is_file() and not entry.is_symlink():
+                    raise _not_regular(Path(entry.path), entry.stat(follow_symlinks=False).st_mode)
                 names.append(entry.name)
     if names:
         return folder / min(names)
@@ -204,8 +231,12 @@ def check_real_data(path: os.PathLike, spec: RealDataSpec, num_classes: NumClass
 
     Checked before anything is changed or built: ``path`` is a folder; it is torchvision's CIFAR
     layout for ``spec.kind`` with all its files present (torchvision checks their MD5 sums when
-    it opens them), or holds class folders, each with an image, and the first image of each
-    class (in the loader's order) decodes; and its class count fits ``num_classes``.
+    it opens them), or holds class folders, each with an image, no image name directly in a class
+    folder is a FIFO, socket or device, and the first image of each class (in the loader's order)
+    decodes (the first that does not is named, before the class count is compared); and its
+    class count fits ``num_classes``. For one script (``num_classes`` an int or ``None``), a
+    first image smaller than ``spec.crop`` is one warning per process naming both sizes: the
+    bank would upscale it.
 
     Args:
         path: the real training data (``--real-data``).
@@ -263,10 +294,27 @@ def check_real_data(path: os.PathLike, spec: RealDataSpec, num_classes: NumClass
         hint = " (a hidden folder: the loader counts every folder as a class)" if empty[0].startswith(".") else ""
         more = f"; {len(empty) - 1} more class folders hold none either" if len(empty) > 1 else ""
         raise DiReInputError(f"class folder {p / empty[0]} holds no image{hint}{more}")
+    # Decoded before the class count is compared: a folder of broken files is refused for them,
+    # not for a count that would send the user after the wrong problem.
+    sizes = {name: _check_decodes(firsts[name]) for name in classes}
     _check_class_count(str(p), len(classes), num_classes)
-    for name in classes:
-        _check_decodes(firsts[name])
+    if num_classes is None or isinstance(num_classes, int):  # the running script's spec, not one of many
+        _warn_if_upscaled(p, spec, {firsts[name]: size for name, size in sizes.items()})
     return p
+
+
+def _warn_if_upscaled(root: Path, spec: RealDataSpec, sizes: Dict[Path, Tuple[int, int]]) -> None:
+    """One warning per folder and crop when a checked image is smaller than the crop the teacher
+    sees: its Resize would upscale it. A warning, not a refusal: only the first image of each
+    class is looked at, and a data set of mixed sizes (ImageNet has a few small images) is the
+    upstream's own business."""
+    path, (width, height) = min(sizes.items(), key=lambda item: min(item[1]))
+    if min(width, height) >= spec.crop or (str(root), spec.crop) in _WARNED_SMALL:
+        return
+    _WARNED_SMALL.add((str(root), spec.crop))
+    logger.warning("[dire] warning: real image %s is %dx%d px, smaller than the %d px the script's teacher sees: "
+                   "the bank upscales such images to %d px (first image of each class checked); give the real "
+                   "data at the teacher's resolution", path, width, height, spec.crop, spec.resize or spec.crop)
 
 
 def _little_endian(values: "array") -> bytes:
@@ -281,12 +329,14 @@ def _hash_folder_samples(h: "hashlib._Hash", samples: Sequence[Tuple[str, int]],
     # columns, which keeps the fingerprint near the cost of ImageFolder's own listing.
     paths = [path for path, _ in samples]
     sizes, mtimes = array("q"), array("q")
-    stat = os.stat
+    stat_file, is_regular = os.stat, stat.S_ISREG
     for path in paths:
         try:
-            st = stat(path)
+            st = stat_file(path)
         except OSError as e:
             raise DiReInputError(f"real image {path} cannot be read ({e.strerror or e})") from None
+        if not is_regular(st.st_mode):  # before any worker opens it: a FIFO would block the build
+            raise _not_regular(path, st.st_mode)
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
     # Paths relative to root (NUL cannot occur in a path), so the same tree elsewhere gives the

@@ -1,6 +1,6 @@
 """Hooks: what a patch declares (:mod:`.declare`), the method registry (:mod:`.registry`), the run
-settings (:mod:`.settings`), the runtime core every method shares (:mod:`.runtime`), the
-interface of a capture module (:mod:`.capture`) and one capture module per method family
+settings (:mod:`.settings`), the runtime core every method shares (:mod:`.runtime`; SIGTERM
+ending a run as Ctrl-C does in :mod:`.termination`), the interface of a capture module (:mod:`.capture`) and one capture module per method family
 (:mod:`.decoupled` for SRe²L/CDA/DWA, :mod:`.embedded` for DM, :mod:`.stepwise` for MTT; DiRe
 across torch.distributed ranks in :mod:`.distributed`), put together by :mod:`.patcher`. May
 import ``embeddings``, ``regularizer``, ``io`` and ``errors``.
@@ -30,5 +30,5 @@ the term, counters, logs, the step check, the manifest). A new family subclasses
    then ``after_step(optimizer)`` (e.g. ``core.commit_to_memory(emb, labels)`` when a batch of
    images is finished).
 5. ``manifest()``: family-specific counts; ``core.note_output_dir(folder)`` puts the manifest
-   beside the outputs. Forwards the method runs for anything else go inside ``core.suspended()``.
+   beside the outputs (outside the upstream checkout). Forwards the method runs for anything else go inside ``core.suspended()``.
 """

@@ -38,6 +38,7 @@ from .capture import Capture
 from .distributed import rank_summary
 from .settings import RunConfig, check_run_settings
 from .share import ShareMeter
+from .termination import install_sigterm, interruption, uninstall_sigterm
 
 __all__ = [
     "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "bank_from_loader", "current_runtime",
@@ -255,10 +256,20 @@ class DiReRuntime:
             self.stats.batches_to_memory += 1
 
     def note_output_dir(self, folder: str) -> None:
-        """Outputs of the run were written in ``folder``: the manifest goes there too."""
+        """Outputs of the run were written in ``folder``: the manifest goes there too, unless it
+        lies inside the upstream checkout (:meth:`outputs_in_checkout`)."""
         folder = os.path.abspath(folder)
         if folder not in self.output_dirs:
             self.output_dirs.append(folder)
+
+    def outputs_in_checkout(self) -> List[str]:
+        """The output folders inside the upstream checkout (DM's default ``--save_path result``,
+        MTT's ``./logged_files`` run from the checkout): README promises that nothing of ours is
+        written there outside ``.dire/``, so their manifest goes to the fallback folder."""
+        if not self.config.root:
+            return []
+        root = os.path.join(os.path.realpath(self.config.root), "")
+        return [d for d in self.output_dirs if os.path.join(os.path.realpath(d), "").startswith(root)]
 
     def _log_values(self, values: Dict[str, Tensor], total: float) -> None:
         self.stats.computed += 1
@@ -315,6 +326,7 @@ class DiReRuntime:
             "argv": list(sys.argv),
             "plugin_version": __version__,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "outputs": list(self.output_dirs),  # where the run wrote, also when the manifest is not beside them
             "capture": {"family": self.capture.family, **self.capture.manifest()},
             "bank": None if bank is None else {
                 "fingerprint": bank.fingerprint, "cache_hit": bank.cache_hit, "classes": len(bank),
@@ -341,12 +353,16 @@ class DiReRuntime:
         return folder / f"{stem}-{stamp}-{os.getpid()}-{MANIFEST_NAME}"
 
     def write_manifest(self, error: Optional[BaseException] = None) -> List[Path]:
-        """Write the manifest beside the outputs (or to :meth:`fallback_manifest_path`)."""
+        """Write the manifest of a finished run beside its outputs outside the checkout; that of a
+        failed one, or of one with no such outputs, to :meth:`fallback_manifest_path` (README: a
+        failed run's manifest is in ``<cache>/runs/``)."""
         rank = os.environ.get("RANK", "0")
         if error is None and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.manifest_written = True
             return []  # rank 0 writes the one manifest, with every rank's counts
-        paths = [Path(d) / MANIFEST_NAME for d in self.output_dirs] or [self.fallback_manifest_path()]
+        inside = self.outputs_in_checkout()
+        beside = [Path(d) / MANIFEST_NAME for d in self.output_dirs if d not in inside] if error is None else []
+        paths = beside or [self.fallback_manifest_path()]
         if error is not None and rank != "0":  # each failing rank says what happened to it
             paths = [p.with_name(f"rank{rank}-{p.name}") for p in paths]
         data = json.dumps(self.manifest(error), indent=2) + "\n"
@@ -413,7 +429,7 @@ def bank_from_loader(config: RunConfig, teacher: nn.Module, layer: str, device: 
 
 def start_runtime(config: RunConfig, bank_factory: BankFactory, capture: Capture) -> DiReRuntime:
     """Install the process-wide runtime; the manifest is written at exit, and an uncaught error of
-    ours ends the run with one line and exit code 2. One per process: a second method's patch
+    ours ends the run with one line and exit code 2 (SIGTERM: 143). One per process: a second method's patch
     while another's runtime is running is refused (its capture would never be installed)."""
     global _RUNTIME
     if _RUNTIME is not None and _RUNTIME.capture is not capture:
@@ -427,6 +443,7 @@ def start_runtime(config: RunConfig, bank_factory: BankFactory, capture: Capture
         _RUNTIME.install()
         atexit.register(_finish)
         _install_excepthook()
+        install_sigterm()  # the failed run's manifest and one line, as for Ctrl-C, through the hook
     return _RUNTIME
 
 
@@ -436,29 +453,38 @@ def stop_runtime() -> None:
     if _RUNTIME is not None:
         _RUNTIME.uninstall()
         _RUNTIME = None
+        uninstall_sigterm()
 
 
 def _finish() -> None:
     runtime = _RUNTIME
     if runtime is None or runtime.manifest_written or runtime.stats.computed == 0 and runtime.stats.steps == 0:
         return
+    inside = runtime.outputs_in_checkout()
     for path in runtime.write_manifest():
-        logger.info("[dire] manifest: %s (DiRe added to %d of %d synthesis steps)", path, runtime.stats.terms_added, runtime.stats.steps)
+        why = ""
+        if inside and str(path.parent) not in runtime.output_dirs:
+            why = (f"; not beside the outputs in {', '.join(inside)}: they lie inside the upstream checkout, "
+                   "where dire-plugin writes nothing outside .dire/")
+        logger.info("[dire] manifest: %s (DiRe added to %d of %d synthesis steps%s)", path, runtime.stats.terms_added,
+                    runtime.stats.steps, why)
 
 
 def fail_run(error: BaseException, prog: str = "dire") -> int:
     """End a patched run that raised ``error``: write the manifest where the user can find it and
     say where. A :class:`~dire_plugin.errors.DiReError` (ours) is one line on stderr and exit code
-    2; ``KeyboardInterrupt`` one line and 130; anything else (the upstream's own error) is left to
-    the caller to report, exit code 1."""
+    2; ``KeyboardInterrupt`` one line and 130, SIGTERM (:class:`~.termination.Terminated`) one
+    line and 143; anything else (the upstream's own error) is left to the caller to report, exit
+    code 1."""
     from ..errors import DiReError
 
     runtime = _RUNTIME
     path = runtime.report_failure(error) if runtime is not None else None
     where = f" (manifest of this run: {path})" if path is not None else ""
-    if isinstance(error, KeyboardInterrupt):
-        print(f"{prog}: interrupted{where}", file=sys.stderr, flush=True)
-        return 130
+    ended = interruption(error)
+    if ended is not None:
+        print(f"{prog}: {ended[0]}{where}", file=sys.stderr, flush=True)
+        return ended[1]
     if isinstance(error, DiReError):
         print(f"{prog}: error: {' '.join(str(error).split())}{where}", file=sys.stderr, flush=True)
         return 2

@@ -77,6 +77,8 @@ class RunConfig:
     #: DiRe's share of the images' gradient to calibrate ``r_c``/``r_e`` to on the first steps
     #: (their ratio kept), ``None``: the weights as given (:mod:`dire_plugin.hooks.share`).
     share: Optional[float] = None
+    #: The upstream checkout the script belongs to: the manifest is never written inside it.
+    root: str = ""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "") -> "RunConfig":

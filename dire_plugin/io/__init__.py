@@ -1,2 +1,3 @@
-"""Files we read and write: data-only torch loads with one-line reasons, atomic writes, folder
-locks. Imports nothing of ours but ``errors``; torch only inside the torch functions."""
+"""Files and environment variables we read and write: data-only torch loads with one-line reasons,
+atomic writes, folder locks, the ``DIRE_*`` variables. Imports nothing of ours but ``errors``;
+torch only inside the torch functions."""

@@ -34,7 +34,7 @@ __all__ = ["ENV_FAKE_DATA", "ENV_REDIRECT", "ENV_SHIM", "install", "uninstall", 
 
 logger = logging.getLogger("dire")
 
-#: Set to anything but ``""``/``0`` to install the shim at start-up.
+#: On (``1/true/yes/on``, :func:`dire_plugin.io.environ.env_flag`) installs the shim at start-up.
 ENV_SHIM = "DIRE_CPU_SHIM"
 #: JSON ``{path as the script spells it: file to load instead}`` for ``torch.load``: smoke runs give
 #: a script that loads its teacher from a hard-coded path (DWA's ``./pretrain/save/...``) a
@@ -102,6 +102,7 @@ def install() -> None:
     global _active, _hooks_registered
     if _active:
         return
+    _redirects()  # a bad table is one line now, not a traceback at the script's first torch.load
     _active = True
     if not _hooks_registered:
         _hooks_registered = True
@@ -195,15 +196,32 @@ def _w_factory(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> A
     return wrapped(*args, **_cpu_device_kwarg(kwargs))
 
 
-def _redirected(f: Any) -> Any:
+def _redirects() -> Dict[str, str]:
+    """The ``DIRE_SHIM_REDIRECT`` table (empty when unset)."""
     import json
     import os
 
+    from ..io.environ import bad_value
+
     table = os.environ.get(ENV_REDIRECT)
-    if not table or not isinstance(f, (str, os.PathLike)):
+    if not table:
+        return {}
+    try:
+        data = json.loads(table)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise bad_value(ENV_REDIRECT, table, 'a JSON object {"path as the script spells it": "file to load instead"}')
+    return data
+
+
+def _redirected(f: Any) -> Any:
+    import os
+
+    if not isinstance(f, (str, os.PathLike)):
         return f
     wanted = os.path.abspath(os.fspath(f))
-    for spelled, target in json.loads(table).items():
+    for spelled, target in _redirects().items():
         if os.path.abspath(spelled) == wanted:
             return target
     return f
@@ -365,9 +383,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("usage: python -m dire_plugin.upstream.shim SCRIPT [ARGS...]", file=sys.stderr)
         return 2
     # The module itself, not this ``__main__`` copy, so its state is the one everything else sees.
+    from dire_plugin.errors import DiReError
     from dire_plugin.upstream import shim
 
-    shim.install()
+    try:
+        shim.install()
+    except DiReError as e:
+        print(f"python -m dire_plugin.upstream.shim: error: {e}", file=sys.stderr)
+        return 2
     script = os.path.abspath(argv[0])
     sys.argv = [script, *argv[1:]]
     sys.path.insert(0, os.path.dirname(script))

@@ -3,6 +3,7 @@ checkout byte-identical, and every bad input is refused with exit 2, one line, a
 import importlib.machinery
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -246,6 +247,17 @@ def _class_without_image(e):
         image.unlink()
 
 
+def _empty_files(e):
+    write_image_folder(e.base / "blank", 7, per_class=1, size=4)  # a class count no teacher has, too
+    for image in (e.base / "blank").rglob("*.png"):
+        image.write_bytes(b"")
+
+
+def _fifo_image(e):
+    write_image_folder(e.base / "piped", 100, per_class=1, size=4)
+    os.mkfifo(e.base / "piped" / "class_003" / "zz.png")  # not a first image: never decoded by the check
+
+
 REFUSALS = {
     # name: (setup, argv with {root}/{data}/{base}, fragments of the message)
     "missing-path": (None, ["sre2l", "{base}/absent", "--real-data", "{data}"], ["absent does not exist"]),
@@ -275,6 +287,10 @@ REFUSALS = {
     "real-data-of-another-class-count": (_ten_classes, ["sre2l", "{root}", "--real-data", "{base}/ten"], ["10"]),
     "real-data-class-without-image": (_class_without_image, ["sre2l", "{root}", "--real-data", "{base}/holes"],
                                       ["class_042"]),
+    "real-data-of-empty-files": (_empty_files, ["sre2l", "{root}", "--real-data", "{base}/blank"],
+                                 ["real image {base}/blank/class_000/img_0.png is an empty file"]),
+    "real-data-with-a-fifo": (_fifo_image, ["sre2l", "{root}", "--real-data", "{base}/piped"],
+                              ["real image {base}/piped/class_003/zz.png is a FIFO"]),
     "weight-inf": (None, ["sre2l", "{root}", "--real-data", "{data}", "--r-c", "inf"], ["--r-c"]),
     "zero-weights": (None, ["sre2l", "{root}", "--real-data", "{data}", "--r-c", "0", "--r-e", "0"],
                      ["are all 0, so DiRe would add nothing"]),

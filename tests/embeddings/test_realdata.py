@@ -102,6 +102,77 @@ def test_unreadable_first_image_is_named(tmp_path):
     _one_line(e)
 
 
+def test_images_that_are_all_empty_files_are_named_not_the_class_count(tmp_path):
+    root = write_image_folder(tmp_path / "real", num_classes=3, per_class=2, size=8)
+    for image in root.rglob("*.png"):
+        image.write_bytes(b"")
+    with pytest.raises(DiReInputError) as e:
+        check_real_data(root, SPEC, 100)  # the count does not fit either: the files are the problem
+    assert _one_line(e) == (f"real image {root.resolve() / 'class_000' / 'img_0.png'} is an empty file (0 bytes): "
+                            "replace or remove it")
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, not hang, when something opens a FIFO for reading (the alarm interrupts the open)."""
+    import signal
+
+    def alarm(signum, frame):
+        raise TimeoutError("blocked on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, 20)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_named_like_an_image_is_refused_never_opened(tmp_path, no_hang):
+    root = write_image_folder(tmp_path / "real", num_classes=3, per_class=2, size=8)
+    fifo = root / "class_001" / "zz_pipe.png"  # not the first image of its class
+    os.mkfifo(fifo)
+    with pytest.raises(DiReInputError) as e:
+        check_real_data(root, SPEC, 3)
+    assert _one_line(e) == f"real image {root.resolve() / 'class_001' / 'zz_pipe.png'} is a FIFO, not an image file: " \
+                           "remove it from the real data"
+    fifo.unlink()
+    # Deeper down or behind a link, the listing does not see it: the fingerprint's stat refuses it
+    # before the loader opens anything.
+    (root / "class_002" / "nested").mkdir()
+    os.mkfifo(root / "class_002" / "nested" / "pipe.png")
+    (root / "class_000" / "link.png").symlink_to(root / "class_002" / "nested" / "pipe.png")
+    assert check_real_data(root, SPEC, 3) == root.resolve()
+    with pytest.raises(DiReInputError, match=r"class_000/link\.png is a FIFO, not an image file") as e:
+        real_data_loader(root, SPEC, num_classes=3, workers=0)
+    _one_line(e)
+    (root / "class_000" / "link.png").unlink()
+    with pytest.raises(DiReInputError, match=r"class_002/nested/pipe\.png is a FIFO"):
+        real_data_loader(root, SPEC, num_classes=3, workers=0)
+    (root / "class_002" / "img_0.png").unlink()
+    (root / "class_002" / "img_1.png").unlink()  # now the FIFO is the first image of class_002
+    with pytest.raises(DiReInputError, match=r"class_002/nested/pipe\.png is a FIFO"):
+        check_real_data(root, SPEC, 3)
+
+
+def test_images_smaller_than_the_crop_are_warned_about_once_with_both_sizes(tmp_path, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("dire"), "propagate", True)  # an activation earlier may have cut it
+    crop32 = RealDataSpec("imagefolder", crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    small = write_image_folder(tmp_path / "small", num_classes=3, per_class=2, size=16)
+    check_real_data(small, crop32, [3, 10])  # which script runs is not known yet: no warning
+    assert "smaller than" not in caplog.text
+    check_real_data(small, crop32, 3)
+    real_data_loader(small, crop32, num_classes=3, workers=0)
+    warnings = [r.getMessage() for r in caplog.records if "smaller than" in r.getMessage()]
+    assert warnings == [f"[dire] warning: real image {small.resolve() / 'class_000' / 'img_0.png'} is 16x16 px, "
+                        "smaller than the 32 px the script's teacher sees: the bank upscales such images to 32 px "
+                        "(first image of each class checked); give the real data at the teacher's resolution"]
+    caplog.clear()
+    check_real_data(write_image_folder(tmp_path / "big", num_classes=3, per_class=1, size=32), crop32, 3)
+    assert "smaller than" not in caplog.text
+
+
 def test_class_count_int_collection_or_none(tmp_path):
     root = write_image_folder(tmp_path / "real", num_classes=3, per_class=1, size=8)
     with pytest.raises(DiReInputError, match="holds 3 classes, the teacher of this script has 10") as e:

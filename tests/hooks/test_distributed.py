@@ -70,12 +70,12 @@ SRE2L = load_method("sre2l")
 
 @pytest.mark.parametrize("value", ["soon", "nan", "inf", "0", "-5"])
 def test_a_bad_exchange_timeout_is_one_line(monkeypatch, value):
-    from dire_plugin.embeddings.collectives import ENV_TIMEOUT, _timeout
-    from dire_plugin.errors import DiReHookError
+    from dire_plugin.embeddings.collectives import ENV_TIMEOUT, exchange_timeout
+    from dire_plugin.errors import DiReInputError
 
     monkeypatch.setenv(ENV_TIMEOUT, value)
-    with pytest.raises(DiReHookError, match=f"{ENV_TIMEOUT}='{value}' is not a number of seconds"):
-        _timeout()
+    with pytest.raises(DiReInputError, match=f"{ENV_TIMEOUT}='{value}' is not a number of seconds"):
+        exchange_timeout()
 
 
 def test_the_multi_gpu_script_under_torchrun_writes_one_manifest(tmp_path):

@@ -304,3 +304,25 @@ def test_teacher_with_several_linear_layers_uses_the_classifier_input(patched):
     g_vanilla, g_dire = _expected_grad(model, inputs, targets, bank)
     grad, _ = _step(model, inputs, targets, nn.CrossEntropyLoss())
     torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
+
+
+def test_where_the_manifest_goes(tmp_path):
+    # Beside outputs outside the checkout; a failed run's, and one for outputs inside the checkout
+    # (README: nothing of ours there outside .dire/), under <cache>/runs/.
+    from dire_plugin.hooks.decoupled import DecoupledCapture
+    from dire_plugin.hooks.runtime import DiReRuntime
+
+    root, cache = tmp_path / "checkout", tmp_path / "cache"
+    config = RunConfig(method="sre2l", script="a/recover.py", cache_dir=str(cache), root=str(root))
+    outside, inside = tmp_path / "out", root / "a" / "result"
+
+    def written(folder, error=None):
+        runtime = DiReRuntime(config, lambda *a: None, DecoupledCapture())
+        runtime.note_output_dir(str(folder))
+        (path,) = runtime.write_manifest(error)
+        return path
+
+    assert written(outside) == outside / "dire_manifest.json"
+    assert written(inside).parent == cache / "runs"
+    assert written(outside, RuntimeError("boom")).parent == cache / "runs"
+    assert not inside.exists()

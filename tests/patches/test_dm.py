@@ -339,6 +339,28 @@ def test_a_broken_pairing_is_one_line_and_exit_2(world, tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_the_default_save_path_inside_the_checkout_gets_no_manifest_there(world, tmp_path):
+    # DM's default --save_path is result/ beside main_DM.py, inside the checkout, where README
+    # promises that nothing of ours is written outside .dire/: the manifest goes to <cache>/runs/.
+    root = tmp_path / "dc_benchmark"  # its own checkout: the upstream's result/ stays behind in it
+    head = build_checkout(root, DM, URL, {f"methods/dc/{p.name}": p.read_text() for p in FIXTURE.glob("*.py")})
+    lock = write_lock(tmp_path / "lock.toml", root, DM, URL, head)
+    script = root / SCRIPT
+    run = run_lookalike("dm", script, [*ARGS, "--data_path", str(world["data"])], "dire",
+                        world={**world, "root": root, "lock": lock, "base": tmp_path}, cwd=script.parent,
+                        fake_data=world["data"], dire_flags=("--r-c", str(R_C), "--r-e", str(R_E)))
+    assert run.returncode == 0, run.stderr
+    result = script.parent / "result"
+    assert (result / "res_DM_CIFAR10_ConvNet_10ipc.pt").is_file()  # the upstream's own output, where it puts it
+    assert not [p for p in root.rglob("*") if "manifest" in p.name], "a manifest was written into the checkout"
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("[dire] manifest: ")]
+    path = Path(line[len("[dire] manifest: "):].split(" (")[0])
+    assert path.parent == tmp_path / "cache" / "runs" and path.name.endswith("dire_manifest.json")
+    assert f"not beside the outputs in {result}: they lie inside the upstream checkout" in line
+    manifest = json.loads(path.read_text())
+    assert manifest["outputs"] == [str(result)] and (manifest["status"], manifest["terms_added"]) == ("finished", 3)
+
+
 def test_smoke_runs_both_branches_and_finds_the_results(world, monkeypatch, capsys):
     # dire-apply --verify --smoke on the look-alike: one line per variant, res_DM_*.pt + manifest checked.
     monkeypatch.setenv("DIRE_UPSTREAM_LOCK", str(world["lock"]))
