@@ -237,7 +237,9 @@ class DiReRuntime:
         out["target"] = self.share.target
         if self.share.target is not None:
             out["calibration"] = {
-                "done": self.share.scale is not None, "factors": [round(f, 6) for f in self.share.factors],
+                "done": self.share.scale is not None,
+                "shares_at_start_weights": [round(v, 6) for v in self.share.uncalibrated],
+                "factors": [round(f, 6) for f in self.share.factors],
                 "scale": self.share.scale, "base_r_c": self._base_weights[0], "base_r_e": self._base_weights[1],
                 "r_c": self.config.r_c, "r_e": self.config.r_e,
             }

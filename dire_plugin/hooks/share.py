@@ -52,7 +52,7 @@ class ShareMeter:
     calibration_steps: int = CALIBRATION_STEPS
     #: ``(step, share)`` of every measured step, the share as the images got it (after calibration).
     records: List[Tuple[int, float]] = field(default_factory=list)
-    #: Shares at the weights the term was computed with, before a calibration factor.
+    #: Shares of the calibration steps at the starting weights, before their factors.
     uncalibrated: List[float] = field(default_factory=list)
     factors: List[float] = field(default_factory=list)
     #: The kept calibration factor ``k``, once calibrated.
@@ -77,9 +77,9 @@ class ShareMeter:
             self.unmeasurable += 1
             return 1.0, False
         share = dire_norm / method_norm
-        self.uncalibrated.append(share)
         factor, finished = 1.0, False
         if self.calibrating and share > 0:  # a step without DiRe gradient cannot be scaled to S
+            self.uncalibrated.append(share)
             factor = self.target / share
             self.factors.append(factor)
             if len(self.factors) >= self.calibration_steps:
@@ -99,6 +99,5 @@ class ShareMeter:
             "steps_unmeasurable": self.unmeasurable,
             "schedule": f"steps 1-{self.first}, then every {self.every}" if self.every else f"steps 1-{self.first}",
             "first_steps": [round(s, 6) for _, s in self.records[: self.first]],
-            "uncalibrated_median": statistics.median(self.uncalibrated) if self.uncalibrated else None,
             "seconds": round(self.seconds, 4),
         }
