@@ -163,3 +163,21 @@ def rank_stops_after_one_step(rank, world, out):
     done.write_text(json.dumps(seen))
     os._exit(0)
 
+
+def settings_differ(rank, world, out):
+    from dire_plugin.errors import DiReInputError
+    from dire_plugin.hooks.distributed import union_term_gradient
+
+    # Node-local paths and logging may differ; the weight may not.
+    runtime = core(r_c=0.5 if rank == 0 else 0.25, log_every=rank, cache_dir=f"/node{rank}/cache",
+                   real_data=f"/node{rank}/data")
+    try:
+        union_term_gradient(runtime, *rows(seed=rank, n=3))
+    except DiReInputError as e:
+        (Path(out) / f"rank{rank}.txt").write_text(str(e))
+    try:  # checked once: the ranks go on exchanging (in a run, the error has ended it)
+        union_term_gradient(runtime, *rows(seed=rank, n=3))
+        (Path(out) / f"again{rank}.txt").write_text("ok")
+    except DiReInputError:
+        pass
+

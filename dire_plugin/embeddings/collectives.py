@@ -12,15 +12,16 @@ Nothing here binds a socket or picks an address: the process group is the script
 from __future__ import annotations
 
 import datetime
+import json
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..errors import DiReHookError
 
-__all__ = ["ENV_TIMEOUT", "all_gather_rows", "first_failure", "world"]
+__all__ = ["ENV_TIMEOUT", "all_gather_json", "all_gather_rows", "differences", "first_failure", "world"]
 
 ENV_TIMEOUT = "DIRE_DIST_TIMEOUT"
 #: Rows per collective when a large tensor (the real-embedding bank) is gathered.
@@ -117,3 +118,35 @@ def all_gather_rows(rows: Sequence[Tensor], what: str) -> List[List[Tensor]]:
         out.append([torch.cat(p).to(t.device) if p else t.new_zeros((0, *t.shape[1:])) for p in pieces])
     return out
 
+
+def all_gather_json(value: Any, what: str) -> List[Any]:
+    """``value`` (anything ``json`` writes) of every rank, in rank order; ``what`` as in
+    :func:`all_gather_rows`. For the checks that ranks agree: the values themselves travel, so an
+    error can say what differs, not only that something does."""
+    data = torch.tensor(list(json.dumps(value, sort_keys=True).encode()), dtype=torch.uint8)
+    (per_rank,) = all_gather_rows([data], what)
+    return [json.loads(bytes(t.cpu().tolist()).decode()) for t in per_rank]
+
+
+def differences(per_rank: Sequence[Mapping[str, Any]], names: Optional[Mapping[str, str]] = None) -> str:
+    """``""`` if every rank's mapping is the same, else one line naming each key that differs and
+    which ranks hold which value, e.g. ``r_c (rank 0: 0.1; ranks 1, 2: 0.5)``. ``names`` gives keys
+    the words a user knows them by."""
+    parts = []
+    for key in sorted({k for m in per_rank for k in m}):
+        holders: Dict[str, List[int]] = {}
+        for r, m in enumerate(per_rank):
+            holders.setdefault(json.dumps(m.get(key), sort_keys=True), []).append(r)
+        if len(holders) > 1:
+            held = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {_shown(v)}"
+                             for v, rs in holders.items())
+            parts.append(f"{(names or {}).get(key, key)} ({held})")
+    return ", ".join(parts)
+
+
+def _shown(encoded: str) -> str:
+    value = json.loads(encoded)
+    # Fingerprints hold 64 hex digits: the first few tell two values apart in a one-line error.
+    if isinstance(value, str) and len(value) > 40:
+        return json.dumps(value[:36] + "...")
+    return encoded

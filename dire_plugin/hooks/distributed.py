@@ -9,23 +9,43 @@ union of a finished batch joins every rank's memory, so memories agree. The rank
 gathered each step too (one small exchange of three integers), so rank 0 writes one manifest with
 everyone's counts.
 
-A failed exchange ends the run with that failure, and the process group is then not torn down (:func:`w_destroy_process_group`): that would wait for the exchange
+Before the first exchange the ranks check that they run DiRe with the same settings
+(:func:`check_same_settings`). A failed exchange ends the run with that failure, and the process
+group is then not torn down (:func:`w_destroy_process_group`): that would wait for the exchange
 that never completes.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from typing import Any, Callable, Dict, Tuple
 
 import torch
 from torch import Tensor
 
-from ..embeddings.collectives import all_gather_rows, first_failure, world
-from ..errors import DiReHookError
+from ..embeddings.collectives import all_gather_json, all_gather_rows, differences, first_failure, world
+from ..errors import DiReHookError, DiReInputError
+from .settings import SHARED_BY_RANKS
 
-__all__ = ["exchange_counts", "rank_summary", "union_term_gradient", "w_destroy_process_group"]
+__all__ = ["check_same_settings", "exchange_counts", "rank_summary", "union_term_gradient", "w_destroy_process_group"]
 
 _COUNTERS = ("steps", "terms_added", "computed")
+
+
+def check_same_settings(core: Any) -> None:
+    """Once per run, before the first exchange: every rank runs DiRe with the same settings
+    (:data:`~dire_plugin.hooks.settings.SHARED_BY_RANKS`), else a :class:`DiReInputError` on every
+    rank naming what differs where. The manifest records rank 0's settings for all."""
+    _, size = world()
+    if size == 1 or core.ranks_checked:
+        return
+    config = asdict(core.config)
+    mine = {k: list(config[k]) if isinstance(config[k], tuple) else config[k] for k in SHARED_BY_RANKS}
+    every = all_gather_json(mine, "the DiRe settings")
+    core.ranks_checked = True
+    differ = differences(every)
+    if differ:
+        raise DiReInputError(f"the ranks run DiRe with different settings: {differ}; give every rank the same ones")
 
 
 def exchange_counts(core: Any, what: str = "the DiRe counters") -> None:
@@ -45,6 +65,7 @@ def union_term_gradient(core: Any, emb: Tensor, labels: Tensor) -> Tuple[Tensor,
     rank, size = world()
     if size == 1:
         return core.term_gradient(emb, labels), emb, labels
+    check_same_settings(core)
     # The counters travel first in the same step: a timeout in either is this step's exchange.
     what = f"the synthetic embeddings of synthesis step {core.stats.steps + 1}"
     exchange_counts(core, what)

@@ -33,7 +33,7 @@ from ..regularizer.defaults import COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
 from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture
-from .distributed import rank_summary
+from .distributed import check_same_settings, rank_summary
 from .settings import RunConfig
 
 __all__ = [
@@ -85,6 +85,8 @@ class DiReRuntime:
         self.manifest_written = False
         #: rank → counters of every rank (a torch.distributed run; see :mod:`.distributed`).
         self.rank_counts: Dict[int, Dict[str, int]] = {}
+        #: The ranks were found to share the settings (:func:`.distributed.check_same_settings`).
+        self.ranks_checked = False
         self._suspended = 0
         self._terms = active_components(config.components, config.r_c, config.r_e)
         self._added = False
@@ -123,6 +125,7 @@ class DiReRuntime:
     def bank_for(self, teacher: nn.Module, layer: str, device: torch.device) -> RealEmbeddingBank:
         """The real-embedding bank, built from ``teacher`` (its ``layer`` input) the first time."""
         if self.bank is None:
+            check_same_settings(self)  # building the bank is the ranks' first exchange
             with self.suspended():
                 bank = self.bank_factory(teacher, layer, device)
             logger.info(
@@ -357,14 +360,21 @@ def fail_run(error: BaseException, prog: str = "dire") -> int:
     path = runtime.report_failure(error) if runtime is not None else None
     where = f" (manifest of this run: {path})" if path is not None else ""
     if isinstance(error, KeyboardInterrupt):
-        print(f"{prog}: interrupted{where}", file=sys.stderr, flush=True)
+        _say(f"{prog}: interrupted{where}")
         return 130
     if isinstance(error, DiReError):
-        print(f"{prog}: error: {' '.join(str(error).split())}{where}", file=sys.stderr, flush=True)
+        _say(f"{prog}: error: {' '.join(str(error).split())}{where}")
         return 2
     if path is not None:
         logger.info("[dire] manifest of this failed run: %s", path)
     return 1
+
+
+def _say(line: str) -> None:
+    # One write with its newline: under torchrun every rank's line goes to the same stderr, and
+    # print() writes the newline apart, so another rank's line could land before it.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 _PREVIOUS_HOOK = None

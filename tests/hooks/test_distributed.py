@@ -62,7 +62,7 @@ def test_a_failing_rank_stops_the_others_with_a_clear_error(tmp_path):
     assert codes[1] != 0 and codes[0] is not None  # nobody hangs
     elapsed, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert float(elapsed) < 60
-    assert "rank 0: rank 1 did not join the exchange of the synthetic embeddings of synthesis step 1 within 5 s" in message
+    assert "rank 0: rank 1 did not join the exchange of the DiRe settings within 5 s" in message
     assert "DIRE_DIST_TIMEOUT" in message
 
 
@@ -78,6 +78,16 @@ def test_a_stopped_rank_ends_the_others_with_the_first_failure_and_no_teardown(t
     assert seen["again_same"] and seen["raised_same"] and seen["failure_kept"]
     assert seen["in_flight_returns"] is None and seen["teardowns"] == 0
     assert seen["later_s"] < 1.5
+
+
+def test_ranks_with_different_settings_stop_with_one_line_naming_them(tmp_path):
+    assert W.start(2, W.settings_differ, str(tmp_path)) == [0, 0]
+    for r in range(2):
+        message = (tmp_path / f"rank{r}.txt").read_text()
+        # Node-local folders and logging may differ between ranks: only the weight is named.
+        assert message == ("the ranks run DiRe with different settings: r_c (rank 0: 0.5; rank 1: 0.25); "
+                           "give every rank the same ones")
+        assert (tmp_path / f"again{r}.txt").exists()  # checked once, not every step
 
 
 # --- torchrun, end to end -------------------------------------------------------------------------------
@@ -97,21 +107,42 @@ def test_a_bad_exchange_timeout_is_one_line(monkeypatch, value):
         _timeout()
 
 
-def torchrun(tmp_path, iterations=2, flags=(), env=(), **popen):
+#: Run by torchrun in place of ``-m dire_plugin.cli.run``: each rank prepends its own dire-run flags
+#: (``RANK_FLAGS``, a JSON list per rank), as different nodes' command lines or data paths would.
+#: Each rank's exit code goes to ``rank<R>.code`` beside this script.
+RANKWISE = """import json, os, sys
+from pathlib import Path
+from dire_plugin.cli.run import main
+args, rank = sys.argv[1:], os.environ["RANK"]
+cut = args.index("--")
+code = main(args[:cut] + json.loads(os.environ["RANK_FLAGS"])[int(rank)] + args[cut:])
+(Path(__file__).parent / f"rank{rank}.code").write_text(str(code))
+sys.exit(code)
+"""
+
+
+def torchrun(tmp_path, iterations=2, flags=(), rank_flags=None, env=(), **popen):
     """The look-alike multi-GPU script under torchrun on 2 gloo ranks with DiRe (``dire-run``):
     the finished ``subprocess.run``, or with ``popen`` options the running ``Popen``."""
     root = tmp_path / "SRe2L"
     files = {str(p.relative_to(FIXTURE)): p.read_text() for p in FIXTURE.rglob("*.py")}
     head = build_checkout(root, SRE2L, "https://github.com/VILA-Lab/SRe2L", files)
     lock = write_lock(tmp_path / "lock.toml", root, SRE2L, "https://github.com/VILA-Lab/SRe2L", head)
-    data = write_image_folder(tmp_path / "real", 4, per_class=2, size=16)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "dire_plugin.cli.run", "--real-data", str(data), "--cache-dir", str(tmp_path / "cache"), *flags,
+    data = tmp_path / "real"
+    if not data.exists():  # a test may have written it (and copies of it) first
+        write_image_folder(data, 4, per_class=2, size=16)
+    run = ["-m", "dire_plugin.cli.run"]
+    if rank_flags is not None:
+        (tmp_path / "rankwise.py").write_text(RANKWISE)
+        run = [str(tmp_path / "rankwise.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *run,
+           "--real-data", str(data), "--cache-dir", str(tmp_path / "cache"), *flags,
            "sre2l", str(root / SCRIPT), "--", "--num-classes", "4", "--ipc", "4", "--batch-size", "4",
            "--iteration", str(iterations), "--syn-data-path", str(tmp_path / "out"), "--exp-name", "t",
            "--dist-backend", "gloo"]
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
-    environ.update(DIRE_CPU_SHIM="1", DIRE_UPSTREAM_LOCK=str(lock), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **dict(env))
+    environ.update(DIRE_CPU_SHIM="1", DIRE_UPSTREAM_LOCK=str(lock), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                   RANK_FLAGS=json.dumps(rank_flags), **dict(env))
     options = dict(cwd=root / "SRe2L/recover/multi_gpu", env=environ, text=True)
     if popen:
         return subprocess.Popen(cmd, **options, **popen)
@@ -188,3 +219,14 @@ def test_a_stopped_rank_ends_the_torchrun_job_with_one_line_not_a_hang(tmp_path)
                               "of synthesis step "), ours[0]
     assert "within 3 s" in ours[0] and "DIRE_DIST_TIMEOUT" in ours[0]
 
+
+def test_ranks_with_different_settings_end_the_torchrun_job_with_one_line_and_exit_2(tmp_path):
+    run = torchrun(tmp_path, rank_flags=[["--r-c", "0.1"], ["--r-c", "0.2"]])
+    assert run.returncode != 0
+    assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["2", "2"], run.stderr[-3000:]
+    ours = [line for line in run.stderr.splitlines() if line.startswith("dire-run")]
+    assert len(ours) == 2 and len({line.split(" (manifest of this run")[0] for line in ours}) == 1, ours
+    assert ours[0].startswith("dire-run: error: the ranks run DiRe with different settings: "
+                              "r_c (rank 0: 0.1; rank 1: 0.2); give every rank the same ones")
+    # Stopped before anything was built, cached or synthesised.
+    assert not list(tmp_path.glob("cache/bank-*.pt")) and not list(tmp_path.glob("out/**/*.jpg"))
