@@ -181,3 +181,27 @@ def settings_differ(rank, world, out):
     except DiReInputError:
         pass
 
+
+def bank_data_differs(rank, world, out, mode):
+    """Each rank builds the bank from its own copy of the data: ``mode`` ``"same"`` (identical
+    copies at different paths), ``"one-image-less"`` (rank 1's copy misses an image),
+    ``"weights"`` (rank 1's teacher differs) or ``"size-only"`` (one dataset_id for both, rank 1
+    has an image less)."""
+    from dire_plugin import RealEmbeddingBank
+    from dire_plugin.embeddings.realdata import data_fingerprint
+    from dire_plugin.errors import DiReInputError
+    from torchvision import datasets, transforms
+
+    root = Path(out) / f"data{rank}"
+    data = datasets.ImageFolder(str(root), transform=transforms.ToTensor())
+    dataset_id = "t" if mode == "size-only" else data_fingerprint(data, root, "t")
+    torch.manual_seed(1 if mode == "weights" and rank == 1 else 0)
+    model = nn.Sequential(nn.Conv2d(3, D, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(D, 4))
+    loader = torch.utils.data.DataLoader(data, batch_size=3, shuffle=False)
+    cache = Path(out) / f"cache{rank}"
+    try:
+        bank = RealEmbeddingBank.build(model, loader, cache_dir=cache, dataset_id=dataset_id, progress=False)
+        torch.save({"embeddings": bank._flat, "fingerprint": bank.fingerprint}, Path(out) / f"bank{rank}.pt")
+    except DiReInputError as e:
+        (Path(out) / f"rank{rank}.txt").write_text(str(e))
+    (Path(out) / f"cached{rank}.txt").write_text(str(len(list(cache.glob("bank-*.pt"))) if cache.exists() else 0))

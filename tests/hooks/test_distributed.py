@@ -90,6 +90,45 @@ def test_ranks_with_different_settings_stop_with_one_line_naming_them(tmp_path):
         assert (tmp_path / f"again{r}.txt").exists()  # checked once, not every step
 
 
+def _image_copies(tmp_path, mode):
+    import shutil
+
+    write_image_folder(tmp_path / "data0", 3, per_class=3, size=8)
+    shutil.copytree(tmp_path / "data0", tmp_path / "data1")  # copy2: sizes and times kept, as cp -a does
+    if mode in ("one-image-less", "size-only"):
+        (tmp_path / "data1" / "class_001" / "img_2.png").unlink()
+
+
+@pytest.mark.parametrize("mode, named", [
+    ("one-image-less", ["the real data (fingerprint", "the number of real images (rank 0: 9; rank 1: 8)",
+                        'rank 0: "t:9:', 'rank 1: "t:8:']),
+    ("size-only", ["the number of real images (rank 0: 9; rank 1: 8)"]),
+    ("weights", ["the teacher's weights (bank keys) (rank 0: "]),
+])
+def test_ranks_with_different_real_data_or_teachers_stop_before_building(tmp_path, mode, named):
+    _image_copies(tmp_path, mode)
+    assert W.start(2, W.bank_data_differs, str(tmp_path), mode) == [0, 0]
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1] and "\n" not in messages[0]
+    assert messages[0].startswith("the ranks would build different real-embedding banks: ")
+    for words in named:
+        assert words in messages[0]
+    if mode != "one-image-less":
+        assert "the real data (fingerprint" not in messages[0]
+    # Nothing was built or cached: not the mixture under rank 0's key.
+    assert [(tmp_path / f"cached{r}.txt").read_text() for r in range(2)] == ["0", "0"]
+    assert not list(tmp_path.glob("bank*.pt"))
+
+
+def test_identical_copies_of_the_data_at_different_paths_build_one_bank(tmp_path):
+    _image_copies(tmp_path, "same")
+    assert W.start(2, W.bank_data_differs, str(tmp_path), "same") == [0, 0]
+    banks = [torch.load(tmp_path / f"bank{r}.pt") for r in range(2)]
+    assert torch.equal(banks[0]["embeddings"], banks[1]["embeddings"]) and banks[0]["embeddings"].shape[0] == 9
+    assert banks[0]["fingerprint"] == banks[1]["fingerprint"]
+    assert [(tmp_path / f"cached{r}.txt").read_text() for r in range(2)] == ["1", "0"]  # rank 0 writes it
+
+
 # --- torchrun, end to end -------------------------------------------------------------------------------
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "sre2l_multigpu_like"
@@ -220,13 +259,28 @@ def test_a_stopped_rank_ends_the_torchrun_job_with_one_line_not_a_hang(tmp_path)
     assert "within 3 s" in ours[0] and "DIRE_DIST_TIMEOUT" in ours[0]
 
 
-def test_ranks_with_different_settings_end_the_torchrun_job_with_one_line_and_exit_2(tmp_path):
-    run = torchrun(tmp_path, rank_flags=[["--r-c", "0.1"], ["--r-c", "0.2"]])
+@pytest.mark.parametrize("differ", ["settings", "data"])
+def test_ranks_that_differ_end_the_torchrun_job_with_one_line_and_exit_2(tmp_path, differ):
+    import shutil
+
+    data = write_image_folder(tmp_path / "real", 4, per_class=2, size=16)
+    if differ == "settings":
+        rank_flags = [["--r-c", "0.1"], ["--r-c", "0.2"]]
+    else:  # rank 1's node-local copy of the data lost an image
+        shutil.copytree(data, tmp_path / "real1")
+        (tmp_path / "real1" / "class_002" / "img_1.png").unlink()
+        rank_flags = [[], ["--real-data", str(tmp_path / "real1")]]
+    run = torchrun(tmp_path, rank_flags=rank_flags)
     assert run.returncode != 0
     assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["2", "2"], run.stderr[-3000:]
     ours = [line for line in run.stderr.splitlines() if line.startswith("dire-run")]
     assert len(ours) == 2 and len({line.split(" (manifest of this run")[0] for line in ours}) == 1, ours
-    assert ours[0].startswith("dire-run: error: the ranks run DiRe with different settings: "
-                              "r_c (rank 0: 0.1; rank 1: 0.2); give every rank the same ones")
+    if differ == "settings":
+        assert ours[0].startswith("dire-run: error: the ranks run DiRe with different settings: "
+                                  "r_c (rank 0: 0.1; rank 1: 0.2); give every rank the same ones")
+    else:
+        assert ours[0].startswith("dire-run: error: the ranks would build different real-embedding banks: the real "
+                                  "data (fingerprint of its files: paths, sizes, modification times) (rank 0: ")
+        assert "the number of real images (rank 0: 8; rank 1: 7)" in ours[0]
     # Stopped before anything was built, cached or synthesised.
     assert not list(tmp_path.glob("cache/bank-*.pt")) and not list(tmp_path.glob("out/**/*.jpg"))
