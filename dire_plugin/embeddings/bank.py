@@ -23,8 +23,8 @@ from ..errors import DiReInputError
 from ..regularizer.grouped import PackedEmbeddings
 from ..regularizer.kernels import DEFAULT_EPS
 from .capture import EmbeddingCapture, resolve_layer, unwrap_model
+from .collectives import all_gather_json, all_gather_rows, differences, world
 from .isolation import private_forward
-from .collectives import all_gather_rows, world
 from ..io.digest import hash_tensor, tensors_sha256
 from ..io.files import atomic_torch_save, load_torch_file
 
@@ -262,15 +262,7 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
         (:func:`dire_plugin.embeddings.realdata.data_fingerprint` does for the data).
         """
         h = hashlib.sha256()
-        settings = {
-            "format": CACHE_FORMAT,
-            "layer": resolve_layer(model, layer),
-            "dataset_id": dataset_id,
-            "transform_id": transform_id,
-            "max_per_class": max_per_class,
-            "seed": seed,
-            "dtype": str(dtype),
-        }
+        settings = _key_settings(resolve_layer(model, layer), dataset_id, transform_id, max_per_class, seed, dtype)
         h.update(json.dumps(settings, sort_keys=True).encode())
         # The unwrapped model's state dict: wrapping in DataParallel does not change the bank.
         for name, value in unwrap_model(model).state_dict().items():
@@ -322,10 +314,13 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
 
         Under ``torch.distributed`` (several ranks) each rank embeds a disjoint shard of the
         loader's dataset (every ``world``-th image), the shards are gathered in dataset order, so
-        every rank holds the bank one process would have built, and rank 0 writes the cache.
+        every rank holds the bank one process would have built, and rank 0 writes the cache. First
+        the ranks compare their keys (``dataset_id`` included, so pass one that sees the data) and
+        dataset sizes: ranks that differ stop before anything is loaded, built or written.
 
         Raises:
-            DiReInputError: bad settings, a loader that yields no data or non-finite embeddings,
+            DiReInputError: bad settings, ranks that would build different banks, a loader that
+                yields no data or non-finite embeddings,
                 or a loader error raised as a ``DiReInputError`` (also from a DataLoader worker,
                 whose traceback is reduced to the original one line).
         """
@@ -341,6 +336,10 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
         )
         path = Path(cache_dir).expanduser() / f"bank-{key[:16]}.pt" if cache_dir is not None else None
         rank, size = world()
+        if size > 1:  # before any rank loads or builds: a bank of mixed shards would be nobody's
+            _check_ranks_agree(
+                key, _key_settings(layer_name, dataset_id, transform_id, max_per_class, seed, dtype), loader,
+            )
         cached = _load_cached(path, key, dtype, layer_name) if path is not None and path.exists() else None
         if size > 1 and not _everyone(cached is not None):
             cached = None  # one rank without the file: all build, so that all hold the same bank
@@ -361,6 +360,43 @@ class RealEmbeddingBank(Mapping[int, Tensor]):
                 "embeddings": bank._flat, "checksum": _checksum(bank._classes, bank._counts, bank._flat),
             })
         return bank
+
+
+def _key_settings(layer: str, dataset_id: str, transform_id: str, max_per_class: Optional[int], seed: int,
+                  dtype: torch.dtype) -> Dict[str, Any]:
+    """What the cache key holds besides the model's weights."""
+    return {"format": CACHE_FORMAT, "layer": layer, "dataset_id": dataset_id, "transform_id": transform_id,
+            "max_per_class": max_per_class, "seed": seed, "dtype": str(dtype)}
+
+
+#: The bank key's parts as the error that ranks disagree names them.
+_KEY_PARTS = {
+    "dataset_id": "the real data (fingerprint of its files: paths, sizes, modification times)",
+    "images": "the number of real images", "transform_id": "the preprocessing", "layer": "the embedding layer",
+    "max_per_class": "max_per_class", "seed": "seed", "dtype": "dtype", "format": "the bank format",
+    "weights": "the teacher's weights (bank keys)",
+}
+
+
+def _check_ranks_agree(key: str, settings: Dict[str, Any], loader: Iterable) -> None:
+    """Every rank would build (or load) the bank of the same key from as many images, else one
+    :class:`DiReInputError` line on every rank, naming what differs on which ranks. The key's
+    parts travel rather than the key alone, so the error can tell the data from the weights."""
+    dataset = getattr(loader, "dataset", None)
+    mine = {**settings, "images": len(dataset) if hasattr(dataset, "__len__") else None, "key": key}
+    every = all_gather_json(mine, "the real-embedding bank's key")
+    if all(r["key"] == key for r in every):
+        # The same key over datasets of different sizes: data the dataset_id cannot see.
+        differ = differences([{"images": r["images"]} for r in every], _KEY_PARTS)
+    else:
+        differ = differences([{k: v for k, v in r.items() if k != "key"} for r in every], _KEY_PARTS)
+        # The key hashes these settings and the teacher's weights: if they agree, the weights do not.
+        differ = differ or differences([{"weights": r["key"][:16]} for r in every], _KEY_PARTS)
+    if differ:
+        raise DiReInputError(
+            f"the ranks would build different real-embedding banks: {differ}; every rank needs the same "
+            "teacher and real data (node-local copies must keep the files' sizes and times: cp -a, rsync -a)"
+        )
 
 
 def _loader_data_id(loader: Iterable) -> str:

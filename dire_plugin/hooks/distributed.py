@@ -8,28 +8,54 @@ holding the union would give them, pairs counted as the single-process formula c
 union of a finished batch joins every rank's memory, so memories agree. The ranks' counters are
 gathered each step too (one small exchange of three integers), so rank 0 writes one manifest with
 everyone's counts.
+
+Before the first exchange the ranks check that they run DiRe with the same settings
+(:func:`check_same_settings`). A failed exchange ends the run with that failure, and the process
+group is then not torn down (:func:`w_destroy_process_group`): that would wait for the exchange
+that never completes.
 """
 from __future__ import annotations
 
+import sys
+from dataclasses import asdict
 from typing import Any, Callable, Dict, Tuple
 
 import torch
 from torch import Tensor
 
-from ..embeddings.collectives import all_gather_rows, world
+from ..embeddings.collectives import all_gather_json, all_gather_rows, differences, first_failure, world
+from ..errors import DiReHookError, DiReInputError
+from .settings import SHARED_BY_RANKS
 
-__all__ = ["exchange_counts", "rank_summary", "union_term_gradient", "w_destroy_process_group"]
+__all__ = ["check_same_settings", "exchange_counts", "rank_summary", "union_term_gradient", "w_destroy_process_group"]
 
 _COUNTERS = ("steps", "terms_added", "computed")
 
 
-def exchange_counts(core: Any) -> None:
-    """Every rank's counters, as of now, into ``core.rank_counts`` (rank → counters)."""
+def check_same_settings(core: Any) -> None:
+    """Once per run, before the first exchange: every rank runs DiRe with the same settings
+    (:data:`~dire_plugin.hooks.settings.SHARED_BY_RANKS`), else a :class:`DiReInputError` on every
+    rank naming what differs where. The manifest records rank 0's settings for all."""
+    _, size = world()
+    if size == 1 or core.ranks_checked:
+        return
+    config = asdict(core.config)
+    mine = {k: list(config[k]) if isinstance(config[k], tuple) else config[k] for k in SHARED_BY_RANKS}
+    every = all_gather_json(mine, "the DiRe settings")
+    core.ranks_checked = True
+    differ = differences(every)
+    if differ:
+        raise DiReInputError(f"the ranks run DiRe with different settings: {differ}; give every rank the same ones")
+
+
+def exchange_counts(core: Any, what: str = "the DiRe counters") -> None:
+    """Every rank's counters, as of now, into ``core.rank_counts`` (rank → counters); ``what``
+    names the exchange in a timeout error."""
     _, size = world()
     if size == 1:
         return
     mine = torch.tensor([[getattr(core.stats, c) for c in _COUNTERS]], dtype=torch.long)
-    (counts,) = all_gather_rows([mine], "the DiRe counters")
+    (counts,) = all_gather_rows([mine], what)
     core.rank_counts = {r: dict(zip(_COUNTERS, (int(v) for v in c[0]))) for r, c in enumerate(counts)}
 
 
@@ -39,8 +65,11 @@ def union_term_gradient(core: Any, emb: Tensor, labels: Tensor) -> Tuple[Tensor,
     rank, size = world()
     if size == 1:
         return core.term_gradient(emb, labels), emb, labels
-    exchange_counts(core)
-    embs, labs = all_gather_rows([emb.detach().float(), labels.to(torch.long)], "the synthetic embeddings of a step")
+    check_same_settings(core)
+    # The counters travel first in the same step: a timeout in either is this step's exchange.
+    what = f"the synthetic embeddings of synthesis step {core.stats.steps + 1}"
+    exchange_counts(core, what)
+    embs, labs = all_gather_rows([emb.detach().float(), labels.to(torch.long)], what)
     start = sum(int(e.shape[0]) for e in embs[:rank])
     union, union_labels = torch.cat(embs), torch.cat(labs)
     grad = core.term_gradient(union, union_labels)
@@ -49,18 +78,32 @@ def union_term_gradient(core: Any, emb: Tensor, labels: Tensor) -> Tuple[Tensor,
 
 def w_destroy_process_group(core_of: Callable[[], Any]) -> Callable:
     """A wrapper of ``torch.distributed.destroy_process_group``: the last exchange of counters
-    happens while the group still exists (scripts destroy it before the process exits)."""
+    happens while the group still exists (scripts destroy it before the process exits).
+
+    After an exchange of ours failed (a timeout included) neither the last exchange nor the
+    teardown happens: gloo's teardown waits for the failed exchange, forever when a peer is
+    stopped, and upstream scripts call it from a ``finally``. The group is left to the process's
+    exit, and the run ends with the first failure: the error already in flight goes on; if the
+    script caught ours, it is raised here, so the run never ends as if it had succeeded."""
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        core = core_of()
-        if core is not None and core.active:
-            try:
-                exchange_counts(core)
-            except Exception as e:  # noqa: BLE001 - the script is ending: a failed exchange only costs the counts
-                import logging
+        import torch.distributed as dist
 
-                logging.getLogger("dire").warning("[dire] the ranks' final counters could not be exchanged: %s", e)
-        return wrapped(*args, **kwargs)
+        group = args[0] if args else kwargs.get("group")
+        if group is not None and group is not dist.group.WORLD:
+            return wrapped(*args, **kwargs)  # a subgroup: our exchanges run in the default one
+        core = core_of()
+        if core is not None and core.active and first_failure() is None:
+            try:
+                exchange_counts(core, "the DiRe counters at the end of the run")
+            except DiReHookError:
+                pass  # now the first failure: handled below like any other
+        failure = first_failure()
+        if failure is None:
+            return wrapped(*args, **kwargs)
+        if sys.exc_info()[1] is None:
+            raise failure
+        return None
 
     return wrapper
 

@@ -35,7 +35,7 @@ from ..regularizer.defaults import COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
 from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture
-from .distributed import rank_summary
+from .distributed import check_same_settings, rank_summary
 from .settings import RunConfig, check_run_settings
 from .share import ShareMeter
 from .termination import install_sigterm, interruption, uninstall_sigterm
@@ -91,6 +91,8 @@ class DiReRuntime:
         self.manifest_written = False
         #: rank → counters of every rank (a torch.distributed run; see :mod:`.distributed`).
         self.rank_counts: Dict[int, Dict[str, int]] = {}
+        #: The ranks were found to share the settings (:func:`.distributed.check_same_settings`).
+        self.ranks_checked = False
         self._suspended = 0
         self._terms = active_components(config.components, config.r_c, config.r_e)
         self._added = False
@@ -137,6 +139,7 @@ class DiReRuntime:
         :func:`~dire_plugin.embeddings.isolation.private_forward`) and draw no number from the
         method's random generators."""
         if self.bank is None:
+            check_same_settings(self)  # building the bank is the ranks' first exchange
             with self.suspended(), own_rng():
                 bank = self.bank_factory(teacher, layer, device)
             logger.info(
@@ -202,7 +205,7 @@ class DiReRuntime:
                 method = torch.zeros_like(dire) if total is None else (total - dire if included else total)
                 sq = torch.stack([dire.detach().double().pow(2).sum(), method.detach().double().pow(2).sum()])
                 if world()[1] > 1:  # the share of every rank's rows together; the same factor everywhere
-                    (parts,) = all_gather_rows([sq.cpu().view(1, 2)], "the gradient share")
+                    (parts,) = all_gather_rows([sq.cpu().view(1, 2)], f"the gradient share of synthesis step {step}")
                     sq = torch.cat(parts).sum(0)
                 d2, m2 = (float(v) for v in sq)
                 factor, finished = self.share.observe(step, d2 ** 0.5, m2 ** 0.5)
@@ -485,14 +488,21 @@ def fail_run(error: BaseException, prog: str = "dire") -> int:
     where = f" (manifest of this run: {path})" if path is not None else ""
     ended = interruption(error)
     if ended is not None:
-        print(f"{prog}: {ended[0]}{where}", file=sys.stderr, flush=True)
+        _say(f"{prog}: {ended[0]}{where}")
         return ended[1]
     if isinstance(error, DiReError):
-        print(f"{prog}: error: {' '.join(str(error).split())}{where}", file=sys.stderr, flush=True)
+        _say(f"{prog}: error: {' '.join(str(error).split())}{where}")
         return 2
     if path is not None:
         logger.info("[dire] manifest of this failed run: %s", path)
     return 1
+
+
+def _say(line: str) -> None:
+    # One write with its newline: under torchrun every rank's line goes to the same stderr, and
+    # print() writes the newline apart, so another rank's line could land before it.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 _PREVIOUS_HOOK = None

@@ -12,9 +12,16 @@ from ..regularizer.defaults import (
     COMPONENTS, DEFAULT_R_C, DEFAULT_R_E, REDUCTIONS, check_active_weights, check_share, check_weights,
 )
 
-__all__ = ["BANK_DTYPES", "RunConfig", "check_run_settings"]
+__all__ = ["BANK_DTYPES", "SHARED_BY_RANKS", "RunConfig", "check_run_settings"]
 
 BANK_DTYPES = ("float32", "float16", "bfloat16")
+
+#: The settings every rank of a torch.distributed run must share: what the term depends on and
+#: which code runs. Not among them: ``real_data`` (node-local copies of a dataset sit at different
+#: paths; the data itself is compared through the bank key), ``cache_dir`` and ``manifest_dir``
+#: (folders of each node), ``log_every`` (what is logged, not what is computed).
+SHARED_BY_RANKS = ("method", "commit", "script", "r_c", "r_e", "share", "reduction", "components", "memory",
+                   "bank_max_per_class", "bank_dtype")
 
 
 def _whole(value: Any, name: str, where: str, minimum: int) -> int:

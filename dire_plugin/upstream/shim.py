@@ -11,7 +11,8 @@ installed:
 * ``torch.cuda.is_available`` is ``False`` and ``device_count`` is 0, so ``nn.DataParallel`` runs
   its module directly; ``empty_cache``, ``synchronize``, ``set_device`` do nothing;
 * torchvision model builders get ``weights=None`` (random init) instead of downloading
-  ``pretrained=True`` / ``weights=...`` checkpoints;
+  ``pretrained=True`` / ``weights=...`` checkpoints, drawn from a fixed seed, so every process
+  gets the same stand-in as it would get the same download;
 * ``torch.distributed.init_process_group`` runs on gloo when it is asked for NCCL (torchrun
   scripts such as SRe²L's multi-GPU recover run on CPU processes).
 
@@ -323,9 +324,17 @@ def _builder_wrapper(original: Callable) -> Callable:
         kwargs["weights"] = None
         if has_backbone:
             kwargs["weights_backbone"] = None
-        if dropped:
-            logger.debug("[dire] CPU shim: %s(%s) built with random weights", wrapped.__name__, ", ".join(dropped))
-        return wrapped(*args, **kwargs)
+        if not dropped:
+            return wrapped(*args, **kwargs)
+        logger.debug("[dire] CPU shim: %s(%s) built with random weights", wrapped.__name__, ", ".join(dropped))
+        import torch
+
+        # The ranks of a torchrun script each build the teacher: unseeded, each would get another
+        # one (and DiRe's ranks would refuse to build a bank together). The script's own random
+        # stream stays as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return wrapped(*args, **kwargs)
 
     return wrapper
 

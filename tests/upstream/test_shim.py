@@ -179,6 +179,23 @@ def test_builders_never_download(shimmed, no_downloads, build):
     assert isinstance(model, nn.Module)
 
 
+def test_pretrained_stand_ins_are_the_same_in_every_process(shimmed, no_downloads):
+    """Downloaded weights are the same in every process: so are the stand-ins (the ranks of a
+    torchrun smoke would otherwise embed the real data with different teachers), and the
+    script's own random numbers are not consumed by them."""
+    torch.manual_seed(1)
+    first = torchvision.models.__dict__["resnet18"](pretrained=True).state_dict()
+    after_first = torch.rand(3)
+    torch.manual_seed(2)
+    second = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.DEFAULT).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_first)
+    # Random weights asked for stay random.
+    a, b = (torchvision.models.resnet18(weights=None).state_dict() for _ in range(2))
+    assert not torch.equal(a["fc.weight"], b["fc.weight"])
+
+
 def test_builder_keeps_other_arguments(shimmed, no_downloads):
     model = torchvision.models.get_model("resnet18", weights="DEFAULT", num_classes=7)
     assert model.fc.out_features == 7
