@@ -129,6 +129,20 @@ class PackedEmbeddings(ClassSums):
         rows = torch.split(x.detach()[order.to(x.device)], counts.tolist())
         return cls.from_classes(classes.tolist(), rows, x.device, eps)
 
+    def rows_for(self, classes: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(rows [len(classes), M_max, D], counts)`` of ``classes``; no rows for a class that is
+        not here (a memory that has not seen it yet)."""
+        rows = self.padded.new_zeros(len(classes), self.padded.shape[1], self.padded.shape[2])
+        counts = self.counts.new_zeros(len(classes))
+        if len(self.classes) == 0:
+            return rows, counts
+        classes = classes.to(self.classes.device)
+        pos = torch.searchsorted(self.classes, classes).clamp_max(len(self.classes) - 1)
+        hit = self.classes[pos] == classes
+        rows[hit] = self.padded[pos[hit]]
+        counts[hit] = self.counts[pos[hit]]
+        return rows, counts
+
     def to(self, device: torch.device) -> "PackedEmbeddings":
         base = ClassSums.to(self, device)
         return PackedEmbeddings(base.classes, base.unit_sums, base.counts, self.padded.to(device), self.sq_norms.to(device))
