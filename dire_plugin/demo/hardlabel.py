@@ -28,7 +28,7 @@ class HardLabelSettings:
     """One protocol: the network, its optimiser and schedule. ``lr`` is DM's 0.01 unless a set
     comes with its own (MTT's learnt ``syn_lr``: :meth:`with_lr`)."""
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 256
     lr: float = 0.01
     momentum: float = 0.9

@@ -134,8 +134,8 @@ class DemoOptions:
         """How the sets of ``family`` are evaluated (its own method's protocol)."""
         d = self.spec
         if family.protocol == HARD_LABELS:
-            return HardLabelSettings(steps=self.student_steps or 300, num_classes=d.num_classes)
-        steps = self.student_steps or (200 if d is DIGITS else 1000)
+            return HardLabelSettings(steps=self.student_steps or 200, num_classes=d.num_classes)
+        steps = self.student_steps or (150 if d is DIGITS else 1000)
         return StudentSettings(steps=steps, max_shift=d.max_shift, flip=d.flip, arch=d.arch, num_classes=d.num_classes)
 
     @property
@@ -315,7 +315,7 @@ def _family_settings(opts: DemoOptions, family: Family) -> Dict[str, Any]:
     """What a reader needs to rerun a family's rows (every run's full command is in report.json)."""
     protocol = opts.protocol(family)
     evaluation = protocol.describe() + (" at the learnt syn_lr (the real subset at lr 0.01)" if family.name == "mtt" else "")
-    return {
+    settings = {
         "script": f"dire_plugin/{family.script} (ours, shaped like the upstream's)",
         "DiRe": f"python -m dire_plugin.cli.run {family.method} SCRIPT --real-data DIGITS --cache-dir CACHE "
                 f"[--share {COMMON_SHARE:g}] -- ARGS (the {family.method} patch: the {family.name} patch's capture, "
@@ -327,6 +327,12 @@ def _family_settings(opts: DemoOptions, family: Family) -> Dict[str, Any]:
                            "draw the same random numbers)",
         "students": f"{opts.seeds} per set, the same student seeds for every set: {evaluation}",
     }
+    if family.name == "mtt":
+        e = ExpertSettings()
+        settings["experts"] = (f"{e.num_experts} trajectories of {e.train_epochs} epochs by dire_plugin/demo/mtt/buffer.py "
+                               f"(SGD lr {e.lr_teacher:g}, momentum {e.mom:g}, batch {e.batch_train}, DSA), trained once "
+                               "and cached; DiRe's feature extractor is the last epoch of the first, as with the real patch")
+    return settings
 
 
 def _figures(opts: DemoOptions, out: Path, sections: Sequence[FamilySection], sets: _Sets,

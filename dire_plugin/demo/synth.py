@@ -237,10 +237,12 @@ def run_synthesis(jobs: Sequence[SynthJob], ctx: SynthContext, parallel: int, lo
     return results
 
 
-#: Rough CPU seconds per synthesis iteration of each family at IPC 10 (measured on 2 cores): the
-#: longest runs start first, so the last one does not leave a core idle at the end.
-_COST_PER_ITERATION = {"sre2l": 0.05, "dwa": 0.08, "dm": 0.03, "mtt": 0.2}
+#: CPU seconds per synthesis step of each family at IPC 10 (measured: the report's CPU ms / iter on
+#: 2 cores, DiRe runs) and of a process's start: the longest runs start first, so the last one
+#: does not leave a core idle at the end.
+_COST_PER_STEP = {"sre2l": 0.006, "dwa": 0.009, "dm": 0.055, "mtt": 0.19}
+_COST_TO_START = 4.0
 
 
 def _cost(job: SynthJob) -> float:
-    return _COST_PER_ITERATION.get(job.family, 0.1) * job.spec.expected_steps(job) * max(1, job.ipc // 10)
+    return _COST_TO_START + _COST_PER_STEP.get(job.family, 0.1) * job.spec.expected_steps(job) * max(1, job.ipc / 10)
