@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthesis iterations of every family, in its own unit (default: each family's, see the "
                    "report; CIFAR: 500)")
     d.add_argument("--student-steps", type=positive_int, metavar="N",
-                   help="training steps per student (digits: 150 relabelled, 200 on hard labels; --quick 100; CIFAR: 1000)")
+                   help="training steps per student (digits: 150 relabelled, 200 on hard labels; --quick 60; CIFAR: 1000)")
     d.add_argument("--teacher-epochs", type=positive_int, metavar="N", help="teacher training epochs (digits: 15; CIFAR: 30)")
     d.add_argument("--r-bn", type=weight, metavar="F", help="weight of the BN prior of the SRe²L and DWA scripts (default 0.01)")
     d.add_argument("--jobs", type=positive_int, metavar="N", help="processes at once (default: CPU count, at most 8; on a GPU 4)")

@@ -129,19 +129,19 @@ class _MTT(Family):
 
 
 FAMILIES: Dict[str, Family] = {f.name: f for f in (
-    _Recover("sre2l", "SRe²L", "demo", RECOVER_SCRIPT, RELABEL, iterations=60, quick_iterations=30,
+    _Recover("sre2l", "SRe²L", "demo", RECOVER_SCRIPT, RELABEL, iterations=60, quick_iterations=20,
              options=("--lr", "0.25")),
     # DWA's CIFAR recipe (scripts/run_cifar.sh): lr 0.25, 12 perturbation steps of rho 15e-3 in all.
-    _DWA("dwa", "DWA", "demo-dwa", DWA_SCRIPT, RELABEL, iterations=60, quick_iterations=30,
+    _DWA("dwa", "DWA", "demo-dwa", DWA_SCRIPT, RELABEL, iterations=60, quick_iterations=20,
          options=("--lr", "0.25", "--steps", "12", "--rho", "15e-3")),
     # DC-BENCH's DM defaults (lr_img 1, real init, DSA); 64 real images per class and iteration
     # of the ~135 each digit class has.
-    _DM("dm", "DM", "demo-dm", DM_SCRIPT, HARD_LABELS, iterations=150, quick_iterations=60,
+    _DM("dm", "DM", "demo-dm", DM_SCRIPT, HARD_LABELS, iterations=150, quick_iterations=40,
         options=("--lr_img", "1", "--batch_real", "64", "--init", "real", "--dsa_strategy", "scale_rotate_crop"),
         iteration="one SGD step on all synthetic images, with a fresh random network"),
     # MTT's CIFAR-10 recipe scaled down: 10 unrolled steps matching 2 expert epochs from a start
     # below epoch 5, images at lr 100, syn_lr learnt from 0.01 (the experts' lr) at 1e-5.
-    _MTT("mtt", "MTT", "demo-mtt", MTT_SCRIPT, HARD_LABELS, iterations=30, quick_iterations=10,
+    _MTT("mtt", "MTT", "demo-mtt", MTT_SCRIPT, HARD_LABELS, iterations=30, quick_iterations=6,
          options=("--syn_steps", "10", "--expert_epochs", "2", "--max_start_epoch", "5", "--lr_img", "100",
                   "--lr_lr", "1e-05", "--lr_teacher", "0.01", "--pix_init", "real", "--dsa_strategy",
                   "scale_rotate_crop"),

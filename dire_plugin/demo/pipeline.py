@@ -98,7 +98,7 @@ class DemoOptions:
     def quick_run(cls, **overrides: Any) -> "DemoOptions":
         """``--quick``: two synthesis seeds, one student each, fewer iterations and steps (CI runs it
         end to end; its numbers are noisy)."""
-        base = dict(seeds=1, syn_seeds=2, student_steps=100, quick=True)
+        base = dict(seeds=1, syn_seeds=2, student_steps=60, quick=True)
         return cls(**{**base, **overrides})
 
     @property
