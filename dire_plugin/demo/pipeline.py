@@ -360,7 +360,7 @@ def _figures(opts: DemoOptions, out: Path, sections: Sequence[FamilySection], se
             measured = (result.manifest or {}).get("gradient_share", {}).get("measured") or []
             lines.append(ShareLine(section.family, f"{section.family}: {v.label}",
                                    [(int(step), float(share)) for step, share in measured], dashed=v.share is not None))
-    files.update(write_share_figure(out, lines, COMMON_SHARE))
+    files.update(write_share_figure(out, lines, COMMON_SHARE, "gradient_share" + suffix))
     return files
 
 

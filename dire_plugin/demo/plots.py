@@ -150,10 +150,10 @@ def share_png(lines: Sequence[ShareLine], target: float) -> bytes:
     return buf.getvalue()
 
 
-def write_share_figure(out: Path, lines: Sequence[ShareLine], target: float) -> Dict[str, Path]:
-    """``gradient_share.png``; ``{}`` when no run measured a share."""
+def write_share_figure(out: Path, lines: Sequence[ShareLine], target: float, name: str = "gradient_share") -> Dict[str, Path]:
+    """``{name}.png``; ``{}`` when no run measured a share."""
     if not any(line.points for line in lines):
         return {}
-    path = out / "gradient_share.png"
+    path = out / f"{name}.png"
     atomic_write(path, share_png(lines, target))
-    return {"gradient_share": path}
+    return {name: path}
