@@ -212,6 +212,8 @@ def test_share_calibrates_the_weights_on_the_first_steps():
         torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-4, atol=1e-7)
         share = runtime.manifest()["gradient_share"]
         assert share["first_steps"][:3] == pytest.approx([0.2, 0.2, 0.2], rel=1e-4)
+        assert [step for step, _ in share["measured"]] == [1, 2, 3, 4]
+        assert [s for _, s in share["measured"]][:3] == pytest.approx([0.2, 0.2, 0.2], rel=1e-4)
         assert share["calibration"]["done"] and share["calibration"]["r_c"] == pytest.approx(0.5 * k, rel=1e-4)
     finally:
         sre2l.unpatch()
