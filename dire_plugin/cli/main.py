@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true",
                    help="smoke run: fewer iterations, 2 synthesis seeds, 1 student per set (noisy numbers)")
     d.add_argument("--ablation", action="store_true",
-                   help="compare the 7 combinations of the CD/CDM/EDM terms at IPC 10 (writes ablation.md/.json)")
+                   help="compare the 7 combinations of the CD/CDM/EDM terms and the logdet term (alone, in place of and beside CD; cosine and RBF kernels) at IPC 10 (writes ablation.md/.json)")
     d.add_argument("--ipc", type=_ipc, nargs="+", metavar="N", help="images per class (default 10; CIFAR: 10 50)")
     d.add_argument("--seeds", type=positive_int, metavar="N",
                    help="students per set, paired across variants (default 2; --quick: 1)")

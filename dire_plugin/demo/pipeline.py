@@ -381,7 +381,8 @@ def _settings(opts: DemoOptions, data: DemoData, teacher_acc: float, coverage_re
         "teacher test accuracy %": round(100 * teacher_acc, 2),
     }
     if opts.ablation:
-        settings["ablation weights"] = "r_c 1, r_e 0.01, terms switched with the launcher's --components"
+        settings["ablation weights"] = ("r_c 1, r_e 0.01, terms switched with the launcher's --components; logdet rows: r_d 1, "
+                                        "--logdet-kernel cosine or rbf")
     return settings
 
 

@@ -36,6 +36,8 @@ class Variant:
     share: Optional[float] = None
     default: bool = False
     components: Optional[Tuple[str, ...]] = None  # None: every term (the runtime's default)
+    r_d: Optional[float] = None  # the logdet term's weight, with "logdet" in components
+    logdet_kernel: Optional[str] = None
 
     @property
     def dire(self) -> bool:
@@ -50,18 +52,24 @@ class Variant:
             flags += ["--r-c", repr(self.r_c), "--r-e", repr(self.r_e)]
         if self.components:
             flags += ["--components", ",".join(self.components)]
+        if self.r_d is not None:
+            flags += ["--r-d", repr(self.r_d)]
+        if self.logdet_kernel is not None:
+            flags += ["--logdet-kernel", self.logdet_kernel]
         return flags
 
     @classmethod
-    def with_dire(cls, r_c: float, r_e: float, components: Optional[Tuple[str, ...]] = None) -> "Variant":
-        """``+ DiRe (r_c 1, r_e 0)``, or ``+ DiRe CD+CDM`` for an ablation row."""
+    def with_dire(cls, r_c: float, r_e: float, components: Optional[Tuple[str, ...]] = None,
+                  r_d: Optional[float] = None, logdet_kernel: Optional[str] = None) -> "Variant":
+        """``+ DiRe (r_c 1, r_e 0)``, or ``+ DiRe CD+CDM`` for an ablation row (``... (rbf)`` for
+        the logdet term with the RBF kernel)."""
         if components is None:
             key = f"dire_rc{_num(r_c)}_re{_num(r_e)}"
             label = f"+ DiRe (r_c {_num(r_c)}, r_e {_num(r_e)})"
         else:
-            key = "dire_" + "_".join(components)
-            label = "+ DiRe " + "+".join(c.upper() for c in components)
-        return cls(key, label, r_c, r_e, components=components)
+            key = "dire_" + "_".join(components) + (f"_{logdet_kernel}" if logdet_kernel else "")
+            label = "+ DiRe " + "+".join(c.upper() for c in components) + (f" ({logdet_kernel})" if logdet_kernel else "")
+        return cls(key, label, r_c, r_e, components=components, r_d=r_d, logdet_kernel=logdet_kernel)
 
     @classmethod
     def at_share(cls, share: float) -> "Variant":
@@ -77,4 +85,9 @@ MAIN_VARIANTS = (VANILLA, DEFAULT, SHARED)
 
 #: The paper's Table 14: every non-empty subset of the three terms, at weights where EDM counts.
 _COMBOS = (("cd",), ("cdm",), ("edm",), ("cd", "cdm"), ("cd", "edm"), ("cdm", "edm"), ("cd", "cdm", "edm"))
-ABLATION_VARIANTS = (VANILLA,) + tuple(Variant.with_dire(1.0, 0.01, c) for c in _COMBOS)
+#: Beyond the paper: the determinantal term (r_d 1, as r_c) alone, in place of CD and beside it,
+#: with each of its two kernels, on the same seeds.
+_LOGDET = (("logdet",), ("logdet", "cdm", "edm"), ("cd", "cdm", "edm", "logdet"))
+ABLATION_VARIANTS = (VANILLA,) + tuple(Variant.with_dire(1.0, 0.01, c) for c in _COMBOS) + tuple(
+    Variant.with_dire(1.0, 0.01, c, r_d=1.0, logdet_kernel=k) for k in ("cosine", "rbf") for c in _LOGDET
+)
