@@ -261,7 +261,8 @@ def _weights(variant: Optional[Variant], manifests: Sequence[Dict[str, Any]]) ->
     if target is not None:
         return f"share {target:g} → r_c {mean('r_c'):.3g}, r_e {mean('r_e'):.3g}", calibrated
     if variant.components:
-        return f"r_c {variant.r_c:g}, r_e {variant.r_e:g}, {'+'.join(variant.components)}", calibrated
+        logdet = f", r_d {variant.r_d:g} ({variant.logdet_kernel})" if variant.r_d is not None else ""
+        return f"r_c {variant.r_c:g}, r_e {variant.r_e:g}{logdet}, {'+'.join(variant.components)}", calibrated
     return f"r_c {mean('r_c'):.3g}, r_e {mean('r_e'):.3g}", calibrated
 
 

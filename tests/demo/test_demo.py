@@ -673,3 +673,17 @@ def test_a_cached_folder_of_nested_files_is_reused_and_rebuilt_when_touched(tmp_
             cached_folder(root, "settings A", write, "expert cache")
             capsys.readouterr()
     assert [p.name for p in tmp_path.iterdir()] == ["experts"]  # no temporary folder left behind
+
+
+def test_ablation_rows_name_the_terms_and_the_logdet_weight_and_kernel():
+    # The paper's seven combinations, then logdet alone, in place of CD and beside it, per kernel.
+    from dire_plugin.demo.pipeline import _weights
+    from dire_plugin.demo.variants import ABLATION_VARIANTS
+
+    dire = [v for v in ABLATION_VARIANTS if v.dire]
+    assert len(dire) == 13 and len({v.key for v in dire}) == 13
+    beside = next(v for v in dire if v.components == ("cd", "cdm", "edm", "logdet") and v.logdet_kernel == "rbf")
+    assert beside.launcher_flags()[-4:] == ["--r-d", "1.0", "--logdet-kernel", "rbf"]
+    assert _weights(beside, [{"config": {"r_c": 1.0, "r_e": 0.01}}])[0] == "r_c 1, r_e 0.01, r_d 1 (rbf), cd+cdm+edm+logdet"
+    cd = next(v for v in dire if v.components == ("cd",))
+    assert "--r-d" not in cd.launcher_flags() and _weights(cd, [{"config": {}}])[0] == "r_c 1, r_e 0.01, cd"
