@@ -137,7 +137,9 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
         runtime = current_runtime()
         # Every step measured, or none (the schedule's few measured steps would sit in the median).
         runtime.share.first, runtime.share.every = (opts.iterations, 1) if measure_share else (0, 0)
-        runtime.memory.add(torch.rand(shape.classes * (IPC - 1), D), torch.arange(shape.classes).repeat(IPC - 1))
+        # The key the teacher's bank gets at the first step (keyed on the bank), with earlier ipc indices.
+        runtime.memory_of(runtime.add_bank(bank)).add(torch.rand(shape.classes * (IPC - 1), D),
+                                                      torch.arange(shape.classes).repeat(IPC - 1))
         seconds = run_block(model, bn, images(), targets, opts.iterations, device)
         added, measured = runtime.stats.terms_added, len(runtime.share.records)
         patch.unpatch()

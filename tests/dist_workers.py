@@ -70,7 +70,7 @@ def core(**settings):
 
     config = RunConfig(**{"method": "sre2l", "script": "t.py", "r_c": 0.5, "r_e": 0.05, "log_every": 0, **settings})
     runtime = DiReRuntime(config, lambda *a: bank(), Capture())
-    runtime.bank = bank()
+    runtime.add_bank(bank())
     return runtime
 
 

@@ -38,6 +38,11 @@ How a step gets the term, without a second forward:
    of each batch. The memory holds each finished image's embedding from its last forward (taken
    before its last update). Where the images cannot be told from the graph, the commit happens at
    the new tensor's first optimizer step instead (one step late).
+
+   The teacher of a criterion call is the model whose classifier produced its logits, and its key
+   in the core (:meth:`~.runtime.DiReRuntime.key_for`) picks the bank and the memory of the term.
+   Where teachers rotate (G-VBSM, EDC: one per iteration), each teacher's memory receives the
+   finished images' embeddings from the last forward through that teacher.
 5. Under ``torch.distributed`` (SRe²L's multi-GPU recover) the term is computed on the union of
    every rank's current embeddings (:mod:`.distributed`), each rank keeping its own rows' gradient.
 
@@ -154,7 +159,8 @@ class DecoupledCapture(Capture):
         self.last: Optional[Tuple[Tensor, Tensor]] = None  # embeddings and labels of the last term
         # The tensor of images being optimised, and the last embeddings of its images.
         self._images: Optional[weakref.ref] = None
-        self._finished: Optional[Tuple[Tensor, Tensor]] = None
+        self._finished: Dict[str, Tuple[Tensor, Tensor]] = {}  # key of the teacher → its last embeddings
+        self._last_key: Optional[str] = None
         self._identified = False  # the last criterion call told its images from the graph
         self._stepped: Optional[weakref.ref] = None  # images that had a synthesis step
         self._covers: Optional[Tuple[weakref.ref, bool]] = None  # images, their batch holds every class
@@ -267,18 +273,18 @@ class DecoupledCapture(Capture):
         labels = torch.as_tensor(labels).reshape(-1)
         device = outputs.device
         emb = torch.cat([r.emb.detach().to(device) for r in chunks])
-        self._bank(chunks[0], device)
+        key = self._key(chunks[0], device)
         # Under torch.distributed the term is the one of every rank's current images together.
-        grad, union, union_labels = union_term_gradient(self.core, emb, labels.to(device))
+        grad, union, union_labels = union_term_gradient(self.core, emb, labels.to(device), key=key)
         route = self._route(images, outputs, labels, chunks[0])
         self.routes[route] += 1
         if route == "shared":
             self._attach(chunks, grad, images)
         else:
             self._images_only(chunks, grad, images)
-        self.last = (union.detach().float(), union_labels.detach().to(device))
+        self.last, self._last_key = (union.detach().float(), union_labels.detach().to(device)), key
         if images is not None:
-            self._finished = self.last
+            self._finished[key] = self.last
 
     def _switch_to(self, images: Tensor) -> None:
         """``images`` are optimised now: if they are new, the last embeddings of the previous
@@ -286,9 +292,10 @@ class DecoupledCapture(Capture):
         current = self._images() if self._images is not None else None
         if current is images:
             return
-        if self._images is not None and self._finished is not None:
-            self.core.commit_to_memory(*self._finished)
-        self._images, self._finished = weakref.ref(images), None
+        if self._images is not None:
+            for key, finished in self._finished.items():
+                self.core.commit_to_memory(*finished, key=key)
+        self._images, self._finished = weakref.ref(images), {}
 
     def _route(self, images: Optional[Tensor], outputs: Tensor, labels: Tensor, record: _Record) -> str:
         if self.teacher_grads != "auto":
@@ -305,10 +312,11 @@ class DecoupledCapture(Capture):
             self._dirty.add(teacher)
         return "shared"
 
-    def _bank(self, record: _Record, device: torch.device) -> None:
+    def _key(self, record: _Record, device: torch.device) -> str:
+        """The core's key of the teacher that produced ``record`` (its bank built the first time)."""
         teacher = record.root if record.root is not None else record.layer
         layer = next((n for n, m in unwrap_model(teacher).named_modules() if m is record.layer), None)
-        self.core.bank_for(teacher, layer or "", device)
+        return self.core.key_for(teacher, layer or "", device)
 
     def _parts(self, chunks: List[_Record], grad: Tensor):
         start = 0
@@ -390,9 +398,9 @@ class DecoupledCapture(Capture):
         self._attached = self._stale = False
         images = plain_tensor_params(optimizer)[0]
         self._stepped = weakref.ref(images)
-        if not self._identified:  # the criterion could not tell the images: switch here, one step late
+        if not self._identified and self.last is not None:  # images not told apart: switch here, one step late
             self._switch_to(images)
-            self._finished = self.last
+            self._finished[self._last_key] = self.last
 
     def missing_reason(self) -> str:
         if self._stale:

@@ -317,3 +317,60 @@ def test_where_the_manifest_goes(tmp_path):
     assert written(inside).parent == cache / "runs"
     assert written(outside, RuntimeError("boom")).parent == cache / "runs"
     assert not inside.exists()
+
+
+def _teacher_of_width(width, seed):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(width, NUM_CLASSES)).eval()
+    for p in net.parameters():
+        p.requires_grad = False
+    return net
+
+
+def test_rotating_teachers_keep_their_own_bank_memory_and_counts():
+    # G-VBSM's loop in one process: the teacher changes every iteration and the widths differ, so
+    # each term must read its own teacher's bank and memory (one shared one could not even hold both).
+    wide, narrow = _teacher_of_width(8, 0), _teacher_of_width(5, 1)
+    banks = {id(wide): _bank(), id(narrow): RealEmbeddingBank.from_tensors(
+        torch.rand(NUM_CLASSES * 3, 5, generator=torch.Generator().manual_seed(7)) + 0.1,
+        torch.arange(NUM_CLASSES).repeat(3))}
+    built = []
+
+    def factory(teacher, layer, device):
+        built.append(id(teacher))
+        return banks[id(teacher)]
+
+    sre2l.patch(RunConfig(method="gvbsm", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0), bank_factory=factory)
+    try:
+        runtime = current_runtime()
+        targets = torch.arange(NUM_CLASSES)
+        gen = torch.Generator().manual_seed(3)
+        first = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+        last = {}
+        for teacher in (wide, narrow, wide, narrow):
+            _step(teacher, first, targets, nn.CrossEntropyLoss())
+            last[id(teacher)] = runtime.capture.last  # each teacher's last embeddings of this batch
+        assert built == [id(wide), id(narrow)]  # once per teacher, not once per step
+        keys = list(runtime.keys)
+        assert keys == [banks[id(wide)].fingerprint, banks[id(narrow)].fingerprint]
+        # The next batch's first step, through the narrow teacher: its bank, and the memory of the
+        # finished batch as the narrow teacher saw it last.
+        second = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+        memory = SyntheticMemory()
+        memory.add(*last[id(narrow)])
+        g_vanilla, g_dire = _expected_grad(narrow, second, targets, banks[id(narrow)], memory=memory)
+        grad, _ = _step(narrow, second, targets, nn.CrossEntropyLoss())
+        torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
+        wide_memory, narrow_memory = (runtime.memory_of(k) for k in keys)
+        assert (len(wide_memory), wide_memory.get(0).shape[1]) == (NUM_CLASSES, 8)
+        assert (len(narrow_memory), narrow_memory.get(0).shape[1]) == (NUM_CLASSES, 5)
+        torch.testing.assert_close(narrow_memory.get(2), last[id(narrow)][0][2:3])
+        manifest = runtime.manifest()
+        assert manifest["bank"] is None and manifest["memory_embeddings"] == 2 * NUM_CLASSES
+        assert [(t["bank"]["dim"], t["terms_added"], t["terms_computed"], t["memory_embeddings"])
+                for t in manifest["teachers"]] == [(8, 2, 2, NUM_CLASSES), (5, 3, 3, NUM_CLASSES)]
+        with pytest.raises(DiReHookError, match="no key given in a run of 2 teachers"):
+            runtime.term_gradient(torch.rand(2, 8), torch.tensor([0, 1]))
+    finally:
+        sre2l.unpatch()
