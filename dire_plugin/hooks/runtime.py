@@ -481,8 +481,8 @@ class DiReRuntime:
         """Write the manifest of a finished run beside its outputs outside the checkout; that of a
         failed one, or of one with no such outputs, to :meth:`fallback_manifest_path` (README: a
         failed run's manifest is in ``<cache>/runs/``)."""
-        rank = os.environ.get("RANK", "0")
-        if error is None and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, size = _rank_and_size()
+        if error is None and rank != "0" and size > 1:
             self.manifest_written = True
             return []  # rank 0 writes the one manifest, with every rank's counts
         inside = self.outputs_in_checkout()
@@ -504,6 +504,15 @@ class DiReRuntime:
         """The run is ending with ``error``: write its manifest now and return where it went."""
         written = self.write_manifest(error)
         return written[0] if written else None
+
+
+def _rank_and_size() -> Tuple[str, int]:
+    """This process's rank and the world size: the process group's when there is one (workers
+    that ``mp.spawn`` starts have no ``RANK`` variable), else torchrun's variables."""
+    rank, size = world()
+    if size > 1:
+        return str(rank), size
+    return os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 _RUNTIME: Optional[DiReRuntime] = None
@@ -604,7 +613,10 @@ def fail_run(error: BaseException, prog: str = "dire") -> int:
     from ..errors import DiReError
 
     runtime = _RUNTIME
-    path = runtime.report_failure(error) if runtime is not None else None
+    # An error a worker process handed on names the manifest that worker wrote (hooks.workers).
+    path = getattr(error, "dire_manifest", None)
+    if path is None and runtime is not None:
+        path = runtime.report_failure(error)
     where = f" (manifest of this run: {path})" if path is not None else ""
     ended = interruption(error)
     if ended is not None:
