@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 from ..embeddings.realdata import RealDataSpec
 from ..regularizer.defaults import DEFAULT_R_C, DEFAULT_R_E
 
-__all__ = ["REFERENCE_SHARE", "ScriptSpec", "Target", "Weights"]
+__all__ = ["REFERENCE_SHARE", "ScriptSpec", "Target", "Weights", "option_value"]
 
 #: DiRe's share of the images' gradient (:mod:`dire_plugin.hooks.share`) that the released weights
 #: give SRe²L where they were tuned (measured: README "Default weights"); methods whose image
@@ -102,10 +102,14 @@ class ScriptSpec:
     smoke_outputs: Optional[str] = None
     #: Processes of a smoke run: more than 1 runs it under ``torchrun --nproc-per-node N`` (gloo).
     smoke_ranks: int = 1
+    #: CUDA devices the CPU shim reports in a smoke run (``None``: its default, 1): a script that
+    #: starts one worker per device itself (G-VBSM's ``mp.spawn``) runs that many gloo workers.
+    smoke_devices: Optional[int] = None
     #: ``"module:function"`` that makes up further inputs of a smoke run (MTT's expert buffer):
-    #: called as ``function(work, args, env)`` with the work folder, the script's arguments and the
-    #: run's environment (which it may extend); a :class:`~dire_plugin.errors.DiReError` it raises
-    #: (a missing upstream dependency) fails the run with its message, without starting it.
+    #: called as ``function(work, args, env, script)`` with the work folder, the script's arguments,
+    #: the run's environment (which it may extend) and the script's path in the checkout; a
+    #: :class:`~dire_plugin.errors.DiReError` it raises (a missing upstream dependency) fails the run
+    #: with its message, without starting it.
     smoke_prepare: Optional[str] = None
     #: Seconds a smoke run may take on a laptop CPU.
     smoke_timeout: int = 600
@@ -125,15 +129,15 @@ class ScriptSpec:
         spec = self
         if self.by_option is not None:
             option, choices = self.by_option
-            spec = dict(choices).get(_option_value(argv, option), self)
+            spec = dict(choices).get(option_value(argv, option), self)
         if spec.num_classes_option is not None:
-            value = _option_value(argv, spec.num_classes_option)
+            value = option_value(argv, spec.num_classes_option)
             if value is not None and value.isdigit() and int(value) > 0:
                 spec = replace(spec, num_classes=int(value))
         return spec
 
 
-def _option_value(argv: Sequence[str], option: str) -> Optional[str]:
+def option_value(argv: Sequence[str], option: str) -> Optional[str]:
     """The value of ``option`` in ``argv`` (``--opt VALUE`` or ``--opt=VALUE``; the last one wins)."""
     value = None
     for i, arg in enumerate(argv):

@@ -16,6 +16,8 @@ METHODS: Dict[str, str] = {
     "dwa": "dire_plugin.patches.dwa",
     "dm": "dire_plugin.patches.dm",
     "mtt": "dire_plugin.patches.mtt",
+    "gvbsm": "dire_plugin.patches.gvbsm",
+    "edc": "dire_plugin.patches.edc",
 }
 
 #: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any

@@ -30,7 +30,7 @@ from ..errors import DiReError
 from ..hooks.declare import ScriptSpec
 from ..hooks.registry import load_method
 from ..hooks.runtime import MANIFEST_NAME
-from .shim import ENV_FAKE_DATA, ENV_REDIRECT
+from .shim import ENV_DEVICES, ENV_FAKE_DATA, ENV_REDIRECT
 
 __all__ = [
     "SmokeResult", "run_smoke", "smoke_script", "upstream_failure", "write_fake_cifar", "write_fake_imagefolder",
@@ -366,12 +366,14 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
     env = _environment(work)
     if spec.smoke_data:
         env[ENV_FAKE_DATA] = str(data)
+    if spec.smoke_devices is not None:  # a script that starts a worker per GPU itself (mp.spawn)
+        env[ENV_DEVICES] = str(spec.smoke_devices)
     if spec.checkpoint_at:  # loaded from a fixed path: the shim loads our random-init teacher instead
         env[ENV_REDIRECT] = json.dumps({spec.checkpoint_at: str(ckpt)})
     if spec.smoke_prepare:  # further made-up inputs (MTT's expert buffer); a missing dependency stops here
         module, _, function = spec.smoke_prepare.partition(":")
         try:
-            getattr(importlib.import_module(module), function)(work, args, env)
+            getattr(importlib.import_module(module), function)(work, args, env, script)
         except DiReError as e:
             shutil.rmtree(work, ignore_errors=True)
             return SmokeResult(rel, False, time.time() - start, f"{e} (not run)")

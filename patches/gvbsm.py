@@ -1,0 +1,158 @@
+"""G-VBSM (shaoshitong/G_VBSM_Dataset_Condensation): SRe²L's decoupled recovery with several
+teachers, one per iteration (round-robin), inside ``mp.spawn`` workers that split each batch.
+
+DiRe needs nothing of its own here: the decoupled capture finds each iteration's teacher through
+its classifier, the core keeps one bank and one memory per teacher (its keys), the workers are
+switched on by the prelude every spawned child runs, and their batch shards are joined by the
+union exchange of SRe²L's multi-GPU script. G-VBSM's own diversity term (``--nuc-norm``, a KL
+between softmaxed Gram eigenvalues per class) stays as it is: ``--nuc-norm 0`` is G-VBSM + DiRe
+without it (docs/methods/gvbsm.md).
+
+Smoke runs (CPU) start two gloo workers (the shim reports two devices), write a random-initialised
+checkpoint of every CIFAR/Tiny-ImageNet teacher in ``--pre-train-path``'s layout, built by the
+checkout's own model code, and read the statistics the checkout commits (``./statistic``).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Sequence, Tuple
+
+from dire_plugin.embeddings.realdata import RealDataSpec
+from dire_plugin.hooks.declare import ScriptSpec, Target, Weights, option_value
+from dire_plugin.hooks.patcher import method_patch
+
+from .sre2l import IMAGENET, TINY
+
+METHOD = "gvbsm"
+
+SCRIPT = "data_synthesis_with_svd_with_db_with_all_statistic.py"
+BRANCHES = ("CIFAR_10", "CIFAR_100", "Tiny_ImageNet", "full_ImageNet_1k")
+
+# Both CIFAR branches clip and denormalise with CIFAR-100's constants: their teachers saw those.
+CIFAR100 = RealDataSpec("cifar100", crop=32, mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761))
+CIFAR10 = RealDataSpec("cifar10", crop=32, mean=CIFAR100.mean, std=CIFAR100.std)
+# The Tiny-ImageNet branch normalises with ImageNet's constants (tiny_in_dataset.normalize).
+TINY_GVBSM = RealDataSpec("imagefolder", crop=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class Teachers:
+    """The teachers a script builds from checkpoints (facts of the pinned code), for the smoke run's
+    made-up ``--pre-train-path/<folder>/<name>/squeeze_<name>.pth``: built by the checkout's own
+    ``models.model_dict[name]``, or ``baseline.get_network`` for the ``ConvNet*`` names."""
+
+    folder: str
+    names: Tuple[str, ...]
+    num_classes: int
+    size: int
+
+
+CIFAR_TEACHERS = ("ResNet18", "ConvNetW128", "MobileNetV2", "WRN_16_2", "ShuffleNetV2_0_5")
+
+#: Script (repo-relative) → its teachers; ImageNet's are torchvision's ``pretrained=True`` ones,
+#: which the CPU shim builds random.
+TEACHERS: Dict[str, Teachers] = {
+    f"Branch_CIFAR_10/recover/{SCRIPT}": Teachers("CIFAR-10", CIFAR_TEACHERS, 10, 32),
+    f"Branch_CIFAR_100/recover/{SCRIPT}": Teachers("CIFAR-100", CIFAR_TEACHERS, 100, 32),
+    f"Branch_Tiny_ImageNet/recover/{SCRIPT}": Teachers("Tiny-ImageNet", CIFAR_TEACHERS, 200, 64),
+}
+
+# recover.sh's settings, on two CPU workers, few images and iterations. Every smoke makes at least
+# as many steps as the script has teachers (each teacher's bank is built and used), over two
+# batches or more (a finished batch joins every teacher's memory). Tiny-ImageNet's script needs
+# --ipc-number to be a multiple of 10.
+_SMOKE = ("--exp-name", "smoke", "--syn-data-path", "{out}", "--lr", "0.05", "--l2-scale", "0", "--tv-l2", "0",
+          "--r-loss", "0.01", "--nuc-norm", "1.", "--verifier", "--store-best-images", "--gpu-id", "0,1")
+_PRETRAINED = ("--pre-train-path", "{work}/pretrain")
+_SPAWNED = dict(smoke_devices=2, run_from="script", smoke_prepare="dire_plugin.patches.gvbsm:prepare_smoke")
+
+
+def _spec(real: RealDataSpec, classes: int, args: Sequence[str], timeout: int = 900) -> ScriptSpec:
+    return ScriptSpec(real, num_classes=classes, smoke_args=(*_SMOKE, *args), smoke_timeout=timeout, **_SPAWNED)
+
+
+SCRIPTS = {
+    f"Branch_CIFAR_10/recover/{SCRIPT}": _spec(
+        CIFAR10, 10, (*_PRETRAINED, "--batch-size", "10", "--ipc-number", "2", "--iteration", "3")),
+    f"Branch_CIFAR_100/recover/{SCRIPT}": _spec(
+        CIFAR100, 100, (*_PRETRAINED, "--batch-size", "20", "--ipc-number", "1", "--iteration", "2")),
+    f"Branch_Tiny_ImageNet/recover/{SCRIPT}": _spec(
+        TINY_GVBSM, 200, (*_PRETRAINED, "--batch-size", "400", "--ipc-number", "10", "--iteration", "1"), 1800),
+    # 1000 classes at 224 px through four torchvision teachers: the slowest of the four.
+    f"Branch_full_ImageNet_1k/recover/{SCRIPT}": _spec(
+        IMAGENET, 1000, ("--batch-size", "200", "--ipc-number", "1", "--iteration", "1"), 3600),
+}
+
+#: SRe²L's Adam (lr 0.05-0.1 in recover.sh) on CE + feature matching: the released SRe²L weights.
+DEFAULT_WEIGHTS = Weights(why="SRe²L's loss and Adam optimiser with several teachers: the released SRe²L weights")
+
+TARGETS = tuple(
+    Target(f"Branch_{branch}/recover/{SCRIPT}", symbol)
+    for branch in BRANCHES
+    for symbol in ("main_worker", "main_syn")
+) + tuple(
+    Target(f"Branch_{branch}/recover/utils.py", symbol, module="utils")
+    for branch in BRANCHES
+    for symbol in ("BNFeatureHook", "ConvFeatureHook")
+)
+
+
+# --- smoke runs (dire-apply --verify --smoke) -----------------------------------------------------
+
+
+def write_teachers(script: Path, teachers: Teachers, root: Path, env: Dict[str, str], extra: str = "") -> None:
+    """Random-initialised checkpoints of ``teachers`` under ``root/<folder>/<name>/squeeze_<name>.pth``,
+    built by the checkout's own model code: a child interpreter in the script's folder imports its
+    ``models`` and ``baseline`` (no bytecode is written there). ``extra``: JSON options for
+    :func:`build_in_checkout` (EDC's statistics)."""
+    code = (f"from dire_plugin.patches.gvbsm import build_in_checkout; "
+            f"build_in_checkout({json.dumps(asdict(teachers))!r}, {str(root)!r}, {extra or '{}'!r})")
+    run = subprocess.run([sys.executable, "-B", "-c", code], cwd=script.parent, capture_output=True, text=True,
+                         env={**{k: v for k, v in env.items() if not k.startswith("DIRE_")}, "PYTHONDONTWRITEBYTECODE": "1"})
+    if run.returncode != 0:
+        from dire_plugin.errors import DiReInputError
+
+        last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DiReInputError(f"could not build the teachers of {script.name} with the checkout's code: {last}")
+
+
+def build_in_checkout(teachers: str, root: str, extra: str = "{}") -> None:
+    """Run by :func:`write_teachers` in the script's folder of the checkout."""
+    import torch
+
+    spec, options = json.loads(teachers), json.loads(extra)
+    import models  # the checkout's own, from the current folder
+    from baseline import get_network
+
+    built = []
+    for i, name in enumerate(spec["names"]):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(i)
+            if name.startswith("ConvNet"):
+                net = get_network(name, channel=3, num_classes=spec["num_classes"], im_size=(spec["size"],) * 2, dist=False)
+            else:
+                net = models.model_dict[name](num_classes=spec["num_classes"])
+        folder = Path(root) / spec["folder"] / name
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), folder / f"squeeze_{name}.pth")
+        built.append((name, net))
+    if options.get("statistics"):
+        from dire_plugin.patches.edc import write_statistics
+
+        write_statistics(built, spec["size"], spec["num_classes"], options)
+
+
+def prepare_smoke(work: Path, args: Sequence[str], env: Dict[str, str], script: Path) -> None:
+    """Made-up teacher checkpoints where the script loads them (``--pre-train-path``)."""
+    rel = next((r for r in TEACHERS if script.as_posix().endswith(r)), None)
+    pretrain = option_value(args, "--pre-train-path")
+    if rel is not None and pretrain:
+        write_teachers(script, TEACHERS[rel], Path(pretrain), env)
+
+
+# The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS stays fast.
+patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="decoupled")
