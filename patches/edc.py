@@ -14,6 +14,7 @@ from files), so users run it twice; the smoke writes files of the shapes the tea
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -108,7 +109,11 @@ def write_statistics(teachers: List[Tuple[str, Any]], size: int, classes: int, o
     written = 0
     for aux, net in teachers:
         inputs: Dict[str, Tuple[int, ...]] = {}
-        hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.setdefault(n, tuple(i[0].shape)))
+
+        def record(module: Any, args: Any, output: Any, name: str = "") -> None:  # None: the output stays
+            inputs.setdefault(name, tuple(args[0].shape))
+
+        hooks = [m.register_forward_hook(functools.partial(record, name=n))
                  for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
         with torch.no_grad():
             net.eval()(torch.zeros(1, 3, size, size))
