@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from dire_plugin.hooks.declare import ScriptSpec, Target, Weights, option_value
 from dire_plugin.hooks.patcher import method_patch
 
-from .gvbsm import CIFAR10, CIFAR100, CIFAR_TEACHERS, TINY_GVBSM, Teachers, write_teachers
+from .gvbsm import CIFAR10, CIFAR100, CIFAR_TEACHERS, TINY_GVBSM, Teachers, require_upstream_imports, write_teachers
 from .sre2l import IMAGENET
 
 METHOD = "edc"
@@ -145,6 +145,7 @@ def prepare_smoke(work: Path, args: Sequence[str], env: Dict[str, str], script: 
     """Made-up teacher checkpoints (``--pre-train-path``) and statistics (``--statistic-path``)."""
     import json
 
+    require_upstream_imports(script)
     rel = next(r for r in STATISTICS if script.as_posix().endswith(r))
     form, patch = STATISTICS[rel]
     options = {"root": option_value(args, "--statistic-path"), "name": form, "patch": patch}

@@ -104,6 +104,26 @@ TARGETS = tuple(
 # --- smoke runs (dire-apply --verify --smoke) -----------------------------------------------------
 
 
+#: What the branches import beyond dire-plugin's own requirements (import name → what to install),
+#: checked before a smoke run so that a missing one is one line, not the upstream's traceback.
+NEEDS = {"CIFAR": ("einops", "kornia", "scipy"), "Tiny": ("einops", "kornia", "scipy", "prefetch_generator"),
+         "ImageNet": ("einops", "scipy")}
+
+
+def require_upstream_imports(script: Path) -> None:
+    """A :class:`~dire_plugin.errors.DiReInputError` naming what ``script``'s branch imports and
+    this environment lacks (their installation is the checkout's, as its own README says)."""
+    import importlib.util
+
+    from dire_plugin.errors import DiReInputError
+
+    branch = next((key for key in NEEDS if key in script.parent.parent.name), "CIFAR")
+    missing = [name for name in NEEDS[branch] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DiReInputError(f"{script.parent.parent.name}/{script.parent.name}/{script.name} imports "
+                             f"{', '.join(missing)}, which is not installed: pip install {' '.join(missing)}")
+
+
 def write_teachers(script: Path, teachers: Teachers, root: Path, env: Dict[str, str], extra: str = "") -> None:
     """Random-initialised checkpoints of ``teachers`` under ``root/<folder>/<name>/squeeze_<name>.pth``,
     built by the checkout's own model code: a child interpreter in the script's folder imports its
@@ -148,6 +168,7 @@ def build_in_checkout(teachers: str, root: str, extra: str = "{}") -> None:
 
 def prepare_smoke(work: Path, args: Sequence[str], env: Dict[str, str], script: Path) -> None:
     """Made-up teacher checkpoints where the script loads them (``--pre-train-path``)."""
+    require_upstream_imports(script)
     rel = next((r for r in TEACHERS if script.as_posix().endswith(r)), None)
     pretrain = option_value(args, "--pre-train-path")
     if rel is not None and pretrain:

@@ -50,19 +50,25 @@ def check_same_settings(core: Any) -> None:
         raise DiReInputError(f"the ranks run DiRe with different settings: {differ}; give every rank the same ones")
 
 
+#: The key sent by a rank whose synthesis is over (its last exchange of counters).
+FINISHED = -1
+
+
 def _key_id(key: Optional[str]) -> int:
     """A key as one int64 (its first 15 hex digits), 0 for none."""
     return int(key[:15], 16) if key else 0
 
 
-def exchange_counts(core: Any, what: str = "the DiRe counters", key: Optional[str] = None) -> List[int]:
+def exchange_counts(core: Any, what: str = "the DiRe counters", key: Optional[str] = None,
+                    finished: bool = False) -> List[int]:
     """Every rank's counters, as of now, into ``core.rank_counts`` (rank → counters) and each
     key's into ``core.rank_key_counts``; returns each rank's ``key`` of the step (as
-    :func:`_key_id`). ``what`` names the exchange in a timeout error."""
+    :func:`_key_id`; :data:`FINISHED` from a rank whose synthesis is over). ``what`` names the
+    exchange in a timeout error."""
     _, size = world()
     if size == 1:
         return []
-    rows = [[*(getattr(core.stats, c) for c in _COUNTERS), _key_id(key)]]
+    rows = [[*(getattr(core.stats, c) for c in _COUNTERS), FINISHED if finished else _key_id(key)]]
     rows += [[_key_id(k), state.stats.terms_added, state.stats.computed, 0] for k, state in core.keys.items()]
     (counts,) = all_gather_rows([torch.tensor(rows, dtype=torch.long)], what)
     core.rank_counts = {r: dict(zip(_COUNTERS, (int(v) for v in c[0][:3]))) for r, c in enumerate(counts)}
@@ -77,6 +83,14 @@ def exchange_counts(core: Any, what: str = "the DiRe counters", key: Optional[st
 def _check_same_key(core: Any, ids: List[int], step: int) -> None:
     if len(set(ids)) < 2:
         return
+    done = [r for r, i in enumerate(ids) if i == FINISHED]
+    if done:  # its last exchange met this step's: it will not take part in any other
+        raise DiReHookError(
+            f"the ranks no longer synthesise together: rank{'s' if len(done) > 1 else ''} "
+            f"{', '.join(map(str, done))} finished while the others are at synthesis step {step} (a batch that "
+            "does not split evenly over the ranks?); DiRe joins the ranks' embeddings of every step: choose a batch "
+            "size that splits every batch evenly, or set DIRE_DISABLE=1 to run vanilla"
+        )
     names = {_key_id(k): f"{state.teacher} {state.short}".strip() for k, state in core.keys.items()}
     differ = differences([{"teacher": names.get(i, f"key {i:015x}")} for i in ids])
     raise DiReHookError(
@@ -125,7 +139,7 @@ def w_destroy_process_group(core_of: Callable[[], Any]) -> Callable:
         core = core_of()
         if core is not None and core.active and first_failure() is None:
             try:
-                exchange_counts(core, "the DiRe counters at the end of the run")
+                exchange_counts(core, "the DiRe counters at the end of the run", finished=True)
             except DiReHookError:
                 pass  # now the first failure: handled below like any other
         failure = first_failure()

@@ -66,7 +66,7 @@ class Worker:
             raise
         runtime = current_runtime()
         if runtime is not None and runtime.active and first_failure() is None:
-            exchange_counts(runtime, "the DiRe counters at the end of the worker")
+            exchange_counts(runtime, "the DiRe counters at the end of the worker", finished=True)
         return result
 
 

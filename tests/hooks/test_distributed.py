@@ -81,6 +81,14 @@ def test_a_stopped_rank_ends_the_others_with_the_first_failure_and_no_teardown(t
     assert seen["later_s"] < 1.5
 
 
+def test_a_rank_that_finished_early_stops_the_others_with_one_line(tmp_path):
+    # Its last exchange meets the others' next step: without the flag they would wait for
+    # embeddings it never sends, or read its counters as a step's.
+    assert W.start(2, W.one_rank_finishes_early, str(tmp_path), env={"DIRE_DIST_TIMEOUT": "30"}) == [0, 0]
+    assert (tmp_path / "rank0.txt").read_text().startswith(
+        "the ranks no longer synthesise together: rank 1 finished while the others are at synthesis step 2 ")
+
+
 def test_ranks_with_different_settings_stop_with_one_line_naming_them(tmp_path):
     assert W.start(2, W.settings_differ, str(tmp_path)) == [0, 0]
     for r in range(2):
