@@ -19,15 +19,15 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from dire_plugin.hooks.declare import ScriptSpec, Target, Weights, option_value
+from dire_plugin.hooks.declare import ScriptSpec, Weights, option_value
 from dire_plugin.hooks.patcher import method_patch
 
-from .gvbsm import CIFAR10, CIFAR100, CIFAR_TEACHERS, TINY_GVBSM, Teachers, require_upstream_imports, write_teachers
+from .gvbsm import (CIFAR10, CIFAR100, CIFAR_TEACHERS, PRETRAINED, TINY_GVBSM, Teachers, branch_targets,
+                    require_upstream_imports, spawned_spec, write_teachers)
 from .sre2l import IMAGENET
 
 METHOD = "edc"
 
-BRANCHES = ("CIFAR_10", "CIFAR_100", "Tiny_ImageNet", "full_ImageNet_1k")
 CIFAR_EDC_TEACHERS = (*CIFAR_TEACHERS, "ConvNetD1", "ConvNetD2", "ConvNetW32")
 IMAGENET_TEACHERS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet")
 
@@ -54,22 +54,20 @@ _SMOKE = ("--exp-name", "smoke", "--syn-data-path", "{out}", "--category-aware",
           "--drop-rate", "0.0", "--training-momentum", "0.8", "--r-loss", "0.01", "--verifier",
           "--store-best-images", "--gpu-id", "0,1", "--statistic-path", "{work}/statistic",
           "--initial-img-dir", "{init}", "--train-data-path", "{work}/train")
-_PRETRAINED = ("--pre-train-path", "{work}/pretrain")
-_SPAWNED = dict(smoke_devices=2, run_from="script", smoke_init="folders",
-                smoke_prepare="dire_plugin.patches.edc:prepare_smoke")
 
 
 def _spec(real: Any, classes: int, args: Sequence[str], timeout: int = 900) -> ScriptSpec:
-    return ScriptSpec(real, num_classes=classes, smoke_args=(*_SMOKE, *args), smoke_timeout=timeout, **_SPAWNED)
+    return spawned_spec(real, classes, (*_SMOKE, *args), timeout, smoke_init="folders",
+                        smoke_prepare="dire_plugin.patches.edc:prepare_smoke")
 
 
 SCRIPTS = {
     "Branch_CIFAR_10/recover/recover.py": _spec(
-        CIFAR10, 10, (*_PRETRAINED, "--batch-size", "10", "--ipc-number", "2", "--iteration", "4")),
+        CIFAR10, 10, (*PRETRAINED, "--batch-size", "10", "--ipc-number", "2", "--iteration", "4")),
     "Branch_CIFAR_100/recover/recover.py": _spec(
-        CIFAR100, 100, (*_PRETRAINED, "--batch-size", "20", "--ipc-number", "1", "--iteration", "2")),
+        CIFAR100, 100, (*PRETRAINED, "--batch-size", "20", "--ipc-number", "1", "--iteration", "2")),
     "Branch_Tiny_ImageNet/recover/recover.py": _spec(
-        TINY_GVBSM, 200, (*_PRETRAINED, "--batch-size", "40", "--ipc-number", "1", "--iteration", "1"), 1800),
+        TINY_GVBSM, 200, (*PRETRAINED, "--batch-size", "40", "--ipc-number", "1", "--iteration", "1"), 1800),
     # 1000 classes at 224 px, five torchvision teachers and their class-wise statistics.
     "Branch_full_ImageNet_1k/recover/recover.py": _spec(
         IMAGENET, 1000, ("--batch-size", "200", "--ipc-number", "1", "--iteration", "1", "--l2-scale", "0",
@@ -79,15 +77,7 @@ SCRIPTS = {
 #: G-VBSM's Adam on CE + feature matching: the released SRe²L weights, as for G-VBSM.
 DEFAULT_WEIGHTS = Weights(why="SRe²L's loss and Adam optimiser with several teachers: the released SRe²L weights")
 
-TARGETS = tuple(
-    Target(f"Branch_{branch}/recover/recover.py", symbol)
-    for branch in BRANCHES
-    for symbol in ("main_worker", "main_syn")
-) + tuple(
-    Target(f"Branch_{branch}/recover/utils.py", symbol, module="utils")
-    for branch in BRANCHES
-    for symbol in ("BNFeatureHook", "ConvFeatureHook", "PreImgPathCache")
-)
+TARGETS = branch_targets("recover.py", ("BNFeatureHook", "ConvFeatureHook", "PreImgPathCache"))
 
 
 # --- smoke runs (dire-apply --verify --smoke) -----------------------------------------------------

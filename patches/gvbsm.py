@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 from dire_plugin.embeddings.realdata import RealDataSpec
 from dire_plugin.hooks.declare import ScriptSpec, Target, Weights, option_value
@@ -67,38 +67,41 @@ TEACHERS: Dict[str, Teachers] = {
 # --ipc-number to be a multiple of 10.
 _SMOKE = ("--exp-name", "smoke", "--syn-data-path", "{out}", "--lr", "0.05", "--l2-scale", "0", "--tv-l2", "0",
           "--r-loss", "0.01", "--nuc-norm", "1.", "--verifier", "--store-best-images", "--gpu-id", "0,1")
-_PRETRAINED = ("--pre-train-path", "{work}/pretrain")
-_SPAWNED = dict(smoke_devices=2, run_from="script", smoke_prepare="dire_plugin.patches.gvbsm:prepare_smoke")
+PRETRAINED = ("--pre-train-path", "{work}/pretrain")
 
 
-def _spec(real: RealDataSpec, classes: int, args: Sequence[str], timeout: int = 900) -> ScriptSpec:
-    return ScriptSpec(real, num_classes=classes, smoke_args=(*_SMOKE, *args), smoke_timeout=timeout, **_SPAWNED)
+def spawned_spec(real: RealDataSpec, classes: int, args: Sequence[str], timeout: int = 900, **options: Any) -> ScriptSpec:
+    """A branch script run from its folder (``./statistic``), whose smoke run has two gloo workers;
+    ``args`` are its smoke arguments, ``options`` further :class:`ScriptSpec` fields."""
+    options = {"smoke_prepare": "dire_plugin.patches.gvbsm:prepare_smoke", **options}
+    return ScriptSpec(real, num_classes=classes, smoke_args=tuple(args), smoke_timeout=timeout, smoke_devices=2,
+                      run_from="script", **options)
+
+
+def branch_targets(script: str, helpers: Sequence[str]) -> Tuple[Target, ...]:
+    """Each branch's ``script`` (its loop: ``main_worker``; its teachers: ``main_syn``) and the
+    ``helpers`` of its ``utils.py``, checked when the script imports ``utils``."""
+    return tuple(
+        Target(f"Branch_{branch}/recover/{script}", symbol) for branch in BRANCHES for symbol in ("main_worker", "main_syn")
+    ) + tuple(Target(f"Branch_{branch}/recover/utils.py", symbol, module="utils") for branch in BRANCHES for symbol in helpers)
 
 
 SCRIPTS = {
-    f"Branch_CIFAR_10/recover/{SCRIPT}": _spec(
-        CIFAR10, 10, (*_PRETRAINED, "--batch-size", "10", "--ipc-number", "2", "--iteration", "3")),
-    f"Branch_CIFAR_100/recover/{SCRIPT}": _spec(
-        CIFAR100, 100, (*_PRETRAINED, "--batch-size", "20", "--ipc-number", "1", "--iteration", "2")),
-    f"Branch_Tiny_ImageNet/recover/{SCRIPT}": _spec(
-        TINY_GVBSM, 200, (*_PRETRAINED, "--batch-size", "400", "--ipc-number", "10", "--iteration", "1"), 1800),
+    f"Branch_CIFAR_10/recover/{SCRIPT}": spawned_spec(
+        CIFAR10, 10, (*_SMOKE, *PRETRAINED, "--batch-size", "10", "--ipc-number", "2", "--iteration", "3")),
+    f"Branch_CIFAR_100/recover/{SCRIPT}": spawned_spec(
+        CIFAR100, 100, (*_SMOKE, *PRETRAINED, "--batch-size", "20", "--ipc-number", "1", "--iteration", "2")),
+    f"Branch_Tiny_ImageNet/recover/{SCRIPT}": spawned_spec(
+        TINY_GVBSM, 200, (*_SMOKE, *PRETRAINED, "--batch-size", "400", "--ipc-number", "10", "--iteration", "1"), 1800),
     # 1000 classes at 224 px through four torchvision teachers: the slowest of the four.
-    f"Branch_full_ImageNet_1k/recover/{SCRIPT}": _spec(
-        IMAGENET, 1000, ("--batch-size", "200", "--ipc-number", "1", "--iteration", "1"), 3600),
+    f"Branch_full_ImageNet_1k/recover/{SCRIPT}": spawned_spec(
+        IMAGENET, 1000, (*_SMOKE, "--batch-size", "200", "--ipc-number", "1", "--iteration", "1"), 3600),
 }
 
 #: SRe²L's Adam (lr 0.05-0.1 in recover.sh) on CE + feature matching: the released SRe²L weights.
 DEFAULT_WEIGHTS = Weights(why="SRe²L's loss and Adam optimiser with several teachers: the released SRe²L weights")
 
-TARGETS = tuple(
-    Target(f"Branch_{branch}/recover/{SCRIPT}", symbol)
-    for branch in BRANCHES
-    for symbol in ("main_worker", "main_syn")
-) + tuple(
-    Target(f"Branch_{branch}/recover/utils.py", symbol, module="utils")
-    for branch in BRANCHES
-    for symbol in ("BNFeatureHook", "ConvFeatureHook")
-)
+TARGETS = branch_targets(SCRIPT, ("BNFeatureHook", "ConvFeatureHook"))
 
 
 # --- smoke runs (dire-apply --verify --smoke) -----------------------------------------------------
