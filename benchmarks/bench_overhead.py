@@ -19,10 +19,15 @@ unmeasured steps, a third block times steps that all measure it, and the cost of
 printed for a 1000-iteration batch (steps 1-5, then every 100th). ``dm`` and ``mtt`` (their own
 settings, whatever ``--shape`` says; ``_overhead_dm.py`` and ``_overhead_mtt.py`` describe them):
 a DM iteration at IPC 10 and 50 (batch_real 256), an MTT iteration at IPC 10 with 20 unrolled
-steps. Vanilla and patched runs are interleaved in one run so machine noise hits both; the script
-prints medians and their ratio, and asserts nothing about speed.
+steps. ``gvbsm`` (its own shape too): a G-VBSM worker's CIFAR-100 iteration, three teachers of
+different widths in rotation (ResNet-18 CIFAR variant 512, MobileNetV2 1280, ShuffleNetV2 ×0.5
+1024), a worker's half of recover.sh's batch (50 images: 5 classes × IPC 10), CE + BN prior + a
+per-class Gram-eigenvalue KL like G-VBSM's ``--nuc-norm`` term (our own lines), each teacher with
+its own bank (500 real per class) and memory (9 per class), one bank and memory per key as the
+patch keeps them. Vanilla and patched runs are interleaved in one run so machine noise hits both;
+the script prints medians and their ratio, and asserts nothing about speed.
 
-    python benchmarks/bench_overhead.py [--methods sre2l dwa dm mtt] [--shape cifar|imagenet|tiny]
+    python benchmarks/bench_overhead.py [--methods sre2l dwa dm mtt gvbsm] [--shape cifar|imagenet|tiny]
         [--iterations 6] [--rounds 3] [--device cpu|cuda]
 """
 from __future__ import annotations
@@ -35,18 +40,19 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from dire_plugin.embeddings.bank import RealEmbeddingBank
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
-from dire_plugin.patches import dwa, sre2l
+from dire_plugin.patches import dwa, gvbsm, sre2l
 from _machine import device_line  # benchmarks/, the folder of this script
 
 PATCHES = {"sre2l": sre2l, "dwa": dwa}
-#: Methods with a loop of their own shape (benchmarks/_overhead_<method>.py).
-OWN_LOOPS = ("dm", "mtt")
+#: Methods with a loop of their own shape (benchmarks/_overhead_<method>.py, or below: gvbsm).
+OWN_LOOPS = ("dm", "mtt", "gvbsm")
 D, IPC = 512, 50
 
 
@@ -96,12 +102,15 @@ class BNStats:
         return total
 
 
-def run_block(model, bn, inputs, targets, iterations: int, device) -> float:
-    """Median seconds per iteration over ``iterations`` SRe²L-shaped iterations."""
-    optimizer = torch.optim.Adam([inputs], lr=0.25, betas=(0.5, 0.9))
+def run_block(models, bns, inputs, targets, iterations: int, device, lr: float = 0.25, extra=None) -> float:
+    """Median seconds per iteration over ``iterations`` SRe²L-shaped iterations; iteration ``i``
+    classifies with ``models[i % len(models)]`` (G-VBSM's rotation; SRe²L's: one model), and
+    ``extra(images, targets)`` is added to the loss."""
+    optimizer = torch.optim.Adam([inputs], lr=lr, betas=(0.5, 0.9))
     criterion = nn.CrossEntropyLoss()
     times = []
     for it in range(iterations):
+        model, bn = models[it % len(models)], bns[it % len(models)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -109,6 +118,8 @@ def run_block(model, bn, inputs, targets, iterations: int, device) -> float:
         jit = torch.roll(inputs, shifts=(it % 3, it % 2), dims=(2, 3))
         outputs = model(jit)
         loss = criterion(outputs, targets) + 0.01 * bn.pop()
+        if extra is not None:
+            loss = loss + extra(jit, targets)
         loss.backward()
         optimizer.step()
         if device.type == "cuda":
@@ -140,7 +151,7 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
         # The key the teacher's bank gets at the first step (keyed on the bank), with earlier ipc indices.
         runtime.memory_of(runtime.add_bank(bank)).add(torch.rand(shape.classes * (IPC - 1), D),
                                                       torch.arange(shape.classes).repeat(IPC - 1))
-        seconds = run_block(model, bn, images(), targets, opts.iterations, device)
+        seconds = run_block([model], [bn], images(), targets, opts.iterations, device)
         added, measured = runtime.stats.terms_added, len(runtime.share.records)
         patch.unpatch()
         model.zero_grad(set_to_none=True)
@@ -150,7 +161,7 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
 
     vanilla, patched, measuring = [], [], []
     for _ in range(opts.rounds):
-        vanilla.append(run_block(model, bn, images(), targets, opts.iterations, device))
+        vanilla.append(run_block([model], [bn], images(), targets, opts.iterations, device))
         patched.append(patched_block(False))
         measuring.append(patched_block(True))
 
@@ -174,10 +185,76 @@ def share_cost(extra: float, iteration: float, iterations: int = 1000) -> float:
     return measured * max(extra, 0.0) / (iterations * iteration)
 
 
+#: G-VBSM's rotation: torchvision builder, width of its classifier's input (CIFAR-100, 32 px).
+ROTATION = (("resnet18", 512), ("mobilenet_v2", 1280), ("shufflenet_v2_x0_5", 1024))
+GVBSM_CLASSES, GVBSM_PER_CLASS, GVBSM_REAL = 5, 10, 500
+
+
+def gram_eigen_kl(x: torch.Tensor, labels: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
+    """A diversity term shaped like G-VBSM's ``--nuc-norm`` (what its cost is made of): per class,
+    the KL between softmaxed eigenvalues of the Gram matrix of the pooled, flattened images."""
+    flat = F.adaptive_avg_pool2d(x, 32).flatten(1)
+    total = x.new_zeros(())
+    for c in labels.unique().tolist():
+        rows = flat[labels == c]
+        eig = torch.linalg.eigvals(rows @ rows.t()).real.float()
+        total = total + F.kl_div(eig.log_softmax(-1), (eig / tau).softmax(-1).detach(), reduction="sum")
+    return total
+
+
+def measure_rotating(opts: argparse.Namespace, device: torch.device) -> None:
+    """G-VBSM's iteration (module doc), vanilla and through the gvbsm patch, interleaved."""
+    models, banks, bns = [], {}, []
+    for seed, (name, width) in enumerate(ROTATION):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(name, num_classes=100)
+        if name == "resnet18":
+            model.conv1, model.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        model = model.to(device).eval().requires_grad_(False)
+        models.append(model)
+        bns.append(BNStats(model))
+        bank = RealEmbeddingBank.from_tensors(torch.rand(100 * GVBSM_REAL, width),
+                                              torch.arange(100).repeat_interleave(GVBSM_REAL))
+        bank.packed(device), bank.fingerprint  # once per run, as in a real one: not in the timed steps
+        banks[id(model)] = bank
+    targets = torch.arange(GVBSM_CLASSES, device=device).repeat_interleave(GVBSM_PER_CLASS)
+    config = RunConfig(method="gvbsm", script="bench", log_every=0)
+
+    def images() -> torch.Tensor:
+        return torch.randn(len(targets), 3, 32, 32, device=device, requires_grad=True)
+
+    def patched_block() -> float:
+        gvbsm.patch(config, bank_factory=lambda teacher, layer, dev: banks[id(teacher)])
+        runtime = current_runtime()
+        runtime.share.first, runtime.share.every = 0, 0  # unmeasured steps, as most of a run's
+        for name_width, model in zip(ROTATION, models):  # each teacher's memory of IPC - 1 finished images
+            runtime.memory_of(runtime.add_bank(banks[id(model)])).add(
+                torch.rand(100 * (GVBSM_PER_CLASS - 1), name_width[1]), torch.arange(100).repeat(GVBSM_PER_CLASS - 1))
+        seconds = run_block(models, bns, images(), targets, opts.iterations, device, lr=0.05, extra=gram_eigen_kl)
+        added, keys = runtime.stats.terms_added, len(runtime.keys)
+        gvbsm.unpatch()
+        assert added == opts.iterations and keys == len(ROTATION), f"DiRe added to {added} steps, {keys} keys"
+        return seconds
+
+    vanilla, patched = [], []
+    for _ in range(opts.rounds):
+        vanilla.append(run_block(models, bns, images(), targets, opts.iterations, device, lr=0.05, extra=gram_eigen_kl))
+        patched.append(patched_block())
+    v, p = statistics.median(vanilla), statistics.median(patched)
+    print(f"gvbsm: {len(ROTATION)} teachers in rotation ({', '.join(f'{n} D={w}' for n, w in ROTATION)}), 32px, "
+          f"batch {len(targets)} ({GVBSM_CLASSES} classes x IPC {GVBSM_PER_CLASS}), CE + BN prior + Gram-eigenvalue "
+          f"KL, memory {GVBSM_PER_CLASS - 1}/class and {GVBSM_REAL} real/class per teacher")
+    print(f"  vanilla   {v * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in vanilla)})")
+    print(f"  + DiRe    {p * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in patched)})")
+    print(f"  overhead  {100 * (p / v - 1):+.1f} %")
+
+
 def measure_own_loop(method: str, opts: argparse.Namespace, device: torch.device) -> None:
-    """DM's and MTT's iterations, from their own benchmark modules."""
+    """DM's, MTT's and G-VBSM's iterations, from their own benchmark modules or above."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    if method == "dm":
+    if method == "gvbsm":
+        measure_rotating(opts, device)
+    elif method == "dm":
         import _overhead_dm
 
         for ipc in (10, 50):
