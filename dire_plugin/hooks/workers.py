@@ -52,6 +52,12 @@ class Worker:
 
         try:
             result = self.fn(index, *args)
+            runtime = current_runtime()
+            if runtime is not None and runtime.active and first_failure() is None:
+                exchange_counts(runtime, "the DiRe counters at the end of the worker", finished=True)
+            return result
+        except SystemExit:
+            raise  # the worker ended itself: its manifest is written at exit, as any run's
         except BaseException as e:  # noqa: BLE001 - reported, then raised on
             runtime = current_runtime()
             manifest = runtime.report_failure(e) if runtime is not None else None
@@ -64,10 +70,6 @@ class Worker:
                     "manifest": None if manifest is None else str(manifest),
                 })) from None
             raise
-        runtime = current_runtime()
-        if runtime is not None and runtime.active and first_failure() is None:
-            exchange_counts(runtime, "the DiRe counters at the end of the worker", finished=True)
-        return result
 
 
 def worker_failure(text: str, index: int, workers: int) -> Optional[DiReError]:
