@@ -63,8 +63,9 @@ TEACHERS: Dict[str, Teachers] = {
 
 # recover.sh's settings, on two CPU workers, few images and iterations. Every smoke makes at least
 # as many steps as the script has teachers (each teacher's bank is built and used), over two
-# batches or more (a finished batch joins every teacher's memory). Tiny-ImageNet's script needs
-# --ipc-number to be a multiple of 10.
+# batches or more (a finished batch joins every teacher's memory), and at most 50 images per worker
+# (a worker's activations with the statistics hooks' copies of them took 9 GB for 200 Tiny-ImageNet
+# images). Tiny-ImageNet's script needs --ipc-number to be a multiple of 10: 2000 images.
 _SMOKE = ("--exp-name", "smoke", "--syn-data-path", "{out}", "--lr", "0.05", "--l2-scale", "0", "--tv-l2", "0",
           "--r-loss", "0.01", "--nuc-norm", "1.", "--verifier", "--store-best-images", "--gpu-id", "0,1")
 PRETRAINED = ("--pre-train-path", "{work}/pretrain")
@@ -92,10 +93,12 @@ SCRIPTS = {
     f"Branch_CIFAR_100/recover/{SCRIPT}": spawned_spec(
         CIFAR100, 100, (*_SMOKE, *PRETRAINED, "--batch-size", "20", "--ipc-number", "1", "--iteration", "2")),
     f"Branch_Tiny_ImageNet/recover/{SCRIPT}": spawned_spec(
-        TINY_GVBSM, 200, (*_SMOKE, *PRETRAINED, "--batch-size", "400", "--ipc-number", "10", "--iteration", "1"), 1800),
-    # 1000 classes at 224 px through four torchvision teachers: the slowest of the four.
+        TINY_GVBSM, 200, (*_SMOKE, *PRETRAINED, "--batch-size", "100", "--ipc-number", "10", "--iteration", "1"), 1800),
+    # 1000 classes at 224 px through four torchvision teachers: the slowest of the four. Batches of
+    # 50 (25 per worker): a worker's activations and the statistics hooks' copies of them at 100
+    # images per worker took 10 GB.
     f"Branch_full_ImageNet_1k/recover/{SCRIPT}": spawned_spec(
-        IMAGENET, 1000, (*_SMOKE, "--batch-size", "200", "--ipc-number", "1", "--iteration", "1"), 3600),
+        IMAGENET, 1000, (*_SMOKE, "--batch-size", "50", "--ipc-number", "1", "--iteration", "1"), 3600),
 }
 
 #: SRe²L's Adam (lr 0.05-0.1 in recover.sh) on CE + feature matching: the released SRe²L weights.
