@@ -8,22 +8,22 @@ branches is not EDC (EDC#2).
 Smoke runs: as G-VBSM's, plus made-up real images for ``--initial-img-dir`` and made-up
 statistics in ``--statistic-path`` (a folder outside the checkout). At the pin the statistics
 the checkout commits do not match the names ``recover.py`` asks for, and the class-wise ones are
-not committed at all: a first run computes them from the training set, then stops
-(``category_running_*_list[targets]`` indexes a Python list with a tensor until a run loads them
-from files), so users run it twice; the smoke writes files of the shapes the teachers need.
+not committed at all. Missing ones are computed from the training set and saved, but the hooks
+stack their per-class lists into tensors only when they load them from files (``utils.py`` L153,
+L328), and index them with the batch's targets (L226, L505): read from the code (not run here), a
+run that computes them stops there and the next one loads them. The smoke writes files of the
+shapes the teachers need instead.
 """
 from __future__ import annotations
 
-import functools
-import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 from dire_plugin.hooks.declare import ScriptSpec, Weights, option_value
 from dire_plugin.hooks.patcher import method_patch
 
 from .gvbsm import (CIFAR10, CIFAR100, CIFAR_TEACHERS, PRETRAINED, TINY_GVBSM, Teachers, branch_targets,
-                    require_upstream_imports, spawned_spec, write_teachers)
+                    require_upstream_imports, spawned_spec, write_statistics, write_teachers)
 from .sre2l import IMAGENET
 
 METHOD = "edc"
@@ -82,54 +82,6 @@ TARGETS = branch_targets("recover.py", ("BNFeatureHook", "ConvFeatureHook", "Pre
 
 
 # --- smoke runs (dire-apply --verify --smoke) -----------------------------------------------------
-
-
-def write_statistics(teachers: List[Tuple[str, Any]], size: int, classes: int, options: Dict[str, Any]) -> int:
-    """Made-up statistics for every BatchNorm and convolution of ``teachers`` (``(aux name, model)``)
-    in the files ``utils.BNFeatureHook``/``ConvFeatureHook`` load with ``--category-aware global``:
-    ``<root>/ConvFeatureHook/<layer>/running.npz`` and, per class ``c``,
-    ``<root>/{BN,Conv}FeatureHook/class_<c>/<layer>/running.npz``; ``options``: ``root``, ``name``
-    and ``patch`` (see :data:`STATISTICS`). The shapes come from one forward of each teacher at
-    ``size`` px. Returns the number of files."""
-    import numpy as np
-    import torch
-    from torch import nn
-
-    root, form, patch = Path(options["root"]), options["name"], int(options["patch"])
-    rng = np.random.default_rng(0)
-    written = 0
-    for aux, net in teachers:
-        inputs: Dict[str, Tuple[int, ...]] = {}
-
-        def record(module: Any, args: Any, output: Any, name: str = "") -> None:  # None: the output stays
-            inputs.setdefault(name, tuple(args[0].shape))
-
-        hooks = [m.register_forward_hook(functools.partial(record, name=n))
-                 for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, 3, size, size))
-        for h in hooks:
-            h.remove()
-        for name, module in net.named_modules():
-            if name not in inputs:
-                continue
-            layer = form.format(cls=type(net).__name__, aux=aux, module=name)
-            _, channels, height, width = inputs[name]
-            stats = {"running_dd_var": 1 + 0.1 * rng.random(channels, dtype=np.float32),
-                     "running_dd_mean": 0.1 * rng.standard_normal(channels, dtype=np.float32)}
-            if isinstance(module, nn.Conv2d):
-                patches = math.ceil(height / patch) * math.ceil(width / patch)
-                stats.update(running_patch_var=1 + 0.1 * rng.random(patches, dtype=np.float32),
-                             running_patch_mean=0.1 * rng.standard_normal(patches, dtype=np.float32))
-                folders = [root / "ConvFeatureHook" / layer] + [root / "ConvFeatureHook" / f"class_{c}" / layer
-                                                                for c in range(classes)]
-            else:
-                folders = [root / "BNFeatureHook" / f"class_{c}" / layer for c in range(classes)]
-            for folder in folders:
-                folder.mkdir(parents=True, exist_ok=True)
-                np.savez(folder / "running.npz", **stats)
-            written += len(folders)
-    return written
 
 
 def prepare_smoke(work: Path, args: Sequence[str], env: Dict[str, str], script: Path) -> None:

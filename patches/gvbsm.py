@@ -14,18 +14,20 @@ checkout's own model code, and read the statistics the checkout commits (``./sta
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from dire_plugin.embeddings.realdata import RealDataSpec
 from dire_plugin.hooks.declare import ScriptSpec, Target, Weights, option_value
 from dire_plugin.hooks.patcher import method_patch
 
-from .sre2l import IMAGENET, TINY
+from .sre2l import IMAGENET
 
 METHOD = "gvbsm"
 
@@ -167,9 +169,55 @@ def build_in_checkout(teachers: str, root: str, extra: str = "{}") -> None:
         torch.save(net.state_dict(), folder / f"squeeze_{name}.pth")
         built.append((name, net))
     if options.get("statistics"):
-        from dire_plugin.patches.edc import write_statistics
-
         write_statistics(built, spec["size"], spec["num_classes"], options)
+
+
+def write_statistics(teachers: List[Tuple[str, Any]], size: int, classes: int, options: Dict[str, Any]) -> int:
+    """Made-up statistics for every BatchNorm and convolution of ``teachers`` (``(aux name, model)``)
+    in the files ``utils.BNFeatureHook``/``ConvFeatureHook`` load with ``--category-aware global``:
+    ``<root>/ConvFeatureHook/<layer>/running.npz`` and, per class ``c``,
+    ``<root>/{BN,Conv}FeatureHook/class_<c>/<layer>/running.npz``; ``options``: ``root``, ``name``
+    and ``patch`` (EDC's ``STATISTICS``). The shapes come from one forward of each teacher at
+    ``size`` px. Returns the number of files."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    root, form, patch = Path(options["root"]), options["name"], int(options["patch"])
+    rng = np.random.default_rng(0)
+    written = 0
+    for aux, net in teachers:
+        inputs: Dict[str, Tuple[int, ...]] = {}
+
+        def record(module: Any, args: Any, output: Any, name: str = "") -> None:  # None: the output stays
+            inputs.setdefault(name, tuple(args[0].shape))
+
+        hooks = [m.register_forward_hook(functools.partial(record, name=n))
+                 for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, size, size))
+        for h in hooks:
+            h.remove()
+        for name, module in net.named_modules():
+            if name not in inputs:
+                continue
+            layer = form.format(cls=type(net).__name__, aux=aux, module=name)
+            _, channels, height, width = inputs[name]
+            stats = {"running_dd_var": 1 + 0.1 * rng.random(channels, dtype=np.float32),
+                     "running_dd_mean": 0.1 * rng.standard_normal(channels, dtype=np.float32)}
+            if isinstance(module, nn.Conv2d):
+                patches = math.ceil(height / patch) * math.ceil(width / patch)
+                stats.update(running_patch_var=1 + 0.1 * rng.random(patches, dtype=np.float32),
+                             running_patch_mean=0.1 * rng.standard_normal(patches, dtype=np.float32))
+                folders = [root / "ConvFeatureHook" / layer] + [root / "ConvFeatureHook" / f"class_{c}" / layer
+                                                                for c in range(classes)]
+            else:
+                folders = [root / "BNFeatureHook" / f"class_{c}" / layer for c in range(classes)]
+            for folder in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                np.savez(folder / "running.npz", **stats)
+            written += len(folders)
+    return written
 
 
 def prepare_smoke(work: Path, args: Sequence[str], env: Dict[str, str], script: Path) -> None:

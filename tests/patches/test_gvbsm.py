@@ -9,7 +9,6 @@ on the union of both workers' images). DIRE_DISABLE is bit-identical to vanilla,
 disagree on a step's teacher end the job with one line.
 """
 import json
-import os
 import runpy
 import sys
 from pathlib import Path
