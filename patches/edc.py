@@ -69,9 +69,9 @@ SCRIPTS = {
     "Branch_Tiny_ImageNet/recover/recover.py": _spec(
         TINY_GVBSM, 200, (*PRETRAINED, "--batch-size", "40", "--ipc-number", "1", "--iteration", "1"), 1800),
     # 1000 classes at 224 px, five torchvision teachers and their class-wise statistics; batches of
-    # 50 as for G-VBSM (memory).
+    # 20 as for G-VBSM (memory).
     "Branch_full_ImageNet_1k/recover/recover.py": _spec(
-        IMAGENET, 1000, ("--batch-size", "50", "--ipc-number", "1", "--iteration", "1", "--l2-scale", "0",
+        IMAGENET, 1000, ("--batch-size", "20", "--ipc-number", "1", "--iteration", "1", "--l2-scale", "0",
                          "--tv-l2", "0", "--nuc-norm", "1."), 3600),
 }
 

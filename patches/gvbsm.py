@@ -97,10 +97,10 @@ SCRIPTS = {
     f"Branch_Tiny_ImageNet/recover/{SCRIPT}": spawned_spec(
         TINY_GVBSM, 200, (*_SMOKE, *PRETRAINED, "--batch-size", "100", "--ipc-number", "10", "--iteration", "1"), 1800),
     # 1000 classes at 224 px through four torchvision teachers: the slowest of the four. Batches of
-    # 50 (25 per worker): a worker's activations and the statistics hooks' copies of them at 100
-    # images per worker took 10 GB.
+    # 20 (10 per worker): a worker's activations and the statistics hooks' copies of them took
+    # 10 GB at 100 images per worker, 7.5 GB at 25.
     f"Branch_full_ImageNet_1k/recover/{SCRIPT}": spawned_spec(
-        IMAGENET, 1000, (*_SMOKE, "--batch-size", "50", "--ipc-number", "1", "--iteration", "1"), 3600),
+        IMAGENET, 1000, (*_SMOKE, "--batch-size", "20", "--ipc-number", "1", "--iteration", "1"), 3600),
 }
 
 #: SRe²L's Adam (lr 0.05-0.1 in recover.sh) on CE + feature matching: the released SRe²L weights.

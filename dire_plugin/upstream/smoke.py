@@ -38,8 +38,10 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: Real images written per class: enough for a bank, few enough to embed in seconds.
+#: Real images written per class: enough for a bank, few enough to embed in seconds; one for 1000
+#: classes or more, where every teacher (G-VBSM's four) embeds them at 224 px, minutes on a CPU.
 IMAGES_PER_CLASS = 2
+MANY_CLASSES = 1000
 #: Launcher flags for the run settings a config may hold.
 _CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "share": "--share", "reduction": "--reduction",
                  "log_every": "--log-every", "bank_dtype": "--bank-dtype"}
@@ -350,7 +352,8 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
     if spec.smoke_data:  # the script reads its own training set: the bank's real data is that set
         real = write_fake_cifar(data, spec.smoke_data)
     else:
-        real = write_fake_imagefolder(work / "real", run.num_classes)
+        real = write_fake_imagefolder(work / "real", run.num_classes,
+                                      per_class=1 if run.num_classes >= MANY_CLASSES else IMAGES_PER_CLASS)
     if spec.smoke_init:
         write_init_images(run, init)
     # torchrun starts the ranks (gloo on the CPU: the shim maps NCCL to it) with each rank's
