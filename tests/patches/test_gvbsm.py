@@ -9,6 +9,7 @@ on the union of both workers' images). DIRE_DISABLE is bit-identical to vanilla,
 disagree on a step's teacher end the job with one line.
 """
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -162,3 +163,35 @@ def test_workers_that_disagree_on_a_steps_teacher_end_the_job_with_one_line(worl
     assert manifest["status"] == "failed" and "different teachers" in manifest["error"]
     assert manifest["synthesis_steps"] == 6
     assert len(list(out.rglob("*.png"))) == 10  # the first batch, finished before the skew
+
+
+def test_the_upstream_command_after_dire_apply_reaches_the_workers(world, tmp_path, monkeypatch):
+    # What a user does: dire-apply, then the upstream's own command from its folder. The parent is
+    # activated by the .pth line; the spawned workers, fresh interpreters, by the spawn prelude.
+    import subprocess
+
+    from dire_plugin.activation.applied import ENV_SITE_DIR
+    from dire_plugin.cli.apply import main as dire_apply
+    from dire_plugin.upstream.lockfile import ENV_LOCK
+    from envs import build_wheel, child_venv, site_packages
+
+    py = child_venv(tmp_path / "venv", build_wheel(tmp_path))
+    monkeypatch.setenv(ENV_LOCK, str(world["lock"]))
+    monkeypatch.setenv(ENV_SITE_DIR, str(site_packages(py)))
+    root, out = world["root"], tmp_path / "out"
+    assert dire_apply(["gvbsm", str(root), "--real-data", str(world["data"]), "--r-c", str(R_C), "--r-e", str(R_E),
+                       "--cache-dir", str(tmp_path / "cache")]) == 0
+    try:
+        script = root / SCRIPT
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
+        env.update(WORKERS, DIRE_CPU_SHIM="1", DIRE_UPSTREAM_LOCK=str(world["lock"]), PYTHONDONTWRITEBYTECODE="1")
+        run = subprocess.run([str(py), script.name, "--syn-data-path", str(out), "--record-path", str(out),
+                              "--dist-url", f"file://{out}/process-group"], cwd=script.parent, env=env,
+                             capture_output=True, text=True, timeout=300)
+    finally:
+        assert dire_apply(["--remove", "gvbsm", str(root)]) == 0
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("[dire] gvbsm patch active") >= 3  # the parent and both workers
+    manifest = json.loads((out / "test" / "dire_manifest.json").read_text())
+    assert (manifest["synthesis_steps"], manifest["terms_added"], len(manifest["teachers"])) == (12, 12, 3)
+    assert manifest["upstream_commit"]  # pinned: the applied checkout's settings
