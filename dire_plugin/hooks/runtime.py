@@ -49,7 +49,7 @@ from ..embeddings.isolation import own_rng
 from ..embeddings.memory import SyntheticMemory
 from ..errors import DiReHookError, DiReInputError
 from ..io.files import atomic_write
-from ..regularizer.defaults import COMPONENTS
+from ..regularizer.defaults import ALL_COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
 from ..regularizer.grouped import PackedEmbeddings
 from .capture import Capture
@@ -81,7 +81,7 @@ class _Stats:
     terms_added: int = 0
     computed: int = 0
     batches_to_memory: int = 0
-    sums: Dict[str, float] = field(default_factory=lambda: {c: 0.0 for c in (*COMPONENTS, "total")})
+    sums: Dict[str, float] = field(default_factory=lambda: {c: 0.0 for c in (*ALL_COMPONENTS, "total")})
 
     def means(self) -> Dict[str, Optional[float]]:
         return {k: (v / self.computed if self.computed else None) for k, v in self.sums.items()}
@@ -112,15 +112,16 @@ class KeyState:
     def short(self) -> str:
         return self.key[:16]
 
-    def summary(self, counts: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
-        """For the manifest; ``counts``: ``(terms_added, terms_computed)`` summed over the ranks."""
+    def summary(self, counts: Optional[Tuple[int, int]] = None, means: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """For the manifest; ``counts``: ``(terms_added, terms_computed)`` summed over the ranks;
+        ``means``: the mean values to show (default: every term's)."""
         added, computed = counts if counts is not None else (self.stats.terms_added, self.stats.computed)
         return {
             "key": self.short, "teacher": self.teacher, "layer": self.layer,
             "bank": {**_bank_summary(self.bank), "build_seconds": round(self.build_seconds, 3)},
             "terms_added": added, "terms_computed": computed,
             "batches_in_memory": self.stats.batches_to_memory, "memory_embeddings": len(self.memory),
-            "mean_values": self.stats.means(),
+            "mean_values": self.stats.means() if means is None else means,
         }
 
 
@@ -155,13 +156,13 @@ class DiReRuntime:
         #: The ranks were found to share the settings (:func:`.distributed.check_same_settings`).
         self.ranks_checked = False
         self._suspended = 0
-        self._terms = active_components(config.components, config.r_c, config.r_e)
+        self._terms = active_components(config.components, config.r_c, config.r_e, config.r_d)
         self._added = False
         self._in_step = False
         self._handle: Any = None
         #: DiRe's share of the optimised tensor's gradient (and the ``share`` calibration).
         self.share = ShareMeter(config.share)
-        self._base_weights = (config.r_c, config.r_e)
+        self._base_weights = (config.r_c, config.r_e, config.r_d)
         self._share_observed = 0  # the last step whose share was observed
 
     # ------------------------------------------------------------------ install
@@ -263,17 +264,21 @@ class DiReRuntime:
         device = emb.device
         x = emb.detach().float().requires_grad_()
         use_memory = (self.config.memory if memory is None else memory) and state is not None
+        memory_sums = None
+        if use_memory and len(state.memory):  # logdet reads the memory's rows, CD only their sums
+            memory_sums = state.memory.packed(device) if "logdet" in self._terms else state.memory.class_sums(device)
+        config = self.config
         with torch.enable_grad():
             values = dire_components(
                 x, labels.to(device), real if real is not None else state.bank.packed(device),
-                memory=state.memory.class_sums(device) if use_memory and len(state.memory) else None,
-                reduction=self.config.reduction, components=self._terms,
+                memory=memory_sums, reduction=config.reduction, components=self._terms,
+                logdet_kernel=config.logdet_kernel,
             )
-            total = weighted_total(values, self.config.r_c, self.config.r_e)
+            total = weighted_total(values, config.r_c, config.r_e, config.r_d)
             if not bool(torch.isfinite(total)):  # finite terms (checked), so the weights overflowed float32
                 raise DiReInputError(
-                    f"the weighted DiRe term overflows float32 (r_c={self.config.r_c:g}, r_e={self.config.r_e:g}, "
-                    f"terms {({k: float(v) for k, v in values.items()})}): use smaller weights or --share"
+                    f"the weighted DiRe term overflows float32 (r_c={config.r_c:g}, r_e={config.r_e:g}, "
+                    f"r_d={config.r_d:g}, terms {({k: float(v) for k, v in values.items()})}): use smaller weights or --share"
                 )
             (grad,) = torch.autograd.grad(total, x)
         self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()), state)
@@ -331,10 +336,11 @@ class DiReRuntime:
 
     def _calibrated(self) -> None:
         k = self.share.scale
-        base_c, base_e = self._base_weights
-        self.config.r_c, self.config.r_e = base_c * k, base_e * k
-        logger.info("[dire] share %g: calibrated on the first %d measured steps: weights x%.4g, r_c=%.4g, r_e=%.4g",
-                    self.share.target, len(self.share.factors), k, self.config.r_c, self.config.r_e)
+        base_c, base_e, base_d = self._base_weights
+        self.config.r_c, self.config.r_e, self.config.r_d = base_c * k, base_e * k, base_d * k
+        logger.info("[dire] share %g: calibrated on the first %d measured steps: weights x%.4g, r_c=%.4g, r_e=%.4g%s",
+                    self.share.target, len(self.share.factors), k, self.config.r_c, self.config.r_e,
+                    f", r_d={self.config.r_d:.4g}" if "logdet" in self._terms else "")
 
     def _share_manifest(self) -> Dict[str, Any]:
         out = self.share.summary()
@@ -347,7 +353,7 @@ class DiReRuntime:
                 "shares_at_start_weights": [round(v, 6) for v in self.share.uncalibrated],
                 "factors": [round(f, 6) for f in self.share.factors],
                 "scale": self.share.scale, "base_r_c": self._base_weights[0], "base_r_e": self._base_weights[1],
-                "r_c": self.config.r_c, "r_e": self.config.r_e,
+                "base_r_d": self._base_weights[2], "r_c": self.config.r_c, "r_e": self.config.r_e, "r_d": self.config.r_d,
             }
         return out
 
@@ -448,17 +454,23 @@ class DiReRuntime:
             "capture": {"family": self.capture.family, **self.capture.manifest()},
             # One teacher's run: its bank; several: null, and each teacher's under "teachers".
             "bank": None if bank is None else _bank_summary(bank),
-            "teachers": [state.summary(self._key_counts(state.key)) for state in self.keys.values()],
+            "teachers": [state.summary(self._key_counts(state.key), self._shown_means(state.stats))
+                         for state in self.keys.values()],
             **counts,
             **ranks,
             "gradient_share": self._share_manifest(),
             # Summed over the keys (teachers).
             "batches_in_memory": self.stats.batches_to_memory,
             "memory_embeddings": sum(len(state.memory) for state in self.keys.values()),
-            "mean_values": self.stats.means(),
+            "mean_values": self._shown_means(self.stats),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+
+    def _shown_means(self, stats: "_Stats") -> Dict[str, Optional[float]]:
+        """Mean values for the manifest: the paper's terms as before (0 when off); logdet, beyond
+        the paper, only when chosen."""
+        return {k: v for k, v in stats.means().items() if k != "logdet" or "logdet" in self._terms}
 
     def _key_counts(self, key: str) -> Optional[Tuple[int, int]]:
         """``(terms_added, terms_computed)`` of ``key`` summed over the ranks (``None``: one process)."""

@@ -217,6 +217,37 @@ def test_share_calibrates_the_weights_on_the_first_steps():
         sre2l.unpatch()
 
 
+def test_the_logdet_term_reaches_the_images_with_the_memory():
+    # Beyond the paper: logdet beside CD, with its r_d, through the same hooks, the memory's rows included.
+    bank = _bank()
+    terms = ("cd", "cdm", "logdet")
+    config = RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.0, r_d=0.7, components=terms, log_every=0)
+    sre2l.patch(config, bank_factory=lambda *a: bank)
+    try:
+        runtime = current_runtime()
+        model = _teacher()
+        targets = torch.arange(NUM_CLASSES)
+        gen = torch.Generator().manual_seed(8)
+        first = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+        _step(model, first, targets, nn.CrossEntropyLoss())
+        memory = SyntheticMemory()
+        memory.add(*runtime.capture.last)
+        second = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+        runtime.enabled = False
+        x = second.detach().clone().requires_grad_()
+        with EmbeddingCapture(model) as cap:
+            loss = nn.CrossEntropyLoss()(model(torch.roll(x, shifts=(1, 1), dims=(2, 3))), targets) + 0.01 * x.pow(2).mean()
+            (g_vanilla,) = torch.autograd.grad(loss, x, retain_graph=True)
+            dire = DiReLoss(r_c=0.5, r_e=0.0, r_d=0.7, components=terms)(cap.embeddings, targets, bank, memory=memory)
+            (g_dire,) = torch.autograd.grad(dire, x)
+        runtime.enabled = True
+        grad, _ = _step(model, second, targets, nn.CrossEntropyLoss())
+        assert runtime.manifest()["mean_values"]["logdet"] is not None
+    finally:
+        sre2l.unpatch()
+    torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("share", [0.0, -1.0, float("nan"), float("inf"), "0.1x", True])
 def test_a_share_that_is_not_a_positive_number_is_refused(share):
     with pytest.raises(DiReInputError, match="share must be a finite number > 0"):
