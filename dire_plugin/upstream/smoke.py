@@ -330,7 +330,12 @@ def _summary(out: Path, vanilla: bool, pattern: Optional[str] = None) -> str:
     median = share.get("median")
     measured = (f", gradient share median {median:.4g} over {share.get('steps_measured')} measured steps"
                 if median is not None else "")
-    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps{measured}"
+    teachers = manifest.get("teachers") or []
+    # Several teachers (G-VBSM's rotation): the steps that got each one's term, and its bank.
+    each = ("; per teacher: " + ", ".join(
+        f"{t['teacher']} D={t['bank']['dim']} {t['terms_added']} steps (bank {t['bank']['build_seconds']:.1f} s)"
+        for t in teachers)) if len(teachers) > 1 else ""
+    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps{measured}{each}"
 
 
 def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Optional[Mapping[str, Any]] = None,

@@ -131,3 +131,22 @@ def test_smoke_of_the_real_script(capsys, method, script):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.startswith(f"PASS {method} {script}") and "DiRe added to" in out
+
+
+def test_the_line_of_a_run_of_several_teachers_names_each(tmp_path):
+    # The smoke figures: the steps that got each teacher's term, and its bank's build time.
+    import json
+
+    from dire_plugin.upstream.smoke import _summary
+
+    folder = tmp_path / "out" / "smoke" / "new000"
+    folder.mkdir(parents=True)
+    (folder / "class000_id000.png").write_bytes(b"")
+    teachers = [{"teacher": name, "bank": {"dim": dim, "build_seconds": seconds}, "terms_added": added}
+                for name, dim, seconds, added in (("ResNet", 512, 3.14, 4), ("WideResNet", 128, 1.0, 2))]
+    (folder.parent / "dire_manifest.json").write_text(json.dumps({
+        "terms_added": 6, "synthesis_steps": 6, "gradient_share": {"median": 0.05, "steps_measured": 5},
+        "teachers": teachers}))
+    assert _summary(tmp_path / "out", vanilla=False) == (
+        "1 images, DiRe added to 6/6 steps, gradient share median 0.05 over 5 measured steps; per teacher: "
+        "ResNet D=512 4 steps (bank 3.1 s), WideResNet D=128 2 steps (bank 1.0 s)")
