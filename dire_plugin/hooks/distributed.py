@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -59,12 +59,20 @@ def exchange_counts(core: Any, what: str = "the DiRe counters") -> None:
     core.rank_counts = {r: dict(zip(_COUNTERS, (int(v) for v in c[0]))) for r, c in enumerate(counts)}
 
 
-def union_term_gradient(core: Any, emb: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def union_term_gradient(core: Any, emb: Tensor, labels: Tensor,
+                        held: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(gradient of this rank's rows, embeddings of all ranks, their labels)`` for the current
-    step; one process: ``core.term_gradient`` of ``emb`` and ``emb``, ``labels`` themselves."""
+    step; one process: ``core.term_gradient`` of ``emb`` (with ``held``, see there) and ``emb``,
+    ``labels`` themselves. Across ranks a step must forward all of its rank's images (no ``held``
+    rows): the ranks exchange only the step's embeddings."""
     rank, size = world()
     if size == 1:
-        return core.term_gradient(emb, labels), emb, labels
+        return core.term_gradient(emb, labels, held=held), emb, labels
+    if held is not None and len(held[1]):
+        raise DiReHookError(
+            f"synthesis step {core.stats.steps + 1} forwards only some of the images this rank optimises; under "
+            "torch.distributed DiRe needs every step to forward all of them (set DIRE_DISABLE=1 to run vanilla)"
+        )
     check_same_settings(core)
     # The counters travel first in the same step: a timeout in either is this step's exchange.
     what = f"the synthetic embeddings of synthesis step {core.stats.steps + 1}"

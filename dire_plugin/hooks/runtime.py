@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ from ..errors import DiReHookError, DiReInputError
 from ..io.files import atomic_write
 from ..regularizer.defaults import COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
-from ..regularizer.grouped import PackedEmbeddings
+from ..regularizer.grouped import ClassSums, PackedEmbeddings
 from .capture import Capture
 from .distributed import check_same_settings, rank_summary
 from .settings import RunConfig, check_run_settings
@@ -150,20 +150,25 @@ class DiReRuntime:
         return self.bank
 
     def term_gradient(self, emb: Tensor, labels: Tensor, memory: Optional[bool] = None,
-                      real: Optional[PackedEmbeddings] = None) -> Tensor:
+                      real: Optional[PackedEmbeddings] = None, held: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """∂L_syn/∂emb for synthetic embeddings ``emb [N, D]`` (detached here) of classes
         ``labels``, against ``real`` (the method's own real embeddings of this step, DM's) or the
-        bank, and the memory unless ``memory`` is False; logs and counts the values. The capture
-        decides how the gradient reaches the images."""
+        bank, and the memory unless ``memory`` is False; logs and counts the values. ``held``:
+        ``(embeddings, labels)`` of images still being optimised that this step does not forward
+        (their last embeddings, never the step's own images): CD pushes away from them as from the
+        memory, and with it. The capture decides how the gradient reaches the images."""
         if real is None and self.bank is None:  # a capture's bug, not the user's: said even under python -O
             raise DiReHookError("internal error: a DiRe term was asked for before the real-embedding bank was built")
         device = emb.device
         x = emb.detach().float().requires_grad_()
         use_memory = self.config.memory if memory is None else memory
+        pushed = self.memory.class_sums(device) if use_memory and len(self.memory) else None
+        if use_memory and held is not None and len(held[1]):
+            rows = ClassSums.of_rows(held[0].to(device), held[1].to(device))
+            pushed = rows if pushed is None else pushed.plus(rows)
         with torch.enable_grad():
             values = dire_components(
-                x, labels.to(device), real if real is not None else self.bank.packed(device),
-                memory=self.memory.class_sums(device) if use_memory and len(self.memory) else None,
+                x, labels.to(device), real if real is not None else self.bank.packed(device), memory=pushed,
                 reduction=self.config.reduction, components=self._terms,
             )
             total = weighted_total(values, self.config.r_c, self.config.r_e)
