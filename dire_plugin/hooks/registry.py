@@ -14,6 +14,7 @@ METHODS: Dict[str, str] = {
     "sre2l": "dire_plugin.patches.sre2l",
     "cda": "dire_plugin.patches.cda",
     "dwa": "dire_plugin.patches.dwa",
+    "delt": "dire_plugin.patches.delt",
     "dm": "dire_plugin.patches.dm",
     "mtt": "dire_plugin.patches.mtt",
 }
