@@ -15,6 +15,7 @@ METHODS: Dict[str, str] = {
     "cda": "dire_plugin.patches.cda",
     "dwa": "dire_plugin.patches.dwa",
     "delt": "dire_plugin.patches.delt",
+    "prism": "dire_plugin.patches.prism",
     "dm": "dire_plugin.patches.dm",
     "mtt": "dire_plugin.patches.mtt",
 }

@@ -123,6 +123,7 @@ REAL_SMOKES = [
     ("sre2l", "SRe2L/*small_dataset/recover_cifar.py"),
     ("dwa", "distillation/distillation_cifar.py"),
     ("delt", "recover/recover.py"),  # its three runs: EarlyLate, the ConvNet from its fixed path, --arch-path
+    ("prism", "recover/multi_gpu/data_synthesis.py"),
     ("dm", "methods/dc/main_DM.py"),
     ("mtt", "distill.py"),  # both variants: the mtt job installs kornia for --zca
 ]
