@@ -302,3 +302,15 @@ def test_dire_run_on_a_lookalike_checkout(world):
     assert disabled[1] == vanilla[1]  # DIRE_DISABLE is exactly vanilla
     assert dire_images != vanilla[1]
     assert subprocess.run(["git", "status", "--porcelain"], cwd=world["root"], capture_output=True, text=True).stdout == ""
+
+
+def test_real_data_of_another_class_count_than_the_dataset_option_is_one_line(world, tmp_path):
+    # --dataset cifar10 means 10 classes: checked at the door, before the teacher or the init images load.
+    five = write_image_folder(tmp_path / "five", 5, per_class=1, size=8)
+    run = run_lookalike("delt", world["root"] / "recover/recover.py",
+                        [*ARGS, "--syn-data-path", str(tmp_path / "out"), "--init-data-path", str(world["init"])],
+                        "dire", world={**world, "data": five}, cwd=world["root"] / "recover")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith("dire-run: error: ") and "5" in line and "10" in line, line
+    assert not (tmp_path / "out").exists()
