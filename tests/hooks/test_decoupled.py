@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from dire_plugin import DiReLoss, EmbeddingCapture, RealEmbeddingBank
+from dire_plugin import DiReLoss, EmbeddingCapture
 from dire_plugin.hooks.decoupled import _images_behind, _rows_taken
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
 from dire_plugin.patches import sre2l
+from nets import frozen_teacher, random_bank
 
 N, D, CLASSES = 6, 8, 3
 
@@ -48,18 +49,12 @@ def test_rows_that_do_not_add_up_are_not_told():
     assert _rows(lambda x: torch.roll(x, 1, dims=2), count=4) is None
 
 
-def _teacher(seed, width=D):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(width, CLASSES)).eval()
-    for p in net.parameters():
-        p.requires_grad = False
-    return net
+def _teacher(seed):
+    return frozen_teacher(seed, CLASSES, (D,))
 
 
-def _bank(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return RealEmbeddingBank.from_tensors(torch.rand(CLASSES * 4, D, generator=g) + 0.1, torch.arange(CLASSES).repeat(4))
+def _bank():
+    return random_bank(CLASSES, 4, D)
 
 
 class _Gather(torch.autograd.Function):

@@ -12,29 +12,17 @@ from dire_plugin.embeddings.capture import EmbeddingCapture
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
 from dire_plugin.patches import dm, sre2l
+from nets import BNPrior, frozen_teacher, random_bank
 
 NUM_CLASSES, D = 4, 8
 
 
 def _teacher(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(D, NUM_CLASSES),
-    )
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad = False
-    return net
+    return frozen_teacher(seed, NUM_CLASSES, (6, D))
 
 
 def _bank(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return RealEmbeddingBank.from_tensors(torch.rand(NUM_CLASSES * 5, D, generator=g) + 0.1, torch.arange(NUM_CLASSES).repeat(5))
+    return random_bank(NUM_CLASSES, 5, D, seed)
 
 
 @pytest.fixture
@@ -134,24 +122,11 @@ def test_memory_reaches_the_first_step_of_the_next_batch(patched):
     assert not torch.allclose(g_dire, g_no_memory)
 
 
-class _BNStatistics:
-    """SRe²L's BN prior in our own few lines: a forward hook stores the distance of the batch's
-    statistics to the running ones, and the loop reads it *after* its criterion call."""
-
-    def __init__(self, module):
-        self.handle = module.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        x = inputs[0]
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        self.r_feature = torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
-
-
 def test_a_bank_built_at_the_first_step_leaves_the_methods_hooks_alone():
     # The bank is built inside the first criterion call, through the method's own teacher: its
     # forwards must not replace the BN statistics the step reads right after that call.
     model = _teacher()
-    hooks = [_BNStatistics(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    prior = BNPrior(model)  # SRe²L's BN prior, read after the criterion call
     g = torch.Generator().manual_seed(7)
     real = torch.utils.data.TensorDataset(torch.randn(NUM_CLASSES * 3, 3, 6, 6, generator=g),
                                           torch.arange(NUM_CLASSES).repeat(3))
@@ -165,7 +140,7 @@ def test_a_bank_built_at_the_first_step_leaves_the_methods_hooks_alone():
 
     def loss_of(outputs, criterion):
         loss_ce = criterion(outputs, targets)
-        return loss_ce + 0.1 * torch.stack([h.r_feature for h in hooks]).sum()
+        return loss_ce + 0.1 * prior.loss()
 
     sre2l.patch(RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0), bank_factory=factory)
     runtime = current_runtime()

@@ -22,6 +22,7 @@ from dire_plugin.hooks.registry import load_method
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
 from lookalike import build_checkout, run_lookalike, write_image_folder, write_lock
+from nets import BNPrior, frozen_teacher
 
 DELT = load_method("delt")
 NUM_CLASSES, D, R_BN = 4, 8, 0.01
@@ -29,38 +30,7 @@ WEIGHTS = dict(r_c=0.5, r_e=0.05)
 
 
 def _teacher(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(D, NUM_CLASSES),
-    )
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad = False
-    return net
-
-
-class _BN:
-    """SRe²L's BN prior in our own lines: stored at each forward, read after the criterion call."""
-
-    def __init__(self, model):
-        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        self.values = {}
-        for m in self.layers:
-            m.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        x = inputs[0]
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        self.values[module] = torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
-
-    def loss(self):
-        return sum(self.values[m] for m in self.layers)
+    return frozen_teacher(seed, NUM_CLASSES, (6, D))
 
 
 # Real images, 3 per class; the synthetic ones start from them, class-major, with an exact
@@ -69,9 +39,9 @@ REAL = torch.randn(NUM_CLASSES * 3, 3, 6, 6, generator=torch.Generator().manual_
 REAL_LABELS = torch.arange(NUM_CLASSES).repeat_interleave(3)
 INIT = torch.cat([REAL[0:1], REAL[0:3], REAL[3:6], REAL[6:8]])  # classes 0,0,0,0 | 1,1,1 | 2,2
 INIT_LABELS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])
-# Batches of 4 over 9 images (class 0 fills the first, class 1 straddles... as DELT's do when ipc
-# does not divide the batch), and the rows each step forwards: growing rounds, a whole batch, then
-# a round that leaves out rows forwarded before (DELT's classes with fewer rounds).
+# Batches of 4 over 9 images (class 2 straddles the last two, as DELT's classes do where ipc does
+# not divide the batch), and the rows each step forwards: growing rounds, a whole batch, then a
+# round that leaves out rows forwarded before (DELT's classes with fewer rounds).
 BATCHES = [(0, 4), (4, 8), (8, 9)]
 ROUNDS = [
     [[0, 3], [0, 1, 3], [0, 1, 2, 3], [1, 2]],
@@ -144,7 +114,7 @@ def _reference(model, bn, bank, steps, own_earlier=False):
 def _run_patched(lr=0.1):
     """The loop patched; per step: (batch, images before it, rows, gradient the step applied)."""
     model, seen = _teacher(), []
-    bn = _BN(model)
+    bn = BNPrior(model)
     recorded, batch = [], {}
 
     def on_step(inputs, rows):
@@ -190,7 +160,7 @@ def test_from_real_images_with_exact_duplicates_every_gradient_is_finite():
     # Step 1: rows 0 and 3 equal real images of the bank (distance 0 to a real embedding), rows 0
     # and 1 are the same image (cosine 1 between them from step 2 on), with the Euclidean term on.
     model = _teacher()
-    bn = _BN(model)
+    bn = BNPrior(model)
     grads = []
     DELT.patch(RunConfig(method="delt", script="fixture.py", log_every=0, r_c=0.5, r_e=1.0),
                bank_factory=_bank_factory([]))

@@ -18,41 +18,11 @@ from dire_plugin.hooks.registry import load_method
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
 from lookalike import build_checkout, run_lookalike, write_image_folder, write_lock
+from nets import BNPrior, frozen_teacher
 
 PRISM = load_method("prism")
 NUM_CLASSES, D, R_BN, IPC = 4, 8, 0.01, 2
 WEIGHTS = dict(r_c=0.5, r_e=0.05)
-
-
-def _teacher(seed, width=D):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, NUM_CLASSES),
-    )
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad = False
-    return net
-
-
-class _BN:
-    """The BN prior of one teacher, in our own lines: stored at each forward, read after the criterion."""
-
-    def __init__(self, model):
-        self.value = None
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        x = inputs[0]
-        self.value = (torch.norm(module.running_var - x.var((0, 2, 3), unbiased=False), 2)
-                      + torch.norm(module.running_mean - x.mean((0, 2, 3)), 2))
 
 
 REAL = torch.randn(NUM_CLASSES * IPC, 3, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -62,8 +32,8 @@ REAL_LABELS = torch.arange(NUM_CLASSES).repeat(IPC)  # image i is class i % NUM_
 def teachers():
     """Teacher 1 (the criterion's); teacher 2 of the same shape, other weights; teacher 3 another
     width. Only 2 and 3 carry BN hooks, as in PRISM."""
-    first, second, third = _teacher(0), _teacher(1), _teacher(2, width=12)
-    return first, [(second, _BN(second)), (third, _BN(third))]
+    first, second, third = (frozen_teacher(seed, NUM_CLASSES, (width,)) for seed, width in ((0, D), (1, D), (2, 12)))
+    return first, [(second, BNPrior(second)), (third, BNPrior(third))]
 
 
 def prism_loop(first, others, on_step, iterations=2, batch=2):
@@ -84,7 +54,7 @@ def prism_loop(first, others, on_step, iterations=2, batch=2):
                 for model, _ in others:
                     _ = model(jit)
                 loss_ce = criterion(outputs, targets)
-                bn = sum(hook.value for _, hook in others) / len(others)
+                bn = sum(prior.loss() for _, prior in others) / len(others)
                 (loss_ce + R_BN * bn).backward()
                 optimizer.step()
 
@@ -119,7 +89,7 @@ def test_images_get_prism_plus_dire_gradient_from_teacher_one_alone():
                 outputs = first(jit)
                 for model, _ in others:
                     model(jit)
-                bn = sum(hook.value for _, hook in others) / len(others)
+                bn = sum(prior.loss() for _, prior in others) / len(others)
                 loss = nn.CrossEntropyLoss()(outputs, targets) + R_BN * bn
                 (g_method,) = torch.autograd.grad(loss, x, retain_graph=True)
                 mem = {c: torch.stack(v) for c, v in memory.items()} or None
