@@ -53,14 +53,15 @@ ROUNDS = [
 def delt_loop(model, bn, lr=0.1, on_step=None):
     """DELT's loop in a few lines of ours: per batch a new leaf tensor, Adam and criterion; each
     step forwards ``inputs[rows]`` with the matching targets, CE + BN prior read after it."""
-    for (start, end), rounds in zip(BATCHES, ROUNDS):
+    for batch, ((start, end), rounds) in enumerate(zip(BATCHES, ROUNDS)):
         inputs = INIT[start:end].clone().requires_grad_(True)
         targets = INIT_LABELS[start:end]
         optimizer = torch.optim.Adam([inputs], lr=lr, betas=(0.5, 0.9))
         criterion = nn.CrossEntropyLoss()
         now = {}
         if on_step is not None:  # after the runtime's own pre-hook: the gradient the step applies
-            optimizer.register_step_pre_hook(lambda opt, a, k, inputs=inputs, now=now: on_step(inputs, now["rows"]))
+            optimizer.register_step_pre_hook(
+                lambda opt, a, k, batch=batch, inputs=inputs, now=now: on_step(batch, inputs, now["rows"]))
         for rows in rounds:
             now["rows"] = rows
             optimizer.zero_grad()
@@ -115,12 +116,10 @@ def _run_patched(lr=0.1):
     """The loop patched; per step: (batch, images before it, rows, gradient the step applied)."""
     model, seen = _teacher(), []
     bn = BNPrior(model)
-    recorded, batch = [], {}
+    recorded = []
 
-    def on_step(inputs, rows):
-        key = id(inputs)
-        batch.setdefault(key, len(batch))
-        recorded.append((batch[key], inputs.detach().clone(), rows, inputs.grad.clone()))
+    def on_step(batch, inputs, rows):
+        recorded.append((batch, inputs.detach().clone(), rows, inputs.grad.clone()))
 
     DELT.patch(RunConfig(method="delt", script="fixture.py", log_every=0, **WEIGHTS), bank_factory=_bank_factory(seen))
     try:
@@ -165,7 +164,7 @@ def test_from_real_images_with_exact_duplicates_every_gradient_is_finite():
     DELT.patch(RunConfig(method="delt", script="fixture.py", log_every=0, r_c=0.5, r_e=1.0),
                bank_factory=_bank_factory([]))
     try:
-        delt_loop(model, bn, on_step=lambda inputs, rows: grads.append(inputs.grad.clone()))
+        delt_loop(model, bn, on_step=lambda batch, inputs, rows: grads.append(inputs.grad.clone()))
         means = current_runtime().stats.means()
         current_runtime().enabled = False
         with EmbeddingCapture(model) as cap:
