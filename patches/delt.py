@@ -50,8 +50,8 @@ def _real(kind: str, norm: Tuple[Any, Any], size: int) -> RealDataSpec:
     return RealDataSpec(kind, crop=size, resize=size // 7 * 8, mean=norm[0], std=norm[1])
 
 
-#: Where ``load_model`` reads a ConvNet teacher, whatever ``--arch-path`` says.
 def convnet_path(dataset: str, arch: str) -> str:
+    """Where ``load_model`` reads a ConvNet teacher, whatever ``--arch-path`` says."""
     return f"/workspace/save/{dataset}_{arch}.pth"
 
 
@@ -87,10 +87,12 @@ def _by_arch(dataset: str) -> ScriptSpec:
 
 SCRIPTS = {
     # The published commands: ImageNet-1K with ResNet-18 (EarlyLate at IPC 50 and 10, plain at IPC 1)
-    # and with conv4 (scripts/*_synthesis.sh). Smoke: a small torchvision teacher with EarlyLate; the
-    # ConvNet from its hard-coded path; CIFAR-10 with an --arch-path checkpoint (plain rounds).
+    # and with conv4 (scripts/*_synthesis.sh). This spec stands for the script's defaults (ImageNet-1K,
+    # a torchvision teacher with downloaded weights: no checkpoint); --dataset, then --arch-name pick
+    # the others. Smoke: a small torchvision teacher with EarlyLate; the ConvNet from its fixed path;
+    # CIFAR-10 with an --arch-path checkpoint (no rounds).
     SCRIPT: replace(
-        _by_arch(DEFAULT_DATASET), checkpoint_key=None, arch=SMOKE_ARCH,
+        _by_arch(DEFAULT_DATASET), checkpoint_key=None,
         by_option=("--dataset", tuple((name, _by_arch(name)) for name in DATASETS), DEFAULT_DATASET),
         smoke_args=_SMOKE,
         smoke_variants=(
