@@ -62,7 +62,7 @@ How a step gets the term, without a second forward:
    held embeddings that joined CD.
 5. Under ``torch.distributed`` (SRe²L's and PRISM's multi-GPU recover) the term is computed on the
    union of every rank's current embeddings (:mod:`.distributed`), each rank keeping its own rows'
-   gradient; there, a step must forward all of its rank's images.
+   gradient; there, a step that leaves out images an earlier step forwarded stops the run.
 
 Forwards that are not synthesis steps get nothing: under ``no_grad`` nothing is recorded, and a
 second criterion call on the same logits (printing) finds its records already used.

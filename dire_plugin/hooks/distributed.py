@@ -63,15 +63,16 @@ def union_term_gradient(core: Any, emb: Tensor, labels: Tensor,
                         held: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(gradient of this rank's rows, embeddings of all ranks, their labels)`` for the current
     step; one process: ``core.term_gradient`` of ``emb`` (with ``held``, see there) and ``emb``,
-    ``labels`` themselves. Across ranks a step must forward all of its rank's images (no ``held``
-    rows): the ranks exchange only the step's embeddings."""
+    ``labels`` themselves. Across ranks no step may hold back images an earlier step forwarded
+    (``held`` rows): the ranks exchange only the step's embeddings."""
     rank, size = world()
     if size == 1:
         return core.term_gradient(emb, labels, held=held), emb, labels
     if held is not None and len(held[1]):
         raise DiReHookError(
-            f"synthesis step {core.stats.steps + 1} forwards only some of the images this rank optimises; under "
-            "torch.distributed DiRe needs every step to forward all of them (set DIRE_DISABLE=1 to run vanilla)"
+            f"synthesis step {core.stats.steps + 1} leaves out images this rank optimises that an earlier step "
+            "forwarded; under torch.distributed DiRe exchanges only each step's embeddings, so it cannot push away "
+            "from theirs (set DIRE_DISABLE=1 to run vanilla)"
         )
     check_same_settings(core)
     # The counters travel first in the same step: a timeout in either is this step's exchange.
