@@ -24,11 +24,15 @@ The default chunk size is compared with a small one (``chunk_elements = 2**16``)
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_loss.py [--repeats N] [--only released|imagenet]
-        [--imagenet-repeats N] [--device cpu|cuda] [--scale full|tiny]
+        [--imagenet-repeats N] [--device cpu|cuda] [--scale full|tiny]   (--only terms: benchmark 3)
 
 ``--device cuda`` runs both on the GPU (times synchronised; benchmark 2 then reports the GPU's
 peak allocated memory above its inputs). ``--scale tiny`` shrinks both settings tenfold or more:
 a check that the script runs (``benchmarks/gpu_check.sh --device cpu`` in CI), not a figure.
+
+Benchmark 3 ("terms"): one step's CD against the ``logdet`` term (cosine and RBF kernels) with a
+memory of finished embeddings: SRe²L's CIFAR-100 batch at IPC 50 (100 classes x 1, 49 finished per
+class).
 
 Benchmarks print, they never assert speed; the script only checks that the losses are finite
 and of the same order.
@@ -136,8 +140,10 @@ def released_loop(
 #: Sizes of the two benchmarks: the real settings, and a tiny one that only proves the script runs.
 SCALES = {
     "full": {"released": dict(classes=50, ipc=10, real_per_class=500),
+             "terms": dict(classes=100, ipc=1, mem_per_class=49, real_per_class=500),
              "imagenet": dict(classes=1000, mem_per_class=49, real_per_class=1300)},
     "tiny": {"released": dict(classes=5, ipc=4, real_per_class=20),
+             "terms": dict(classes=5, ipc=1, mem_per_class=4, real_per_class=20),
              "imagenet": dict(classes=20, mem_per_class=4, real_per_class=30)},
 }
 
@@ -314,6 +320,40 @@ def bench_imagenet_gpu(repeats: int, classes: int, ipc: int, mem_per_class: int,
               f"extra peak GPU memory {peak / MB:.0f} MB")
 
 
+# --------------------------------------------------------------------------- logdet beside CD
+def bench_terms(repeats: int, device: str = "cpu", classes: int = 100, ipc: int = 1, mem_per_class: int = 49,
+                real_per_class: int = 500, dim: int = 512) -> None:
+    """Benchmark 3: one synthesis step's CD against ``logdet`` (cosine and RBF kernels), each
+    alone with its memory, forward + backward, interleaved; the default is SRe²L's CIFAR-100 batch
+    at IPC 50's last index (one image per class, 49 finished per class)."""
+    from dire_plugin.embeddings.memory import SyntheticMemory
+
+    seed_everything()
+    dev = torch.device(device)
+    labels = torch.arange(classes, device=dev).repeat(ipc)
+    syn = torch.randn(classes * ipc, dim, device=dev).abs().requires_grad_()
+    real = pack_mapping({c: torch.rand(real_per_class, dim, device=dev) for c in range(classes)}, dev)
+    memory = SyntheticMemory()
+    memory.add(torch.rand(classes * mem_per_class, dim), torch.arange(classes).repeat_interleave(mem_per_class))
+    runs = {
+        "cd": DiReLoss(r_c=1.0, r_e=0.0, components=("cd",)),
+        "logdet (cosine)": DiReLoss(r_c=0.0, r_e=0.0, r_d=1.0, components=("logdet",)),
+        "logdet (rbf)": DiReLoss(r_c=0.0, r_e=0.0, r_d=1.0, components=("logdet",), logdet_kernel="rbf"),
+    }
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for i in range(repeats + 2):  # two warm-up rounds: the memory's packing is cached after the first
+        for name in (list(runs) if i % 2 == 0 else list(reversed(runs))):
+            dt = fwd_bwd(lambda: runs[name](syn, labels, real, memory=memory), syn)
+            if i >= 2:
+                times[name].append(dt)
+    print(f"== Benchmark 3 (a step's CD against logdet): {classes} classes x {ipc} synthetic, memory "
+          f"{mem_per_class} per class, D={dim}, {device}; median of {repeats}, interleaved")
+    base = statistics.median(times["cd"])
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        print(f"  {name:<16} {median * 1e3:8.2f} ms  ({median / base:.2f}x CD)")
+
+
 def bench_imagenet(repeats: int, device: str = "cpu", scale: str = "full") -> int:
     """Benchmark 2 in a fresh interpreter so that its memory high-water mark is its own."""
     cmd = [sys.executable, os.path.abspath(__file__), "--only", "imagenet", "--imagenet-repeats", str(repeats),
@@ -329,7 +369,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=20, help="timed repeats of benchmark 1 (default 20)")
     p.add_argument("--imagenet-repeats", type=int, default=3, help="timed calls of benchmark 2 per chunk size (default 3, at least 1)")
-    p.add_argument("--only", choices=("released", "imagenet"), help="run one benchmark")
+    p.add_argument("--only", choices=("released", "imagenet", "terms"), help="run one benchmark")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # the subprocess itself
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--scale", choices=sorted(SCALES), default="full", help="full (default) or tiny (a run check)")
@@ -341,6 +381,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sizes = SCALES[args.scale]
     if args.only in (None, "released"):
         bench_released(args.repeats, device=args.device, **sizes["released"])
+    if args.only in (None, "terms"):
+        bench_terms(args.repeats, device=args.device, **sizes["terms"])
     if args.only in (None, "imagenet"):
         if args.in_process:
             bench_imagenet_child(args.imagenet_repeats, device=args.device, **sizes["imagenet"])

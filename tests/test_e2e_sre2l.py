@@ -287,7 +287,7 @@ def test_dire_run_refuses_bad_settings_before_any_work(env, tmp_path):
         "zero share": (["--real-data", data, "--share", "0"], "--share"),
         "r_c beyond float32": (["--real-data", data, "--r-c", "1e39"], "at most 3.4e+38"),
         "both weights 0": (["--real-data", data, "--r-c", "0", "--r-e", "0"], "are all 0, so DiRe would add nothing"),
-        "share with weights": (["--real-data", data, "--share", "0.1", "--r-c", "0.5"], "--share calibrates r_c and r_e"),
+        "share with weights": (["--real-data", data, "--share", "0.1", "--r-c", "0.5"], "--share calibrates the weights"),
         "no real data": ([], "no real data"),
         "cache under a file": (["--real-data", data, "--cache-dir", str(tmp_path / "a-file" / "cache")], "a-file"),
         "another class count": (["--real-data", str(ten)], "10"),

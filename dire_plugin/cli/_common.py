@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["OneLineParser", "echo", "existing_dir", "fail", "positive_int", "run_command", "run_main", "share", "weight",
+__all__ = ["OneLineParser", "echo", "existing_dir", "fail", "positive_int", "run_command", "run_main", "share", "weight", "components",
            "WEIGHTS_AND_SHARE"]
 
 
@@ -65,8 +65,18 @@ def share(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0") from None
 
 
+def components(text: str) -> list:
+    """argparse type: comma-separated terms (``cd,cdm,edm`` and ``logdet``)."""
+    from ..regularizer.defaults import ALL_COMPONENTS
+
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    if not chosen or any(c not in ALL_COMPONENTS for c in chosen):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated subset of {','.join(ALL_COMPONENTS)}")
+    return chosen
+
+
 #: The usage error of ``--share`` with explicit weights (``dire-apply``, ``dire-run``).
-WEIGHTS_AND_SHARE = "--share calibrates r_c and r_e itself: give --share or --r-c/--r-e, not both"
+WEIGHTS_AND_SHARE = "--share calibrates the weights itself: give --share or --r-c/--r-e/--r-d, not both"
 
 
 def existing_dir(path: Optional[str], option: str) -> Path:

@@ -39,7 +39,8 @@ from ..activation.checks import check_cache_dir, check_real_data_for_scripts
 from ..upstream.lockfile import LockError, MethodLock, check_patch_matches_lock, load_lock
 from ..hooks.registry import METHODS, load_method
 from ..hooks.settings import BANK_DTYPES, check_run_settings
-from ._common import WEIGHTS_AND_SHARE, OneLineParser, existing_dir, run_main, share, weight
+from ..regularizer.defaults import LOGDET_KERNELS
+from ._common import WEIGHTS_AND_SHARE, OneLineParser, components, existing_dir, run_main, share, weight
 
 __all__ = ["ENV_CLONE_URL", "build_parser", "main"]
 
@@ -48,7 +49,10 @@ PROG = "dire-apply"
 #: local fixture repository).
 ENV_CLONE_URL = "DIRE_CLONE_URL"
 #: Options that only make sense when applying (``--verify --smoke`` reads them too).
-_APPLY_OPTIONS = ("real_data", "r_c", "r_e", "share", "reduction", "cache_dir", "bank_dtype", "clone")
+_APPLY_OPTIONS = ("real_data", "r_c", "r_e", "r_d", "share", "components", "logdet_kernel", "reduction", "cache_dir",
+                  "bank_dtype", "clone")
+#: The options that fix weights (refused together with --share).
+WEIGHT_OPTIONS = ("r_c", "r_e", "r_d")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-data", metavar="DIR", help="real images of the dataset (required to apply)")
     p.add_argument("--r-c", type=weight, metavar="F", help="weight of the cosine term (default: the method's, see --list)")
     p.add_argument("--r-e", type=weight, metavar="F", help="weight of the Euclidean term (default: the method's, see --list)")
+    p.add_argument("--r-d", type=weight, metavar="F", help="weight of the logdet term (only with --components ...,logdet)")
+    p.add_argument("--components", type=components, metavar="LIST", help="comma-separated terms: cd,cdm,edm (default) "
+                   "and logdet, the determinantal one")
+    p.add_argument("--logdet-kernel", choices=LOGDET_KERNELS, help="kernel of the logdet term (default cosine)")
     p.add_argument("--share", type=share, metavar="S", help="calibrate r_c and r_e (their ratio kept) on the first "
                    "synthesis steps so that DiRe's gradient is S times the method's on the images "
                    "(default: the method's own, see --list)")
@@ -99,7 +107,7 @@ def _check_combination(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(f"--remove takes no {', '.join(given + (['--allow-drift'] if args.allow_drift else []))}")
     if args.verify and args.clone:
         parser.error("--clone goes with applying, not --verify")
-    if args.share is not None and (args.r_c is not None or args.r_e is not None):
+    if args.share is not None and any(getattr(args, k) is not None for k in WEIGHT_OPTIONS):
         parser.error(WEIGHTS_AND_SHARE)
 
 
@@ -131,16 +139,17 @@ def _cache_dir(path: Optional[str]) -> Optional[Path]:
 
 
 def _weights(args: argparse.Namespace, module: ModuleType) -> Dict[str, Any]:
-    """``r_c``, ``r_e``, ``share`` of the options: explicit weights, a share (calibrated from the
-    released weights), or the method's own default."""
-    from ..regularizer.defaults import DEFAULT_R_C, DEFAULT_R_E
+    """``r_c``, ``r_e``, ``r_d``, ``share`` and the components of the options: explicit weights, a
+    share (calibrated from the released weights), or the method's own default."""
+    from ..regularizer.defaults import COMPONENTS, DEFAULT_R_C, DEFAULT_R_D, DEFAULT_R_E
 
+    chosen = {"components": list(args.components or COMPONENTS), "logdet_kernel": args.logdet_kernel or "cosine"}
+    given = {k: getattr(args, k) for k in WEIGHT_OPTIONS if getattr(args, k) is not None}
     if args.share is not None:
-        return {"r_c": DEFAULT_R_C, "r_e": DEFAULT_R_E, "share": args.share}
-    if args.r_c is not None or args.r_e is not None:
-        return {"r_c": DEFAULT_R_C if args.r_c is None else args.r_c,
-                "r_e": DEFAULT_R_E if args.r_e is None else args.r_e, "share": None}
-    return module.DEFAULT_WEIGHTS.settings()
+        return {"r_c": DEFAULT_R_C, "r_e": DEFAULT_R_E, "r_d": DEFAULT_R_D, "share": args.share, **chosen}
+    if given:
+        return {"r_c": DEFAULT_R_C, "r_e": DEFAULT_R_E, "r_d": DEFAULT_R_D, **given, "share": None, **chosen}
+    return {**module.DEFAULT_WEIGHTS.settings(), **chosen}
 
 
 def _config(args: argparse.Namespace, lock: MethodLock, module: ModuleType, root: Path, head: str,
@@ -394,7 +403,7 @@ def _verify(args: argparse.Namespace) -> int:
         args, lock, module, state.root, state.head,
         existing_dir(args.real_data, "--real-data") if args.real_data else None, _cache_dir(args.cache_dir),
     )
-    if args.share is not None or args.r_c is not None or args.r_e is not None:
+    if args.share is not None or any(getattr(args, k) is not None for k in (*WEIGHT_OPTIONS, "components")):
         config = {**config, **_weights(args, module)}  # weights given here override an applied config's
     result = smoke.run_smoke(lock.method, state.root, config)
     return max(0 if ok else 1, result)

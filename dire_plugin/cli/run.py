@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import DiReInputError
 from ..hooks.settings import BANK_DTYPES
-from ._common import WEIGHTS_AND_SHARE, OneLineParser, existing_dir, fail, positive_int, share, weight
+from ..regularizer.defaults import LOGDET_KERNELS
+from ._common import WEIGHTS_AND_SHARE, OneLineParser, components, existing_dir, fail, positive_int, share, weight
 
 __all__ = ["main"]
 
@@ -30,11 +31,13 @@ def _parser(remainder: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--real-data", help="real training data of the teacher (ImageFolder or torchvision CIFAR layout)")
     p.add_argument("--r-c", type=weight, help="weight of the cosine terms")
     p.add_argument("--r-e", type=weight, help="weight of the Euclidean term")
+    p.add_argument("--r-d", type=weight, help="weight of the logdet term (with --components ...,logdet)")
+    p.add_argument("--logdet-kernel", choices=LOGDET_KERNELS, help="kernel of the logdet term (default cosine)")
     p.add_argument("--share", type=share, help="calibrate r_c and r_e (ratio kept) on the first synthesis steps so "
                    "that DiRe's gradient is SHARE times the method's on the images")
     p.add_argument("--reduction", choices=("mean", "sum"))
     p.add_argument("--cache-dir", help="where the real-embedding bank is cached")
-    p.add_argument("--components", help="comma-separated subset of cd,cdm,edm (ablation)")
+    p.add_argument("--components", type=components, help="comma-separated terms: cd,cdm,edm (ablation) and logdet")
     p.add_argument("--log-every", type=positive_int, help="log DiRe values every N steps")
     p.add_argument("--bank-dtype", choices=BANK_DTYPES, help="storage of the real-embedding bank (default float32)")
     if remainder:
@@ -54,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             opts = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed in one line
         return exc.code if isinstance(exc.code, int) else 0
-    if opts.share is not None and (opts.r_c is not None or opts.r_e is not None):
+    if opts.share is not None and any(x is not None for x in (opts.r_c, opts.r_e, opts.r_d)):
         fail(PROG, f"{WEIGHTS_AND_SHARE} (see {PROG} --help)")
         return 2
     from ..activation.launcher import launch
@@ -68,13 +71,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     if opts.cache_dir:  # resolved here: the script may run from another folder (checked at activation)
         overrides["cache_dir"] = str(Path(opts.cache_dir).expanduser().resolve())
-    for key in ("r_c", "r_e", "share", "reduction", "log_every", "bank_dtype"):
+    for key in ("r_c", "r_e", "r_d", "share", "reduction", "log_every", "bank_dtype", "components", "logdet_kernel"):
         if getattr(opts, key) is not None:
             overrides[key] = getattr(opts, key)
-    if opts.r_c is not None or opts.r_e is not None:
+    if any(x is not None for x in (opts.r_c, opts.r_e, opts.r_d)):
         overrides["share"] = None  # explicit weights replace a share from the checkout's settings
-    if opts.components:
-        overrides["components"] = [c.strip() for c in opts.components.split(",") if c.strip()]
     return launch(PROG, opts.method, Path(opts.script).expanduser().resolve(), opts.args, overrides)
 
 

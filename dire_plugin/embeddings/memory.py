@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ..errors import DiReInputError
-from ..regularizer.grouped import ClassSums, check_embeddings
+from ..regularizer.grouped import ClassSums, PackedEmbeddings, check_embeddings
+from ..regularizer.kernels import DEFAULT_EPS
 
 __all__ = ["SyntheticMemory"]
 
@@ -32,6 +33,7 @@ class SyntheticMemory:
         self._dim: Optional[int] = None
         self._sums: Optional[ClassSums] = None
         self._sums_on: Dict[torch.device, ClassSums] = {}
+        self._packed_on: Dict[torch.device, PackedEmbeddings] = {}
 
     def add(self, embeddings: Tensor, labels: Tensor) -> None:
         """Store ``embeddings [N, D]`` of finished images with their ``labels [N]`` (detached)."""
@@ -82,6 +84,7 @@ class SyntheticMemory:
     def _invalidate(self) -> None:
         self._sums = None
         self._sums_on = {}
+        self._packed_on = {}
 
     def class_sums(self, device: Union[str, torch.device] = "cpu") -> ClassSums:
         """Per-class sums of unit rows (float32, float64 if stored so), counts, sorted classes."""
@@ -93,6 +96,22 @@ class SyntheticMemory:
             self._sums = self._compute_sums()
         self._sums_on[device] = self._sums.to(device)
         return self._sums_on[device]
+
+    def packed(self, device: Union[str, torch.device] = "cpu") -> PackedEmbeddings:
+        """The stored rows per class, padded (:class:`PackedEmbeddings`, which carries the unit
+        sums too): what the ``logdet`` term reads; cached until the next :meth:`add`."""
+        device = torch.device(device)
+        if device not in self._packed_on:
+            classes = sorted(self._rows)
+            if not classes:
+                dim = self._dim or 0
+                empty = torch.zeros(0, dtype=torch.long, device=device)
+                self._packed_on[device] = PackedEmbeddings(empty, torch.zeros(0, dim, device=device), empty,
+                                                           torch.zeros(0, 0, dim, device=device), torch.zeros(0, 0, device=device))
+            else:
+                self._packed_on[device] = PackedEmbeddings.from_classes(
+                    classes, [self._rows[c] for c in classes], device, DEFAULT_EPS, what="memory embeddings")
+        return self._packed_on[device]
 
     def _compute_sums(self) -> ClassSums:
         classes = sorted(self._rows)

@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 from typing import Any, List, Optional, Sequence, Tuple
 
 from ..embeddings.realdata import RealDataSpec
-from ..regularizer.defaults import DEFAULT_R_C, DEFAULT_R_E
+from ..regularizer.defaults import DEFAULT_R_C, DEFAULT_R_D, DEFAULT_R_E
 
 __all__ = ["REFERENCE_SHARE", "ScriptSpec", "Target", "Weights"]
 
@@ -39,8 +39,8 @@ class Weights:
     why: str = ""
 
     def settings(self) -> dict:
-        """The run settings these weights stand for."""
-        return {"r_c": self.r_c, "r_e": self.r_e, "share": self.share}
+        """The run settings these weights stand for (``r_d``: the logdet term's, if chosen)."""
+        return {"r_c": self.r_c, "r_e": self.r_e, "r_d": DEFAULT_R_D, "share": self.share}
 
     def describe(self) -> str:
         """One line for ``dire-apply --list`` and the log."""

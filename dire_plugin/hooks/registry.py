@@ -20,10 +20,13 @@ METHODS: Dict[str, str] = {
     "mtt": "dire_plugin.patches.mtt",
 }
 
-#: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any
-#: upstream, so ``dire-apply`` does not list them.
+#: Patches of our own scripts (the embedded demo, one per method family: ``demo`` is its SRe²L
+#: family): usable by the launcher, not pinned to any upstream, so ``dire-apply`` does not list them.
 INTERNAL_METHODS: Dict[str, str] = {
-    "demo": "dire_plugin.demo.patch",
+    "demo": "dire_plugin.demo.patches.sre2l",
+    "demo-dwa": "dire_plugin.demo.patches.dwa",
+    "demo-dm": "dire_plugin.demo.patches.dm",
+    "demo-mtt": "dire_plugin.demo.patches.mtt",
 }
 
 

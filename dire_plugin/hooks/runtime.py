@@ -31,7 +31,7 @@ from ..embeddings.isolation import own_rng
 from ..embeddings.memory import SyntheticMemory
 from ..errors import DiReHookError, DiReInputError
 from ..io.files import atomic_write
-from ..regularizer.defaults import COMPONENTS
+from ..regularizer.defaults import ALL_COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
 from ..regularizer.grouped import ClassSums, PackedEmbeddings
 from .capture import Capture
@@ -62,7 +62,7 @@ class _Stats:
     terms_added: int = 0
     computed: int = 0
     batches_to_memory: int = 0
-    sums: Dict[str, float] = field(default_factory=lambda: {c: 0.0 for c in (*COMPONENTS, "total")})
+    sums: Dict[str, float] = field(default_factory=lambda: {c: 0.0 for c in (*ALL_COMPONENTS, "total")})
 
     def means(self) -> Dict[str, Optional[float]]:
         return {k: (v / self.computed if self.computed else None) for k, v in self.sums.items()}
@@ -94,13 +94,13 @@ class DiReRuntime:
         #: The ranks were found to share the settings (:func:`.distributed.check_same_settings`).
         self.ranks_checked = False
         self._suspended = 0
-        self._terms = active_components(config.components, config.r_c, config.r_e)
+        self._terms = active_components(config.components, config.r_c, config.r_e, config.r_d)
         self._added = False
         self._in_step = False
         self._handle: Any = None
         #: DiRe's share of the optimised tensor's gradient (and the ``share`` calibration).
         self.share = ShareMeter(config.share)
-        self._base_weights = (config.r_c, config.r_e)
+        self._base_weights = (config.r_c, config.r_e, config.r_d)
         self._share_observed = 0  # the last step whose share was observed
 
     # ------------------------------------------------------------------ install
@@ -162,24 +162,43 @@ class DiReRuntime:
         device = emb.device
         x = emb.detach().float().requires_grad_()
         use_memory = self.config.memory if memory is None else memory
-        pushed = self.memory.class_sums(device) if use_memory and len(self.memory) else None
-        if use_memory and held is not None and len(held[1]):
-            rows = ClassSums.of_rows(held[0].to(device), held[1].to(device))
-            pushed = rows if pushed is None else pushed.plus(rows)
+        pushed = self._pushed(device, held) if use_memory else None
+        config = self.config
         with torch.enable_grad():
             values = dire_components(
-                x, labels.to(device), real if real is not None else self.bank.packed(device), memory=pushed,
-                reduction=self.config.reduction, components=self._terms,
+                x, labels.to(device), real if real is not None else self.bank.packed(device),
+                memory=pushed, reduction=config.reduction, components=self._terms,
+                logdet_kernel=config.logdet_kernel,
             )
-            total = weighted_total(values, self.config.r_c, self.config.r_e)
+            total = weighted_total(values, config.r_c, config.r_e, config.r_d)
             if not bool(torch.isfinite(total)):  # finite terms (checked), so the weights overflowed float32
                 raise DiReInputError(
-                    f"the weighted DiRe term overflows float32 (r_c={self.config.r_c:g}, r_e={self.config.r_e:g}, "
-                    f"terms {({k: float(v) for k, v in values.items()})}): use smaller weights or --share"
+                    f"the weighted DiRe term overflows float32 (r_c={config.r_c:g}, r_e={config.r_e:g}, "
+                    f"r_d={config.r_d:g}, terms {({k: float(v) for k, v in values.items()})}): use smaller weights or --share"
                 )
             (grad,) = torch.autograd.grad(total, x)
         self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()))
         return grad
+
+    def _pushed(self, device: torch.device, held: Optional[Tuple[Tensor, Tensor]]) -> Optional[ClassSums]:
+        """What CD (and logdet) push away from: the memory and the ``held`` rows, as rows when the
+        logdet term reads them (its kernel needs every row), else only their per-class sums."""
+        rows_needed = "logdet" in self._terms
+        if held is None or not len(held[1]):
+            if not len(self.memory):
+                return None
+            return self.memory.packed(device) if rows_needed else self.memory.class_sums(device)
+        emb, labels = held[0].detach().to(device), held[1].to(device=device, dtype=torch.long)
+        if not rows_needed:
+            extra = ClassSums.of_rows(emb, labels)
+            return self.memory.class_sums(device).plus(extra) if len(self.memory) else extra
+        if len(self.memory):
+            mem = self.memory.packed(device)
+            filled = torch.arange(mem.padded.shape[1], device=device) < mem.counts[:, None]
+            work = torch.promote_types(mem.padded.dtype, emb.dtype)
+            emb = torch.cat([mem.padded[filled].to(work), emb.to(work)])
+            labels = torch.cat([mem.classes.repeat_interleave(mem.counts), labels])
+        return PackedEmbeddings.from_rows(emb, labels)
 
     # ------------------------------------------------------------------ the gradient share
     def share_due(self) -> bool:
@@ -233,10 +252,11 @@ class DiReRuntime:
 
     def _calibrated(self) -> None:
         k = self.share.scale
-        base_c, base_e = self._base_weights
-        self.config.r_c, self.config.r_e = base_c * k, base_e * k
-        logger.info("[dire] share %g: calibrated on the first %d measured steps: weights x%.4g, r_c=%.4g, r_e=%.4g",
-                    self.share.target, len(self.share.factors), k, self.config.r_c, self.config.r_e)
+        base_c, base_e, base_d = self._base_weights
+        self.config.r_c, self.config.r_e, self.config.r_d = base_c * k, base_e * k, base_d * k
+        logger.info("[dire] share %g: calibrated on the first %d measured steps: weights x%.4g, r_c=%.4g, r_e=%.4g%s",
+                    self.share.target, len(self.share.factors), k, self.config.r_c, self.config.r_e,
+                    f", r_d={self.config.r_d:.4g}" if "logdet" in self._terms else "")
 
     def _share_manifest(self) -> Dict[str, Any]:
         out = self.share.summary()
@@ -249,7 +269,7 @@ class DiReRuntime:
                 "shares_at_start_weights": [round(v, 6) for v in self.share.uncalibrated],
                 "factors": [round(f, 6) for f in self.share.factors],
                 "scale": self.share.scale, "base_r_c": self._base_weights[0], "base_r_e": self._base_weights[1],
-                "r_c": self.config.r_c, "r_e": self.config.r_e,
+                "base_r_d": self._base_weights[2], "r_c": self.config.r_c, "r_e": self.config.r_e, "r_d": self.config.r_d,
             }
         return out
 
@@ -347,7 +367,8 @@ class DiReRuntime:
             "gradient_share": self._share_manifest(),
             "batches_in_memory": self.stats.batches_to_memory,
             "memory_embeddings": len(self.memory),
-            "mean_values": self.stats.means(),
+            # The paper's terms as before (0 when off); logdet, beyond the paper, only when chosen.
+            "mean_values": {k: v for k, v in self.stats.means().items() if k != "logdet" or "logdet" in self._terms},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

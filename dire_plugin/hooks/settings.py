@@ -9,7 +9,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..errors import DiReInputError
 from ..regularizer.defaults import (
-    COMPONENTS, DEFAULT_R_C, DEFAULT_R_E, REDUCTIONS, check_active_weights, check_share, check_weights,
+    ALL_COMPONENTS, COMPONENTS, DEFAULT_R_C, DEFAULT_R_D, DEFAULT_R_E, LOGDET_KERNELS, REDUCTIONS, check_active_weights,
+    check_share, check_weight, check_weights,
 )
 
 __all__ = ["BANK_DTYPES", "SHARED_BY_RANKS", "RunConfig", "check_run_settings"]
@@ -20,8 +21,8 @@ BANK_DTYPES = ("float32", "float16", "bfloat16")
 #: which code runs. Not among them: ``real_data`` (node-local copies of a dataset sit at different
 #: paths; the data itself is compared through the bank key), ``cache_dir`` and ``manifest_dir``
 #: (folders of each node), ``log_every`` (what is logged, not what is computed).
-SHARED_BY_RANKS = ("method", "commit", "script", "r_c", "r_e", "share", "reduction", "components", "memory",
-                   "bank_max_per_class", "bank_dtype")
+SHARED_BY_RANKS = ("method", "commit", "script", "r_c", "r_e", "r_d", "logdet_kernel", "share", "reduction",
+                   "components", "memory", "bank_max_per_class", "bank_dtype")
 
 
 def _whole(value: Any, name: str, where: str, minimum: int) -> int:
@@ -35,12 +36,17 @@ def check_run_settings(settings: Mapping[str, Any], where: str = "") -> Dict[str
     flag they came from). Unknown keys pass through (the config also records provenance)."""
     out = dict(settings)
     r_c, r_e = check_weights(out.get("r_c", DEFAULT_R_C), out.get("r_e", DEFAULT_R_E), where)
+    r_d = check_weight("r_d", out.get("r_d", DEFAULT_R_D), where)
     components = out.get("components", COMPONENTS)
     if isinstance(components, str) or not isinstance(components, (list, tuple)) or not components or any(
-        c not in COMPONENTS for c in components
+        c not in ALL_COMPONENTS for c in components
     ):
-        raise DiReInputError(f"{where}components must be a non-empty list of {', '.join(COMPONENTS)}, got {components!r}")
-    check_active_weights(components, r_c, r_e, where)
+        raise DiReInputError(f"{where}components must be a non-empty list of {', '.join(ALL_COMPONENTS)}, "
+                             f"got {components!r}")
+    check_active_weights(components, r_c, r_e, where, r_d=r_d)
+    if out.get("logdet_kernel", "cosine") not in LOGDET_KERNELS:
+        raise DiReInputError(f"{where}logdet_kernel must be one of {', '.join(LOGDET_KERNELS)}, "
+                             f"got {out['logdet_kernel']!r}")
     share = out.get("share")
     if share is not None:
         out["share"] = check_share(share, where)
@@ -57,7 +63,7 @@ def check_run_settings(settings: Mapping[str, Any], where: str = "") -> Dict[str
     for key in ("real_data", "cache_dir", "manifest_dir", "method", "script", "commit", "root"):
         if key in out and not isinstance(out[key], str):
             raise DiReInputError(f"{where}{key} must be a string, got {out[key]!r}")
-    out.update(r_c=r_c, r_e=r_e, components=list(components))
+    out.update(r_c=r_c, r_e=r_e, r_d=r_d, components=list(components))
     return out
 
 
@@ -70,6 +76,9 @@ class RunConfig:
     script: str = ""
     r_c: float = DEFAULT_R_C
     r_e: float = DEFAULT_R_E
+    #: Weight of the ``logdet`` component (used only when ``components`` holds it).
+    r_d: float = DEFAULT_R_D
+    logdet_kernel: str = "cosine"
     reduction: str = "mean"
     components: Tuple[str, ...] = COMPONENTS
     real_data: str = ""

@@ -15,10 +15,14 @@ For one class ``c`` with synthetic embeddings ``a_1..a_n``, real embeddings ``b_
     CDM_c = 1 − Σ_i Σ_j cos(a_i, b_j) / (n m)
     EDM_c = Σ_i Σ_j ‖a_i − b_j‖ / (n m)
 
+Beyond the paper, ``logdet`` (in place of CD or beside it): ``LOGDET_c = −log det(K_c + I)`` over
+the unit rows of the class's current and memory embeddings (``K_c`` their cosine Gram matrix, or an
+RBF of it), divided by ``n + k`` with ``"mean"``.
+
 Memory pairs count in both orders, as they would among the ordered pairs of the union of
 current and memory embeddings (memory–memory pairs are constant and left out). Each component
 is summed over the classes present in ``labels``; the loss is
-``r_c · (CD + CDM) + r_e · EDM``.
+``r_c · (CD + CDM) + r_e · EDM (+ r_d · LOGDET)``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,10 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .defaults import COMPONENTS, REDUCTIONS, check_active_weights, check_weights
+from .defaults import (
+    ALL_COMPONENTS, COMPONENTS, DEFAULT_R_D, REDUCTIONS, check_active_weights, check_weight, check_weights,
+    component_weights,
+)
 from ..errors import DiReInputError
 from .grouped import ClassSums, PackedEmbeddings, check_embeddings
 from .kernels import (
@@ -39,6 +46,7 @@ from .kernels import (
     cosine_sum_between,
     cosine_sum_within,
     euclidean_distance_sums,
+    logdet_diversity,
     normalize_rows,
     ranks_in_class,
     unit_row_sums,
@@ -54,9 +62,9 @@ __all__ = [
 def check_components(components: Iterable[str]) -> Tuple[str, ...]:
     """``components`` as a tuple, if it is a non-empty subset of ``cd``, ``cdm``, ``edm``."""
     comps = tuple(components)
-    unknown = [c for c in comps if c not in COMPONENTS]
+    unknown = [c for c in comps if c not in ALL_COMPONENTS]
     if unknown or not comps:
-        raise DiReInputError(f"components must be a non-empty subset of {COMPONENTS}, got {comps}")
+        raise DiReInputError(f"components must be a non-empty subset of {ALL_COMPONENTS}, got {comps}")
     return comps
 
 
@@ -152,6 +160,7 @@ def dire_components(
     eps: float = DEFAULT_EPS,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     check_finite: bool = True,
+    logdet_kernel: str = "cosine",
 ) -> Dict[str, Tensor]:
     """The requested DiRe components, each summed over classes, unweighted (see module doc).
 
@@ -159,9 +168,11 @@ def dire_components(
         syn_emb: ``[N, D]`` synthetic embeddings (differentiable); computed in float32 at least.
         syn_labels: ``[N]`` integer labels (floats only if whole numbers), any order, any counts per class.
         real: packed real embeddings; every class in ``syn_labels`` must be present.
-        memory: per-class unit sums of finished synthetic embeddings (enter CD only), of width ``D``.
+        memory: per-class unit sums of finished synthetic embeddings (enter CD only), of width ``D``;
+            ``logdet`` needs their rows too (a :class:`PackedEmbeddings`).
         reduction: ``"mean"`` or ``"sum"``.
-        components: which of ``"cd", "cdm", "edm"`` to compute.
+        components: which of ``"cd", "cdm", "edm", "logdet"`` to compute.
+        logdet_kernel: ``"cosine"`` or ``"rbf"`` (:func:`~dire_plugin.regularizer.kernels.logdet_diversity`).
         check_finite: refuse NaN/Inf synthetic embeddings, detected on the results (one small sync).
     """
     if reduction not in REDUCTIONS:
@@ -207,28 +218,33 @@ def dire_components(
             layout.pad(x), layout.counts, real.padded, real.counts, real_pos, eps, chunk_elements, b_sq=real.sq_norms
         )
         out["edm"] = sums.sum() if reduction == "sum" else (sums / (n * m)).sum()
+    if "logdet" in comps:
+        mem_rows = mem_counts = None
+        if memory is not None and len(memory.classes):
+            if not isinstance(memory, PackedEmbeddings):
+                raise DiReInputError("the logdet term needs the memory's embeddings, not only their sums: pass a "
+                                     "SyntheticMemory or a mapping class -> tensor")
+            mem_rows, mem_counts = memory.to(x.device).rows_for(classes)
+        values = logdet_diversity(layout.pad(x), layout.counts, mem_rows, mem_counts, kernel=logdet_kernel, eps=eps)
+        rows = n + (mem_counts.to(x.dtype) if mem_counts is not None else 0.0)
+        out["logdet"] = values.sum() if reduction == "sum" else (values / rows).sum()
     if check_finite and not bool(torch.isfinite(torch.stack(list(out.values()))).all()):
         # NaN/Inf in any embedding reaches the sums: checking the few results costs one small
         # sync, checking every input element on each step cost more than the cosine terms.
         check_embeddings(syn_emb, "synthetic embeddings")
         raise DiReInputError(f"DiRe terms are not finite: {({k: float(v) for k, v in out.items()})}")
-    return {c: out[c] for c in COMPONENTS if c in out}
+    return {c: out[c] for c in ALL_COMPONENTS if c in out}
 
 
-def term_weights(r_c: float, r_e: float) -> Dict[str, float]:
-    """Weight of each component: ``r_c`` for both cosine terms, ``r_e`` for the Euclidean one."""
-    return {"cd": r_c, "cdm": r_c, "edm": r_e}
-
-
-def active_components(components: Iterable[str], r_c: float, r_e: float) -> tuple:
+def active_components(components: Iterable[str], r_c: float, r_e: float, r_d: float = DEFAULT_R_D) -> tuple:
     """The enabled components whose weight is not 0 (EDM, the only O(N·M·D) term, is often off)."""
-    weights = term_weights(r_c, r_e)
+    weights = component_weights(r_c, r_e, r_d)
     return tuple(c for c in check_components(components) if weights[c] != 0)
 
 
-def weighted_total(values: Dict[str, Tensor], r_c: float, r_e: float) -> Tensor:
-    """``r_c · (CD + CDM) + r_e · EDM`` over the components present in ``values``."""
-    weights = term_weights(r_c, r_e)
+def weighted_total(values: Dict[str, Tensor], r_c: float, r_e: float, r_d: float = DEFAULT_R_D) -> Tensor:
+    """``r_c · (CD + CDM) + r_e · EDM + r_d · LOGDET`` over the components present in ``values``."""
+    weights = component_weights(r_c, r_e, r_d)
     return sum(weights[c] * v for c, v in values.items())
 
 
@@ -241,20 +257,22 @@ def dire_loss(
     memory: Optional[ClassSums] = None,
     reduction: str = "mean",
     components: Iterable[str] = COMPONENTS,
+    r_d: float = DEFAULT_R_D,
     **kwargs: Any,
 ) -> Tensor:
-    """``L_syn = r_c · (CD + CDM) + r_e · EDM`` over the enabled components (module doc).
+    """``L_syn = r_c · (CD + CDM) + r_e · EDM (+ r_d · LOGDET)`` over the enabled components (module doc).
 
-    ``r_c`` and ``r_e`` must be finite numbers >= 0 that float32 holds (:func:`check_weights`), not
-    both 0 for the chosen components (:func:`check_active_weights`).
+    The weights must be finite numbers >= 0 that float32 holds (:func:`check_weights`), not all 0
+    for the chosen components (:func:`check_active_weights`).
     """
     r_c, r_e = check_weights(r_c, r_e)
-    check_active_weights(check_components(components), r_c, r_e)
-    active = active_components(components, r_c, r_e)
+    r_d = check_weight("r_d", r_d)
+    check_active_weights(check_components(components), r_c, r_e, r_d=r_d)
+    active = active_components(components, r_c, r_e, r_d)
     terms = dire_components(syn_emb, syn_labels, real, memory, reduction, active, **kwargs)
-    total = weighted_total(terms, r_c, r_e)
+    total = weighted_total(terms, r_c, r_e, r_d)
     if kwargs.get("check_finite", True) and not bool(torch.isfinite(total)):
         # The terms were finite (dire_components checks them): the weights overflowed float32.
-        raise DiReInputError(f"the weighted DiRe term overflows float32 (r_c={r_c:g}, r_e={r_e:g}, terms "
-                             f"{({k: float(v) for k, v in terms.items()})}): use smaller weights")
+        raise DiReInputError(f"the weighted DiRe term overflows float32 (r_c={r_c:g}, r_e={r_e:g}, r_d={r_d:g}, "
+                             f"terms {({k: float(v) for k, v in terms.items()})}): use smaller weights")
     return total

@@ -48,15 +48,19 @@ class ClassSums:
             raise DiReInputError(f"no {what} for class{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))}")
         return pos
 
+    def _rows_of(self, classes: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(position, found)`` of each of ``classes`` (``len(self.classes) > 0``)."""
+        classes = classes.to(self.classes.device)
+        pos = torch.searchsorted(self.classes, classes).clamp_max(len(self.classes) - 1)
+        return pos, self.classes[pos] == classes
+
     def lookup(self, classes: Tensor) -> Tuple[Tensor, Tensor]:
         """``(unit_sums, counts)`` for ``classes``; zeros for classes not present (no error)."""
         out_sums = self.unit_sums.new_zeros(len(classes), self.dim)
         out_counts = self.counts.new_zeros(len(classes))
         if len(self.classes) == 0:
             return out_sums, out_counts
-        classes = classes.to(self.classes.device)
-        pos = torch.searchsorted(self.classes, classes).clamp_max(len(self.classes) - 1)
-        hit = self.classes[pos] == classes
+        pos, hit = self._rows_of(classes)
         out_sums[hit] = self.unit_sums[pos[hit]]
         out_counts[hit] = self.counts[pos[hit]]
         return out_sums, out_counts
@@ -155,6 +159,18 @@ class PackedEmbeddings(ClassSums):
         classes, counts = torch.unique(labels.cpu(), sorted=True, return_counts=True)
         rows = torch.split(x.detach()[order.to(x.device)], counts.tolist())
         return cls.from_classes(classes.tolist(), rows, x.device, eps)
+
+    def rows_for(self, classes: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(rows [len(classes), M_max, D], counts)`` of ``classes``; no rows for a class that is
+        not here (a memory that has not seen it yet)."""
+        rows = self.padded.new_zeros(len(classes), self.padded.shape[1], self.padded.shape[2])
+        counts = self.counts.new_zeros(len(classes))
+        if len(self.classes) == 0:
+            return rows, counts
+        pos, hit = self._rows_of(classes)
+        rows[hit] = self.padded[pos[hit]]
+        counts[hit] = self.counts[pos[hit]]
+        return rows, counts
 
     def to(self, device: torch.device) -> "PackedEmbeddings":
         base = ClassSums.to(self, device)

@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .defaults import LOGDET_KERNELS
+
 __all__ = [
     "DEFAULT_EPS",
     "DEFAULT_CHUNK_ELEMENTS",
@@ -41,11 +43,20 @@ __all__ = [
     "cosine_sum_within",
     "cosine_sum_between",
     "euclidean_distance_sums",
+    "LOGDET_KERNELS",
+    "logdet_diversity",
 ]
 
 #: Norms and distances below this are treated as this value. Small enough to be invisible for
 #: penultimate-layer features (norms of order 1–100), large enough to keep 1/eps finite in float32.
 DEFAULT_EPS = 1e-8
+
+#: Added to the diagonal of a class's kernel matrix in the log-det term: −log det(K + ridge·I).
+#: With ridge 1 this is the log-normaliser of the L-ensemble DPP with kernel K, and the gradient
+#: (K + I)⁻¹ has norm at most 1, so duplicates and single images stay finite and tame.
+LOGDET_RIDGE = 1.0
+#: The RBF's exp(−γ‖x̂_i − x̂_j‖²) on unit rows, where ‖x̂_i − x̂_j‖² lies in [0, 4].
+RBF_GAMMA = 1.0
 
 #: Elements of one distance block ``[classes, N, M]`` computed at a time (≈ 64 MiB in float32).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -330,3 +341,56 @@ def euclidean_distance_sums(
     if b_sq is None:
         b_sq = squared_norms(b.float() if b.dtype not in (torch.float32, torch.float64) else b)
     return _EuclideanDistanceSums.apply(a, counts_a, b, b_sq.detach(), counts_b, class_index, eps, int(chunk_elements))
+
+
+def logdet_diversity(
+    x: Tensor,
+    counts: Tensor,
+    memory: Optional[Tensor] = None,
+    memory_counts: Optional[Tensor] = None,
+    kernel: str = "cosine",
+    ridge: float = LOGDET_RIDGE,
+    gamma: float = RBF_GAMMA,
+    eps: float = DEFAULT_EPS,
+) -> Tensor:
+    r"""``[C]``: per class c, ``−log det(K_c + ridge·I)`` over the class's rows.
+
+    ``x [C, N, D]`` holds ``counts[c]`` current rows per class, ``memory [C, K, D]`` (constants:
+    finished images) ``memory_counts[c]``; both are normalised to unit rows ``x̂``. ``K_c`` is the
+    kernel matrix of those ``m_c = n_c + k_c`` rows: ``x̂_i·x̂_j`` (``"cosine"``) or
+    ``exp(−γ‖x̂_i − x̂_j‖²)`` (``"rbf"``). Minimising it spreads a class over many directions at
+    once (for unit rows ``tr K = m_c`` is fixed, and ``det(K + I)`` is largest when the
+    eigenvalues are equal). Padding rows get a diagonal of 1 and contribute ``log 1 = 0``: one
+    batched Cholesky over the padded blocks, no loop over classes.
+    """
+    if kernel not in LOGDET_KERNELS:
+        raise ValueError(f"kernel must be one of {LOGDET_KERNELS}, got {kernel!r}")
+    z = normalize_rows(x, eps)
+    valid = _valid_mask(counts.to(x.device), x.shape[1])
+    if memory is not None and memory.shape[1]:
+        z = torch.cat([z, normalize_rows(memory.to(device=z.device, dtype=z.dtype), eps).detach()], 1)
+        valid = torch.cat([valid, _valid_mask(memory_counts.to(x.device), memory.shape[1])], 1)
+    z = z * valid.unsqueeze(-1)
+    gram = torch.bmm(z, z.transpose(1, 2))
+    if kernel == "rbf":
+        both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+        gram = torch.exp(-gamma * (2.0 - 2.0 * gram).clamp_min(0.0)) * both
+    diagonal = torch.where(valid, gram.new_tensor(ridge), gram.new_tensor(1.0))
+    return _NegLogDetSPD.apply(gram + torch.diag_embed(diagonal))
+
+
+class _NegLogDetSPD(torch.autograd.Function):
+    """``−log det A`` of symmetric positive definite blocks ``A [C, M, M]``, from one batched
+    Cholesky; backward ``−A⁻¹`` from the same factor (``cholesky_inverse``): autograd's own
+    Cholesky backward runs two batched triangular solves and took most of the term's time."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> Tensor:
+        chol = torch.linalg.cholesky(a)
+        ctx.save_for_backward(chol)
+        return -2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (chol,) = ctx.saved_tensors
+        return -grad[:, None, None] * torch.cholesky_inverse(chol)

@@ -11,8 +11,8 @@ from .defaults import check_active_weights
 from .functional import COMPONENTS, REDUCTIONS, check_components, check_weights, dire_components, dire_loss
 from ..errors import DiReInputError
 from .grouped import ClassSums, PackedEmbeddings, pack_mapping
-from .defaults import DEFAULT_R_C, DEFAULT_R_E
-from .kernels import DEFAULT_CHUNK_ELEMENTS, DEFAULT_EPS
+from .defaults import DEFAULT_R_C, DEFAULT_R_D, DEFAULT_R_E, check_weight
+from .kernels import DEFAULT_CHUNK_ELEMENTS, DEFAULT_EPS, LOGDET_KERNELS
 
 __all__ = ["DiReLoss", "DEFAULT_R_C", "DEFAULT_R_E"]
 
@@ -21,7 +21,8 @@ MemoryInput = Union[ClassSums, Mapping[int, Tensor], None]
 
 
 class DiReLoss(nn.Module):
-    r"""DiRe diversity regulariser ``L_syn = r_c·(CD + CDM) + r_e·EDM``, summed over classes.
+    r"""DiRe diversity regulariser ``L_syn = r_c·(CD + CDM) + r_e·EDM``, summed over classes
+    (``+ r_d·LOGDET`` when the determinantal term is chosen).
 
     ``CD`` pushes synthetic embeddings of a class apart (cosine among them and against the
     optional memory of finished ones), ``CDM = 1 − cos`` and ``EDM = ‖·‖`` pull them towards the
@@ -32,7 +33,11 @@ class DiReLoss(nn.Module):
         r_c: weight of the cosine terms (``multiplier · r_cos`` in the released code); a finite
             number >= 0, like ``r_e`` (anything else is a :class:`~dire_plugin.errors.DiReInputError`).
         r_e: weight of the Euclidean term (``multiplier · r_euc``).
-        components: the terms to use, for the paper's 7-way ablation (Table 14).
+        components: the terms to use, for the paper's 7-way ablation (Table 14); ``"logdet"`` adds
+            −log det(K + I) of each class's unit embeddings (memory included), in place of CD or
+            beside it.
+        r_d: weight of ``logdet``.
+        logdet_kernel: ``"cosine"`` (the Gram matrix of unit rows) or ``"rbf"``.
         reduction: ``"mean"`` (default: means over pairs, robust to IPC and bank size) or
             ``"sum"`` (the paper's Equations 1–5 literally).
         memory: default memory (a :class:`~dire_plugin.embeddings.memory.SyntheticMemory` or
@@ -60,13 +65,19 @@ class DiReLoss(nn.Module):
         eps: float = DEFAULT_EPS,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         check_finite: bool = True,
+        r_d: float = DEFAULT_R_D,
+        logdet_kernel: str = "cosine",
     ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise DiReInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if logdet_kernel not in LOGDET_KERNELS:
+            raise DiReInputError(f"logdet_kernel must be one of {LOGDET_KERNELS}, got {logdet_kernel!r}")
         self.r_c, self.r_e = check_weights(r_c, r_e)
+        self.r_d = check_weight("r_d", r_d)
         self.terms = check_components(components)
-        check_active_weights(self.terms, self.r_c, self.r_e, "DiReLoss: ")
+        check_active_weights(self.terms, self.r_c, self.r_e, "DiReLoss: ", r_d=self.r_d)
+        self.logdet_kernel = logdet_kernel
         self.reduction = reduction
         self.memory = memory
         self.eps, self.chunk_elements, self.check_finite = eps, int(chunk_elements), check_finite
@@ -93,26 +104,28 @@ class DiReLoss(nn.Module):
         return cls(r_c=float(multiplier) * float(r_cos), r_e=float(multiplier) * float(r_euc), **kwargs)
 
     def extra_repr(self) -> str:
-        return f"r_c={self.r_c}, r_e={self.r_e}, components={self.terms}, reduction={self.reduction!r}"
+        return f"r_c={self.r_c}, r_e={self.r_e}, r_d={self.r_d}, components={self.terms}, reduction={self.reduction!r}"
 
     def forward(self, syn_emb: Tensor, syn_labels: Tensor, real: RealInput, memory: MemoryInput = None) -> Tensor:
         """Weighted DiRe loss (scalar tensor); only ``syn_emb`` receives gradients."""
         return dire_loss(
             syn_emb, syn_labels, self._real(real, syn_emb.device), self.r_c, self.r_e,
             memory=self._memory(memory, syn_emb.device), reduction=self.reduction,
-            components=self.terms, **self._kernel_args(),
+            components=self.terms, r_d=self.r_d, **self._kernel_args(),
         )
 
     def components(self, syn_emb: Tensor, syn_labels: Tensor, real: RealInput, memory: MemoryInput = None) -> Dict[str, Tensor]:
-        """``{"cd", "cdm", "edm"}``, each summed over classes, before weighting (all three terms)."""
+        """``{"cd", "cdm", "edm"}`` (and ``"logdet"`` when chosen), each summed over classes,
+        before weighting."""
         return dire_components(
             syn_emb, syn_labels, self._real(real, syn_emb.device),
             memory=self._memory(memory, syn_emb.device), reduction=self.reduction,
-            components=COMPONENTS, **self._kernel_args(),
+            components=(*COMPONENTS, *(["logdet"] if "logdet" in self.terms else [])), **self._kernel_args(),
         )
 
     def _kernel_args(self) -> dict:
-        return {"eps": self.eps, "chunk_elements": self.chunk_elements, "check_finite": self.check_finite}
+        return {"eps": self.eps, "chunk_elements": self.chunk_elements, "check_finite": self.check_finite,
+                "logdet_kernel": self.logdet_kernel}
 
     def _real(self, real: RealInput, device: torch.device) -> PackedEmbeddings:
         if isinstance(real, PackedEmbeddings):
@@ -136,9 +149,8 @@ class DiReLoss(nn.Module):
         memory = self.memory if memory is None else memory
         if memory is None or isinstance(memory, ClassSums):
             return memory
-        sums = getattr(memory, "class_sums", None)
-        if callable(sums):  # SyntheticMemory
-            return sums(device)
+        if callable(getattr(memory, "class_sums", None)):  # SyntheticMemory: its rows too for logdet
+            return memory.packed(device) if "logdet" in self.terms else memory.class_sums(device)
         if isinstance(memory, Mapping):
             if not memory:
                 return None

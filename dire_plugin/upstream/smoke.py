@@ -41,8 +41,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Real images written per class: enough for a bank, few enough to embed in seconds.
 IMAGES_PER_CLASS = 2
 #: Launcher flags for the run settings a config may hold.
-_CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "share": "--share", "reduction": "--reduction",
-                 "log_every": "--log-every", "bank_dtype": "--bank-dtype"}
+_CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "r_d": "--r-d", "share": "--share", "reduction": "--reduction",
+                 "log_every": "--log-every", "bank_dtype": "--bank-dtype", "logdet_kernel": "--logdet-kernel"}
 _FRAME = re.compile(r'^\s*File "(.+)", line (\d+)')
 #: Environment variables of an enclosing DiRe run that must not leak into the smoke run.
 _INHERITED = ("DIRE_ACTIVATE", "DIRE_DISABLE")
@@ -239,7 +239,7 @@ def _failed_manifest(work: Path) -> Dict[str, Any]:
 def _config_flags(config: Optional[Mapping[str, Any]]) -> List[str]:
     flags: List[str] = []
     # A share calibrates the weights itself (dire-run refuses both): its run starts from the defaults.
-    skip = ("r_c", "r_e") if config and config.get("share") is not None else ()
+    skip = ("r_c", "r_e", "r_d") if config and config.get("share") is not None else ()
     for key, flag in _CONFIG_FLAGS.items():
         if config and config.get(key) is not None and key not in skip:
             flags += [flag, str(config[key])]

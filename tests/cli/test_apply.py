@@ -300,7 +300,7 @@ REFUSALS = {
     "share-nan": (None, ["sre2l", "{root}", "--real-data", "{data}", "--share", "nan"], ["--share", "'nan'"]),
     "share-inf": (None, ["sre2l", "{root}", "--real-data", "{data}", "--share", "inf"], ["--share", "'inf'"]),
     "share-and-weights": (None, ["sre2l", "{root}", "--real-data", "{data}", "--share", "0.1", "--r-e", "0.01"],
-                          ["--share calibrates r_c and r_e itself"]),
+                          ["--share calibrates the weights itself"]),
 }
 
 

@@ -187,9 +187,42 @@ def test_share_calibrates_the_weights_on_the_first_steps():
         torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-4, atol=1e-7)
         share = runtime.manifest()["gradient_share"]
         assert share["first_steps"][:3] == pytest.approx([0.2, 0.2, 0.2], rel=1e-4)
+        assert [step for step, _ in share["measured"]] == [1, 2, 3, 4]
+        assert [s for _, s in share["measured"]][:3] == pytest.approx([0.2, 0.2, 0.2], rel=1e-4)
         assert share["calibration"]["done"] and share["calibration"]["r_c"] == pytest.approx(0.5 * k, rel=1e-4)
     finally:
         sre2l.unpatch()
+
+
+def test_the_logdet_term_reaches_the_images_with_the_memory():
+    # Beyond the paper: logdet beside CD, with its r_d, through the same hooks, the memory's rows included.
+    bank = _bank()
+    terms = ("cd", "cdm", "logdet")
+    config = RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.0, r_d=0.7, components=terms, log_every=0)
+    sre2l.patch(config, bank_factory=lambda *a: bank)
+    try:
+        runtime = current_runtime()
+        model = _teacher()
+        targets = torch.arange(NUM_CLASSES)
+        gen = torch.Generator().manual_seed(8)
+        first = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+        _step(model, first, targets, nn.CrossEntropyLoss())
+        memory = SyntheticMemory()
+        memory.add(*runtime.capture.last)
+        second = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+        runtime.enabled = False
+        x = second.detach().clone().requires_grad_()
+        with EmbeddingCapture(model) as cap:
+            loss = nn.CrossEntropyLoss()(model(torch.roll(x, shifts=(1, 1), dims=(2, 3))), targets) + 0.01 * x.pow(2).mean()
+            (g_vanilla,) = torch.autograd.grad(loss, x, retain_graph=True)
+            dire = DiReLoss(r_c=0.5, r_e=0.0, r_d=0.7, components=terms)(cap.embeddings, targets, bank, memory=memory)
+            (g_dire,) = torch.autograd.grad(dire, x)
+        runtime.enabled = True
+        grad, _ = _step(model, second, targets, nn.CrossEntropyLoss())
+        assert runtime.manifest()["mean_values"]["logdet"] is not None
+    finally:
+        sre2l.unpatch()
+    torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("share", [0.0, -1.0, float("nan"), float("inf"), "0.1x", True])
@@ -292,3 +325,27 @@ def test_where_the_manifest_goes(tmp_path):
     assert written(inside).parent == cache / "runs"
     assert written(outside, RuntimeError("boom")).parent == cache / "runs"
     assert not inside.exists()
+
+
+@pytest.mark.parametrize("terms", [("cd", "cdm"), ("cd", "cdm", "logdet")])
+def test_held_rows_are_pushed_from_as_memory_rows_are(terms):
+    # DELT's rounds leave images out of a step; their last embeddings join CD (and logdet's kernel,
+    # which needs the rows, not only their sums) exactly as if the memory held them.
+    bank = _bank()
+    config = RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, r_d=0.7, components=terms, log_every=0)
+    sre2l.patch(config, bank_factory=lambda *a: bank)
+    try:
+        runtime = current_runtime()
+        gen = torch.Generator().manual_seed(3)
+        emb, held = torch.randn(4, 8, generator=gen), torch.randn(3, 8, generator=gen)
+        labels, held_labels = torch.tensor([0, 1, 1, 2]), torch.tensor([1, 2, 0])
+        finished = torch.randn(2, 8, generator=gen)
+        runtime.memory.add(finished, torch.tensor([1, 0]))
+        real = bank.packed("cpu")
+        grad = runtime.term_gradient(emb, labels, real=real, held=(held, held_labels))
+        runtime.memory.add(held, held_labels)
+        expected = runtime.term_gradient(emb, labels, real=real)
+    finally:
+        sre2l.unpatch()
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    assert float((grad - expected).abs().max()) < 1e-6
