@@ -10,7 +10,11 @@ Shapes (``--shape``):
   Table 15 reports +17.7 % synthesis time for DiRe on top of SRe²L);
 * ``tiny``: 10 classes at 16² (a check that the script runs, not a figure).
 
-``sre2l``: a frozen teacher, DiRe's gradient added in the method's own backward. ``dwa``: the
+``sre2l``: a frozen teacher, DiRe's gradient added in the method's own backward. ``delt`` (its
+own shape, whatever ``--shape`` says): DELT's EarlyLate iteration on CIFAR-10 at IPC 50, the
+ResNet-18 CIFAR variant, a batch of 100 = 2 classes × 50; the first iteration forwards every
+image, the others a round of the first 30 of each class (``inputs[rows]``), so DiRe also pushes
+away from the 40 images held back; 10 classes with a memory of 49 and 500 real each. ``dwa``: the
 teacher's weights keep ``requires_grad`` (DWA's perturbation reads their gradients); with a batch
 of every class the decoupled capture's ``"auto"`` route takes DWA's own backward after the batch's
 first step (one input-only backward at that first step only, outside the median). The gradient
@@ -27,7 +31,7 @@ its own bank (500 real per class) and memory (9 per class), one bank and memory 
 patch keeps them. Vanilla and patched runs are interleaved in one run so machine noise hits both;
 the script prints medians and their ratio, and asserts nothing about speed.
 
-    python benchmarks/bench_overhead.py [--methods sre2l dwa dm mtt gvbsm] [--shape cifar|imagenet|tiny]
+    python benchmarks/bench_overhead.py [--methods sre2l dwa delt dm mtt gvbsm] [--shape cifar|imagenet|tiny]
         [--iterations 6] [--rounds 3] [--device cpu|cuda]
 """
 from __future__ import annotations
@@ -47,10 +51,10 @@ from torch import nn
 from dire_plugin.embeddings.bank import RealEmbeddingBank
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
-from dire_plugin.patches import dwa, gvbsm, sre2l
+from dire_plugin.patches import delt, dwa, gvbsm, sre2l
 from _machine import device_line  # benchmarks/, the folder of this script
 
-PATCHES = {"sre2l": sre2l, "dwa": dwa}
+PATCHES = {"sre2l": sre2l, "dwa": dwa, "delt": delt}
 #: Methods with a loop of their own shape (benchmarks/_overhead_<method>.py, or below: gvbsm).
 OWN_LOOPS = ("dm", "mtt", "gvbsm")
 D, IPC = 512, 50
@@ -59,16 +63,22 @@ D, IPC = 512, 50
 @dataclass(frozen=True)
 class Shape:
     classes: int  # of the teacher, the bank and the memory
-    batch: int  # images per iteration, one per class
+    batch: int  # images optimised together
     size: int
     real_per_class: int
     cifar_stem: bool
+    per_class: int = 1  # images of a class in the batch (class-major)
+    forwarded: int = 0  # after a first iteration on all, each iteration forwards this many of each class (0: all)
 
 
 SHAPES = {
     "cifar": Shape(classes=100, batch=100, size=32, real_per_class=500, cifar_stem=True),
     "imagenet": Shape(classes=1000, batch=100, size=224, real_per_class=1300, cifar_stem=False),
     "tiny": Shape(classes=10, batch=10, size=16, real_per_class=20, cifar_stem=True),
+}
+#: Methods measured on a shape of their own.
+OWN_SHAPES = {
+    "delt": Shape(classes=10, batch=100, size=32, real_per_class=500, cifar_stem=True, per_class=50, forwarded=30),
 }
 
 
@@ -102,10 +112,12 @@ class BNStats:
         return total
 
 
-def run_block(models, bns, inputs, targets, iterations: int, device, lr: float = 0.25, extra=None) -> float:
+def run_block(models, bns, inputs, targets, iterations: int, device, lr: float = 0.25, extra=None,
+              rows=None) -> float:
     """Median seconds per iteration over ``iterations`` SRe²L-shaped iterations; iteration ``i``
-    classifies with ``models[i % len(models)]`` (G-VBSM's rotation; SRe²L's: one model), and
-    ``extra(images, targets)`` is added to the loss."""
+    classifies with ``models[i % len(models)]`` (G-VBSM's rotation; SRe²L's: one model),
+    ``extra(images, targets)`` is added to the loss, and with ``rows`` iterations after the first
+    forward only ``inputs[rows]`` (DELT's rounds)."""
     optimizer = torch.optim.Adam([inputs], lr=lr, betas=(0.5, 0.9))
     criterion = nn.CrossEntropyLoss()
     times = []
@@ -115,11 +127,13 @@ def run_block(models, bns, inputs, targets, iterations: int, device, lr: float =
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         optimizer.zero_grad()
-        jit = torch.roll(inputs, shifts=(it % 3, it % 2), dims=(2, 3))
+        taken = inputs if rows is None or it == 0 else inputs[rows]
+        jit = torch.roll(taken, shifts=(it % 3, it % 2), dims=(2, 3))
         outputs = model(jit)
-        loss = criterion(outputs, targets) + 0.01 * bn.pop()
+        step_targets = targets if rows is None or it == 0 else targets[rows]
+        loss = criterion(outputs, step_targets) + 0.01 * bn.pop()
         if extra is not None:
-            loss = loss + extra(jit, targets)
+            loss = loss + extra(jit, step_targets)
         loss.backward()
         optimizer.step()
         if device.type == "cuda":
@@ -132,7 +146,11 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
     torch.manual_seed(0)
     model = teacher(shape, device, frozen=method != "dwa")
     bn = BNStats(model)
-    targets = torch.arange(shape.batch, device=device)
+    targets = torch.arange(shape.batch // shape.per_class, device=device).repeat_interleave(shape.per_class)
+    rows = None
+    if shape.forwarded:
+        starts = torch.arange(0, shape.batch, shape.per_class, device=device)
+        rows = (starts[:, None] + torch.arange(shape.forwarded, device=device)).flatten()
     # Post-ReLU average-pooled features are non-negative; so are these stand-ins.
     real = torch.rand(shape.classes * shape.real_per_class, D)
     bank = RealEmbeddingBank.from_tensors(real, torch.arange(shape.classes).repeat_interleave(shape.real_per_class))
@@ -151,7 +169,7 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
         # The key the teacher's bank gets at the first step (keyed on the bank), with earlier ipc indices.
         runtime.memory_of(runtime.add_bank(bank)).add(torch.rand(shape.classes * (IPC - 1), D),
                                                       torch.arange(shape.classes).repeat(IPC - 1))
-        seconds = run_block([model], [bn], images(), targets, opts.iterations, device)
+        seconds = run_block([model], [bn], images(), targets, opts.iterations, device, rows=rows)
         added, measured = runtime.stats.terms_added, len(runtime.share.records)
         patch.unpatch()
         model.zero_grad(set_to_none=True)
@@ -161,12 +179,15 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
 
     vanilla, patched, measuring = [], [], []
     for _ in range(opts.rounds):
-        vanilla.append(run_block([model], [bn], images(), targets, opts.iterations, device))
+        vanilla.append(run_block([model], [bn], images(), targets, opts.iterations, device, rows=rows))
         patched.append(patched_block(False))
         measuring.append(patched_block(True))
 
     v, p, m = statistics.median(vanilla), statistics.median(patched), statistics.median(measuring)
-    print(f"{method}: ResNet-18{' (CIFAR stem)' if shape.cifar_stem else ''}, {shape.size}px, batch {shape.batch}, "
+    layout = (f"batch {shape.batch} ({shape.batch // shape.per_class} classes x {shape.per_class}"
+              + (f", rounds of {shape.forwarded}/class after a first iteration on all)" if shape.forwarded else ")")
+              if shape.per_class > 1 else f"batch {shape.batch}")
+    print(f"{method}: ResNet-18{' (CIFAR stem)' if shape.cifar_stem else ''}, {shape.size}px, {layout}, "
           f"{shape.classes} classes, memory {IPC - 1}/class, {shape.real_per_class} real/class, D={D}, teacher "
           f"{'frozen' if method != 'dwa' else 'with requires_grad (DWA)'}")
     print(f"  vanilla   {v * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in vanilla)})")
@@ -285,7 +306,7 @@ def main() -> None:
         if method in OWN_LOOPS:
             measure_own_loop(method, opts, device)
         else:
-            measure(method, SHAPES[opts.shape], opts, device)
+            measure(method, OWN_SHAPES.get(method, SHAPES[opts.shape]), opts, device)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,11 @@ TARGETS = (
     *(Target(f"{_DC}/networks.py", f"{name}.embed", module="networks") for name in EMBEDS),
 )
 
-# The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS stays fast.
-patch, unpatch = method_patch(
-    METHOD, lambda: SCRIPTS, TARGETS, capture="embed",
-    embed=tuple(("networks", f"{name}.embed") for name in EMBEDS),
+#: The capture family and its options, as data: the demo's DM-shaped script goes through the same.
+CAPTURE = dict(
+    capture="embed", embed=tuple(("networks", f"{name}.embed") for name in EMBEDS),
     augment=("utils", "DiffAugment"), dataset=("utils", "get_dataset"), results=r"^res_DM_.*\.pt$",
 )
+
+# The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS stays fast.
+patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, **CAPTURE)

@@ -77,6 +77,8 @@ TARGETS = tuple(
     Target("distillation/utils.py", "BNFeatureHook", module="utils"),
 )
 
+#: The capture family and its options, as data: the demo's DWA-shaped script goes through the same.
+CAPTURE = dict(capture="decoupled", teacher_grads="auto", grad_readers=(("perterb", "Perterb.first_step"),))
+
 # The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS stays fast.
-patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="decoupled", teacher_grads="auto",
-                              grad_readers=(("perterb", "Perterb.first_step"),))
+patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, **CAPTURE)

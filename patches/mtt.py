@@ -68,7 +68,11 @@ TARGETS = (
     Target("buffer.py", "main"),  # the expert buffer's folder and format
 )
 
-patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="step")
+#: The capture family and its options, as data: the demo's MTT-shaped script goes through the same
+#: (with its own dataset name).
+CAPTURE = dict(capture="step", dataset_module="utils", dataset_function="get_dataset", datasets=("CIFAR10", "CIFAR100"))
+
+patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, **CAPTURE)
 
 
 # --- smoke runs (dire-apply --verify --smoke) -----------------------------------------------------

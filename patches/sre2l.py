@@ -88,6 +88,9 @@ def prepare_multi_gpu_smoke(work: Path, args: Sequence[str], env: Dict[str, str]
         (out / f"new{c:03d}").mkdir(parents=True, exist_ok=True)
 
 
+#: The capture family and its options, as data: the demo's SRe²L-shaped script goes through the same.
+CAPTURE = dict(capture="decoupled")
+
 # The patch itself needs torch: built on first use, so that reading SCRIPTS/TARGETS (dire-apply
 # --list/--verify/--remove) stays fast.
-patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, capture="decoupled")
+patch, unpatch = method_patch(METHOD, lambda: SCRIPTS, TARGETS, **CAPTURE)

@@ -9,6 +9,16 @@ from typing import Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def demo_script(path: Path) -> bool:
+    """A file of one of the demo's script folders (``dire_plugin/demo/{recover,dwa,dm,mtt}/``, its
+    ``__init__`` aside): run as upstream scripts are, importing siblings (``utils``) that are no
+    module of ours, so the import checks leave them out."""
+    from dire_plugin.demo.spec import SCRIPT_FOLDERS
+
+    rel = path.resolve().relative_to(ROOT).parts
+    return rel[:2] == ("dire_plugin", "demo") and len(rel) > 3 and rel[2] in SCRIPT_FOLDERS and path.name != "__init__.py"
+
 # Loaded by a .pth line of the child: makes the named top-level packages unimportable, as if an
 # optional extra had not been installed.
 _BLOCKER = '''"""Written by dire-plugin's tests: hides packages an optional extra would install."""

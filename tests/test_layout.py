@@ -7,6 +7,8 @@ from typing import Dict, List, Set
 
 import pytest
 
+from envs import demo_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Lower layers first; a module may import its own layer and the ones before it.
@@ -27,8 +29,8 @@ def _sources() -> Dict[str, Path]:
     out = {}
     for base, package in ((ROOT / "dire_plugin", "dire_plugin"), (ROOT / "patches", "dire_plugin.patches")):
         for path in base.rglob("*.py"):
-            if "recover" in path.relative_to(base).parts:
-                continue  # the demo's recover script runs as an upstream script does, not as our module
+            if demo_script(path):
+                continue  # the demo's family scripts run as upstream scripts do, not as our modules
             parts = list(path.relative_to(base).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]

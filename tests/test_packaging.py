@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from envs import ROOT, build_wheel, child_venv
+from envs import ROOT, build_wheel, child_venv, demo_script
 
 #: Imports of the package that are allowed to come from an optional extra only, and the extra.
 OPTIONAL = {"sklearn": "demo", "matplotlib": "plot"}
@@ -77,9 +77,8 @@ def _declared():
 def _package_sources():
     for folder in (ROOT / "dire_plugin", ROOT / "patches"):
         for path in folder.rglob("*.py"):
-            if "recover" in path.parts and path.name != "__init__.py":
-                continue  # the demo's recover script and its utils run as upstream code does
-            yield path
+            if not demo_script(path):
+                yield path
 
 
 def _third_party_imports():

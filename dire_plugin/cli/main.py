@@ -1,5 +1,6 @@
-"""``dire``: the umbrella command. ``dire demo`` runs the embedded demo (SRe²L ± DiRe on
-scikit-learn's digits, offline, a few minutes on a laptop CPU; or on CIFAR the user has).
+"""``dire``: the umbrella command. ``dire demo`` runs the embedded demo (SRe²L, DWA, DM and MTT ±
+DiRe on scikit-learn's digits, offline, a few minutes on a laptop CPU; or SRe²L on CIFAR the user
+has).
 
 Exit codes: 0 done, 2 bad input or a failed demo step (one line on stderr), 1 an output that
 could not be written.
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..demo.spec import METHOD_CHOICES
 from ..errors import DiReInputError
 from ._common import OneLineParser, echo, positive_int, run_main, weight
 
@@ -34,29 +36,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="DiRe diversity regulariser: tools.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     d = sub.add_parser(
-        "demo", help="run the embedded demo: SRe²L ± DiRe on scikit-learn digits",
-        description="Distil scikit-learn's digits with an SRe²L-style recover script, vanilla and with DiRe "
-        "(through the same hook runtime as real upstream code), then compare accuracy of relabelled "
-        "students, coverage and within-class diversity. Offline; a few minutes on 2 CPU cores (--quick: about a minute). "
-        "--dataset cifar10/cifar100 runs the same pipeline with a ResNet-18 on CIFAR you have, on the GPU when there is one.",
-        epilog="examples: dire demo | dire demo --quick | dire demo --ablation | dire demo --ipc 10 --seeds 5 | "
-        "dire demo --dataset cifar10 --data-path ~/data",
+        "demo", help="run the embedded demo: SRe²L, DWA, DM and MTT ± DiRe on scikit-learn digits",
+        description="Distil scikit-learn's digits with our SRe²L-, DWA-, DM- and MTT-shaped scripts, vanilla, "
+        "with DiRe at each method's default weights and at one common gradient share (through the same hook "
+        "runtime and capture modules as the real patches), then compare each family's own accuracy protocol, "
+        "coverage and within-class diversity over several synthesis seeds, with a paired test. Offline; a few "
+        "minutes on 2 CPU cores (--quick: a smoke run). --dataset cifar10/cifar100 runs the SRe²L family with "
+        "a ResNet-18 on CIFAR you have, on the GPU when there is one.",
+        epilog="examples: dire demo | dire demo --method dm | dire demo --quick | dire demo --ablation | "
+        "dire demo --method sre2l --ipc 10 50 --syn-seeds 5 | dire demo --dataset cifar10 --data-path ~/data",
     )
-    d.add_argument("--quick", action="store_true", help="IPC 10 only, fewer iterations, steps and seeds (< 1 minute)")
+    d.add_argument("--method", choices=METHOD_CHOICES, metavar="FAMILY",
+                   help=f"family to distil with: {', '.join(METHOD_CHOICES)} (default: all on digits; sre2l for "
+                   "CIFAR and --ablation)")
+    d.add_argument("--quick", action="store_true",
+                   help="smoke run: fewer iterations, 2 synthesis seeds, 1 student per set (noisy numbers)")
     d.add_argument("--ablation", action="store_true",
-                   help="compare the 7 combinations of the CD/CDM/EDM terms at IPC 10 (writes ablation.md/.json)")
-    d.add_argument("--ipc", type=_ipc, nargs="+", metavar="N", help="images per class (default 10 50; --quick/--ablation: 10)")
-    d.add_argument("--seeds", type=positive_int, metavar="N", help="students per set (default 3; --quick: 2)")
-    d.add_argument("--syn-seeds", type=positive_int, metavar="N", help="synthetic sets per variant and IPC (default 1)")
+                   help="compare the 7 combinations of the CD/CDM/EDM terms and the logdet term (alone, in place of and beside CD; cosine and RBF kernels) at IPC 10 (writes ablation.md/.json)")
+    d.add_argument("--ipc", type=_ipc, nargs="+", metavar="N", help="images per class (default 10; CIFAR: 10 50)")
+    d.add_argument("--seeds", type=positive_int, metavar="N",
+                   help="students per set, paired across variants (default 2; --quick: 1)")
+    d.add_argument("--syn-seeds", type=positive_int, metavar="N",
+                   help="synthetic sets per variant and IPC, the unit of the paired test (default 3; --quick: 2)")
     d.add_argument("--iterations", type=positive_int, metavar="N",
-                   help="recover iterations per image batch (digits: 200 at IPC <= 10, else 100, --quick 60; CIFAR: 500)")
+                   help="synthesis iterations of every family, in its own unit (default: each family's, see the "
+                   "report; CIFAR: 500)")
     d.add_argument("--student-steps", type=positive_int, metavar="N",
-                   help="training steps per student (digits: 400, --quick 100; CIFAR: 1000)")
+                   help="training steps per student (digits: 150 relabelled, 200 on hard labels; --quick 60; CIFAR: 1000)")
     d.add_argument("--teacher-epochs", type=positive_int, metavar="N", help="teacher training epochs (digits: 15; CIFAR: 30)")
-    d.add_argument("--r-bn", type=weight, metavar="F", help="weight of the BN prior in recover (default 0.01)")
+    d.add_argument("--r-bn", type=weight, metavar="F", help="weight of the BN prior of the SRe²L and DWA scripts (default 0.01)")
     d.add_argument("--jobs", type=positive_int, metavar="N", help="processes at once (default: CPU count, at most 8; on a GPU 4)")
     d.add_argument("--out", metavar="DIR", default="dire-demo", help="output folder (default ./dire-demo)")
-    d.add_argument("--cache-dir", metavar="DIR", help="digits images, teachers and bank cache (default ~/.cache/dire/demo)")
+    d.add_argument("--cache-dir", metavar="DIR", help="digits images, teachers, MTT experts and bank cache (default ~/.cache/dire/demo)")
     d.add_argument("--no-plots", action="store_true", help="skip the figures")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.add_argument("--dataset", choices=("digits", "cifar10", "cifar100"), default="digits",
@@ -69,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace):
-    from ..demo.pipeline import DemoOptions
+    from ..demo.pipeline import DemoOptions, resolve_families
     from ..errors import require_extra
 
     # Before any work: the digits come with scikit-learn, the figures need matplotlib.
@@ -80,6 +91,7 @@ def _options(args: argparse.Namespace):
     if args.dataset != "digits" and not args.data_path:
         raise DiReInputError(f"--dataset {args.dataset} needs --data-path DIR (torchvision layout, or train/ and test/ "
                              "with one folder per class)")
+    resolve_families(args.method, args.dataset, args.ablation)
     if args.device == "cuda":
         import torch
 
@@ -92,11 +104,9 @@ def _options(args: argparse.Namespace):
         "teacher_epochs": args.teacher_epochs, "device": args.device,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    common = dict(out=Path(args.out), cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+    common = dict(out=Path(args.out), method=args.method, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                   ablation=args.ablation, plots=not args.no_plots, progress=not args.no_progress,
                   dataset=args.dataset, data_path=Path(args.data_path) if args.data_path else None)
-    if args.ablation and "ipcs" not in given:
-        given["ipcs"] = (10,)  # the paper's Table 14 is at one IPC
     if args.quick:
         return DemoOptions.quick_run(**common, **given)
     return DemoOptions(**common, **given)

@@ -8,13 +8,10 @@ values; CIFAR is 8-bit already.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,11 +19,11 @@ from torch import Tensor
 
 from ..errors import DiReInputError
 from ..embeddings.realdata import CIFAR_FOLDERS, open_torchvision_cifar, torchvision_cifar_root
-from .log import warn
+from .cache import cached_folder
 from .spec import DATASETS, DIGITS, SPLIT_SEED, TEST_SIZE, DatasetSpec
 
-__all__ = ["DemoData", "check_data", "check_images_per_class", "load_data", "load_digits_split", "load_cifar", "normalise", "denormalise", "real_subset",
-           "write_image_folder"]
+__all__ = ["DemoData", "TensorSet", "check_data", "class_sampler", "check_images_per_class", "digits_sets", "load_data", "load_digits_split",
+           "load_cifar", "normalise", "denormalise", "real_subset", "write_image_folder"]
 
 @dataclass(frozen=True)
 class DemoData:
@@ -70,6 +67,45 @@ def load_digits_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     u8 = np.repeat(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None], 3, axis=3)
     return tuple(train_test_split(u8, digits.target, test_size=TEST_SIZE, stratify=digits.target,
                                   random_state=SPLIT_SEED))
+
+
+class TensorSet(torch.utils.data.Dataset):
+    """Normalised images ``[N, 3, H, W]`` and int64 labels, one tensor each (``.images``,
+    ``.labels``): how the demo's DM and MTT scripts hold the digits, as MTT's ``utils`` holds a
+    whitened training set. The DM and MTT captures read a training set of this shape."""
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: int) -> None:
+        self.images = images.detach().float()
+        self.labels = labels.detach().long()
+        self.classes = [str(c) for c in range(classes)]
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def class_sampler(dataset: Any, num_classes: int, device: Any = "cpu") -> Callable[[int, int], Tensor]:
+    """``get_images(c, n)``: ``n`` random training images of class ``c`` (a draw of numpy's global
+    generator, as DC-BENCH's and MTT's scripts make it), from the whole ``dataset`` stacked once on
+    ``device``: how the demo's DM and MTT scripts take real batches and real initial images."""
+    images_all = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
+    labels_all = [int(dataset[i][1]) for i in range(len(dataset))]
+    indices_class = [[i for i, label in enumerate(labels_all) if label == c] for c in range(num_classes)]
+
+    def get_images(c: int, n: int) -> Tensor:
+        return images_all[np.random.permutation(indices_class[c])[:n]]
+
+    return get_images
+
+
+def digits_sets() -> Tuple[TensorSet, TensorSet]:
+    """The demo's digits split as ``(train, test)`` :class:`TensorSet` s: the same images and
+    normalisation as :func:`load_data` gives the teacher and the pipeline."""
+    xtr, xte, ytr, yte = load_digits_split()
+    return tuple(TensorSet(normalise(x, DIGITS), torch.from_numpy(y).long(), DIGITS.num_classes)
+                 for x, y in ((xtr, ytr), (xte, yte)))
 
 
 def _read_image_folder(root: Path, size: int) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -176,11 +212,6 @@ def real_subset(data: DemoData, ipc: int, seed: int) -> Tuple[Tensor, Tensor]:
     return data.train_x[idx], data.train_y[idx]
 
 
-#: The marker a finished image folder holds: what it was written from and a checksum of each file.
-_MARKER = ".complete"
-_MARKER_FORMAT = 2
-
-
 def _source_key(images: np.ndarray, labels: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in (np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype=np.int64)):
@@ -189,89 +220,16 @@ def _source_key(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _folder_problem(root: Path, source: str) -> Optional[str]:
-    """Why the image folder at ``root`` cannot be used for ``source`` (``"missing"`` when there
-    is none), or ``None`` when every file is there, unchanged, and nothing else is."""
-    if not root.exists() and not root.is_symlink():
-        return "missing"
-    if not root.is_dir():
-        return "is not a folder"
-    try:
-        marker = json.loads((root / _MARKER).read_text())
-    except FileNotFoundError:
-        return f"has no {_MARKER} marker (an interrupted write?)"
-    except (OSError, ValueError) as e:  # a folder in its place, bytes that are not JSON, ...
-        return f"has an unreadable {_MARKER} marker ({type(e).__name__})"
-    if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT or not isinstance(marker.get("files"), dict):
-        return "was written by an older version of the demo"
-    if marker.get("source") != source:
-        return "was written from other images"
-    expected = marker["files"]
-    try:
-        present = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()} - {_MARKER}
-        folders = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()}
-        # An empty class folder would be one more class to ImageFolder; a stray file, one more image.
-        extra = sorted(present - set(expected)) + sorted(folders - {name.split("/")[0] for name in expected})
-        if extra:
-            return f"holds {extra[0]}, which the demo did not write"
-        for name, digest in expected.items():
-            path = root / name
-            if not path.is_file():
-                return f"lacks {name}"
-            if _sha256(path) != digest:
-                return f"holds a damaged {name}"
-    except OSError as e:
-        return f"cannot be read ({e.strerror or type(e).__name__})"
-    return None
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def write_image_folder(root: os.PathLike, images: np.ndarray, labels: np.ndarray) -> Path:
     """``[N, H, W, 3]`` uint8 images as ``root/{class}/{i:04d}.png``, written once and checked on
-    every use: the marker keys the folder on the images and labels it was written from and holds a
-    checksum of each file. A folder that is not exactly what was written (a damaged, missing or
-    stray file, an unreadable marker, other images) is rebuilt with one warning line.
-
-    Written to a temporary sibling and renamed, so an interrupted run never leaves a half
-    folder that a later run (or the bank's cache key, which counts images) would trust.
-    """
+    every use (:func:`~.cache.cached_folder`, keyed on the images and labels): an interrupted run
+    never leaves a half folder that a later run (or the bank's cache key, which counts images)
+    would trust; a damaged one is rebuilt with one warning line."""
     from PIL import Image
 
-    root = Path(root)
-    source = _source_key(images, labels)
-    problem = _folder_problem(root, source)
-    if problem is None:
-        return root
-    if problem != "missing":
-        warn(f"image cache {root} {problem}; rebuilding it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    try:
-        files: Dict[str, str] = {}
+    def write(folder: Path) -> None:
         for i, (img, c) in enumerate(zip(images, labels.tolist())):
-            folder = tmp / str(c)
-            folder.mkdir(exist_ok=True)
-            Image.fromarray(img, mode="RGB").save(folder / f"{i:04d}.png")
-            files[f"{c}/{i:04d}.png"] = _sha256(folder / f"{i:04d}.png")
-        (tmp / _MARKER).write_text(json.dumps({"format": _MARKER_FORMAT, "source": source, "files": files}))
-        _remove(root)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            # Another demo sharing the cache renamed its copy in first: use it if it is sound.
-            if _folder_problem(root, source) is not None:
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return root
+            (folder / str(c)).mkdir(exist_ok=True)
+            Image.fromarray(img, mode="RGB").save(folder / str(c) / f"{i:04d}.png")
+
+    return cached_folder(root, _source_key(images, labels), write, "image cache")[0]

@@ -1,4 +1,8 @@
-"""Train and test the students of every set, in worker processes, while the recover runs go on.
+"""Train and test the students of every set, in worker processes, while the synthesis runs go on.
+
+Each set comes with its family's protocol (an object with ``train(images, labels, teacher,
+test_x, test_y, seed)``): :class:`~.relabel.StudentSettings` (SRe²L, DWA: the teacher's soft
+labels) or :class:`~.hardlabel.HardLabelSettings` (DM, MTT: hard labels, no teacher).
 
 Students run with one torch thread each, for the same reason as the recover runs (see
 :mod:`.synth`); on a GPU several share it, each its own process. Sets are submitted as soon as
@@ -12,13 +16,12 @@ import multiprocessing
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .relabel import StudentSettings, train_student
 from .teacher import load_teacher
 
 __all__ = ["StudentPool"]
@@ -26,14 +29,13 @@ __all__ = ["StudentPool"]
 _WORKER: Dict[str, object] = {}
 
 
-def _init_worker(teacher_path: str, test_x: Tensor, test_y: Tensor, settings: StudentSettings, device: str) -> None:
+def _init_worker(teacher_path: str, test_x: Tensor, test_y: Tensor, device: str) -> None:
     torch.set_num_threads(1)
-    _WORKER.update(teacher=load_teacher(teacher_path, torch.device(device)), test_x=test_x, test_y=test_y,
-                   settings=settings)
+    _WORKER.update(teacher=load_teacher(teacher_path, torch.device(device)), test_x=test_x, test_y=test_y)
 
 
-def _run(key: str, images: Tensor, seed: int) -> Tuple[str, int, float]:
-    acc = train_student(images, _WORKER["teacher"], _WORKER["test_x"], _WORKER["test_y"], seed, _WORKER["settings"])
+def _run(key: str, images: Tensor, labels: Tensor, seed: int, protocol: Any) -> Tuple[str, int, float]:
+    acc = protocol.train(images, labels, _WORKER["teacher"], _WORKER["test_x"], _WORKER["test_y"], seed)
     return key, seed, acc
 
 
@@ -47,24 +49,25 @@ def _context(device: torch.device):
 
 
 class StudentPool:
-    """``submit`` a set's images for ``seeds`` students; :meth:`results` waits for all of them.
+    """``submit`` a set for ``seeds`` students under a protocol; :meth:`results` waits for all of them.
 
     Use as a context manager: leaving it (also on an error) shuts the workers down.
     """
 
-    def __init__(self, teacher_path: Path, test_x: Tensor, test_y: Tensor, settings: StudentSettings,
-                 parallel: int, total: int, progress: bool = True, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, teacher_path: Path, test_x: Tensor, test_y: Tensor, parallel: int, total: int,
+                 progress: bool = True, device: torch.device = torch.device("cpu")) -> None:
         self._pool = ProcessPoolExecutor(
             max_workers=max(1, parallel), mp_context=_context(device),
-            initializer=_init_worker, initargs=(str(teacher_path), test_x, test_y, settings, str(device)),
+            initializer=_init_worker, initargs=(str(teacher_path), test_x, test_y, str(device)),
         )
         self._futures: List[Future] = []
-        self._bar = tqdm(total=total, desc="relabel + evaluate", unit="student", position=1, disable=not progress)
+        self._bar = tqdm(total=total, desc="students", unit="student", position=1, disable=not progress)
 
-    def submit(self, key: str, images: Tensor, seeds: Sequence[int]) -> None:
-        """Queue one student per seed on ``images``; results are grouped under ``key``."""
+    def submit(self, key: str, images: Tensor, labels: Tensor, seeds: Sequence[int], protocol: Any) -> None:
+        """Queue one student per seed on ``(images, labels)`` under ``protocol``; results are
+        grouped under ``key``."""
         for seed in seeds:
-            future = self._pool.submit(_run, key, images, seed)
+            future = self._pool.submit(_run, key, images, labels, seed, protocol)
             future.add_done_callback(lambda _: self._bar.update())
             self._futures.append(future)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DigitsConvNet", "ARCHS", "build_model", "Augmentation", "nhwc"]
+__all__ = ["DigitsConvNet", "MatchingConvNet", "ARCHS", "build_model", "Augmentation", "nhwc"]
 
 
 class DigitsConvNet(nn.Module):
@@ -33,6 +33,38 @@ class DigitsConvNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+class MatchingConvNet(nn.Module):
+    """The ConvNet of the matching methods (DC/DM in DC-BENCH, MTT), at the digits' scale: ``depth``
+    blocks of conv3x3 (with bias) - instance norm (``GroupNorm`` with one group per channel, affine)
+    - ReLU - 2x2 average pooling, then ``classifier``. ``embed`` returns the input of the classifier
+    (what DM matches).
+
+    No BatchNorm, as in those methods: DM's random networks need no statistics, and an MTT expert
+    buffer holds parameters only. Width 32 and depth 2 (a 128-d embedding of an 8x8 digit) keep
+    MTT's unrolled student affordable on a CPU.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, depth: int = 2, channel: int = 3,
+                 image_size: int = 8) -> None:
+        super().__init__()
+        layers = []
+        cin, size = channel, image_size
+        for _ in range(depth):
+            layers += [nn.Conv2d(cin, width, 3, padding=1), nn.GroupNorm(width, width, affine=True),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            cin, size = width, size // 2
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * size * size, num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.features(x), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Not through self.embed: DM's capture wraps embed, and a classification forward (training
+        # or testing a network) must not look like one of DM's embed calls.
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
 def _cifar_resnet18(num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem SRe²L's CIFAR teachers use: a 3x3 stride-1
     ``conv1`` and no max-pool, so 32x32 inputs keep their resolution into ``layer1``."""
@@ -45,7 +77,7 @@ def _cifar_resnet18(num_classes: int) -> nn.Module:
 
 
 #: Architectures the demo (and its recover script's ``--arch-name``) builds by name.
-ARCHS = {"convnet": DigitsConvNet, "resnet18": _cifar_resnet18}
+ARCHS = {"convnet": DigitsConvNet, "matching_convnet": MatchingConvNet, "resnet18": _cifar_resnet18}
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

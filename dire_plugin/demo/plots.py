@@ -1,11 +1,12 @@
 """The demo's figures. Figure 1 (embedding scatter) and Figure 2 (class-wise intra-class cosine)
-come from :mod:`dire_plugin.metrics.report`, shared with ``dire-metrics``; the image grid is the demo's own."""
+come from :mod:`dire_plugin.metrics.report`, shared with ``dire-metrics``; the image grid and the
+gradient share over the synthesis steps (one line per family) are the demo's own."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from torch import Tensor
@@ -15,7 +16,8 @@ from .data import denormalise
 from .measure import SetMetrics
 from .spec import DIGITS, DatasetSpec
 
-__all__ = ["PlotSet", "matplotlib_available", "image_grid_png", "write_figures"]
+__all__ = ["PlotSet", "ShareLine", "matplotlib_available", "image_grid_png", "share_png", "write_figures",
+           "write_share_figure"]
 
 
 @dataclass
@@ -84,12 +86,11 @@ def image_grid_png(sets: Sequence[PlotSet], spec: DatasetSpec, per_class: int = 
     return buf.getvalue()
 
 
-def write_figures(out: Path, ipc: int, real_embeddings: Tensor, sets: Sequence[PlotSet], spec: DatasetSpec,
-                  suffix: str = "") -> Dict[str, Path]:
-    """Write the three figures of one IPC; returns ``{figure: path}``."""
+def write_figures(out: Path, tag: str, real_embeddings: Tensor, sets: Sequence[PlotSet], spec: DatasetSpec) -> Dict[str, Path]:
+    """Write the three figures of one family at one IPC (``tag``: ``{family}_ipc{N}``); returns
+    ``{figure}_{tag}: path``."""
     from ..metrics.report import MetricsRow, class_similarity_png, embedding_scatter_png
 
-    tag = f"ipc{ipc}{suffix}"
     scatter = embedding_scatter_png(
         real_embeddings, [(s.label, s.embeddings, s.labels) for s in sets], spec.num_classes, projection="pca",
         coverage=[s.metrics.coverage for s in sets],
@@ -109,3 +110,50 @@ def write_figures(out: Path, ipc: int, real_embeddings: Tensor, sets: Sequence[P
         atomic_write(path, data)
         paths[f"{name}_{tag}"] = path
     return paths
+
+
+@dataclass
+class ShareLine:
+    """One run's measured gradient share: ``(step, share)`` per measured step (its manifest)."""
+
+    family: str
+    label: str
+    points: List[Tuple[int, float]]
+    dashed: bool = False
+
+
+def share_png(lines: Sequence[ShareLine], target: float) -> bytes:
+    """DiRe's share of the images' gradient over the synthesis steps, one colour per family (solid:
+    the method's default weights; dashed: calibrated to ``target``), log-log."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.4, 4.2), layout="constrained")
+    ax = fig.subplots()
+    colours: Dict[str, str] = {}
+    for line in lines:
+        if not line.points:
+            continue
+        colour = colours.setdefault(line.family, f"C{len(colours)}")
+        steps, shares = zip(*line.points)
+        ax.plot(steps, shares, "--" if line.dashed else "-", marker="o", markersize=3, color=colour, label=line.label)
+    ax.axhline(target, color="grey", linewidth=0.8, linestyle=":", label=f"share {target:g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("synthesis step (measured: 1-5, then every 100th)")
+    ax.set_ylabel("‖∂DiRe/∂x‖ / ‖∂method/∂x‖")
+    ax.set_title("DiRe's share of the images' gradient (synthesis seed 0)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_share_figure(out: Path, lines: Sequence[ShareLine], target: float, name: str = "gradient_share") -> Dict[str, Path]:
+    """``{name}.png``; ``{}`` when no run measured a share."""
+    if not any(line.points for line in lines):
+        return {}
+    path = out / f"{name}.png"
+    atomic_write(path, share_png(lines, target))
+    return {name: path}

@@ -37,6 +37,16 @@ class StudentSettings:
     def augmentation(self) -> Augmentation:
         return Augmentation(self.max_shift, self.flip)
 
+    def describe(self) -> str:
+        flip = " and flip" if self.flip else ""
+        return (f"fresh {self.arch}, {self.steps} steps, batch {self.batch_size}, AdamW {self.lr:g}, KL to the "
+                f"teacher's soft labels at T={self.temperature:g}, ±{self.max_shift} px shift{flip}")
+
+    def train(self, images: Tensor, labels: Tensor, teacher: nn.Module, test_x: Tensor, test_y: Tensor,
+              seed: int) -> float:
+        """The student pool's entry point: the set's own labels are not used (soft labels only)."""
+        return train_student(images, teacher, test_x, test_y, seed, self)
+
 
 @torch.no_grad()
 def _soft_labels(teacher: nn.Module, x: Tensor, temperature: float) -> Tensor:

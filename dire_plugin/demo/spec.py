@@ -1,15 +1,16 @@
 """Fixed facts of the demo's datasets, importable without torch.
 
-The patch module (:mod:`dire_plugin.demo.patch`) reads them to preprocess the bank's real
-images, the recover script to clip and save its images, and the data module to normalise: one
-place, so the teacher, the bank and the synthetic images always agree.
+The demo's patch modules (:mod:`dire_plugin.demo.patches`) read them to preprocess the bank's real
+images, the family scripts to clip, save and load their images, and the data module to normalise:
+one place, so the teacher, the bank and the synthetic images always agree.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-__all__ = ["DatasetSpec", "DATASETS", "DIGITS", "CIFAR10", "CIFAR100", "RECOVER_SCRIPT", "TEST_SIZE", "SPLIT_SEED"]
+__all__ = ["DatasetSpec", "DATASETS", "DIGITS", "CIFAR10", "CIFAR100", "RECOVER_SCRIPT", "DWA_SCRIPT", "DM_SCRIPT",
+           "MTT_SCRIPT", "MTT_BUFFER_SCRIPT", "SCRIPT_FOLDERS", "FAMILY_NAMES", "METHOD_CHOICES", "TEST_SIZE", "SPLIT_SEED"]
 
 
 @dataclass(frozen=True)
@@ -45,5 +46,16 @@ DATASETS: Dict[str, DatasetSpec] = {d.name: d for d in (DIGITS, CIFAR10, CIFAR10
 #: Stratified train/test split of scikit-learn's digits.
 TEST_SIZE = 450
 SPLIT_SEED = 0
-#: Where the recover script sits inside the package, as the launcher matches it (path tail).
+#: The method families the demo distils with (:mod:`dire_plugin.demo.families` describes each), and
+#: ``dire demo --method``'s choices.
+FAMILY_NAMES = ("sre2l", "dwa", "dm", "mtt")
+METHOD_CHOICES = (*FAMILY_NAMES, "all")
+#: Where each family's script sits inside the package, as the launcher matches it (path tail).
 RECOVER_SCRIPT = "demo/recover/recover.py"
+DWA_SCRIPT = "demo/dwa/distillation_digits.py"
+DM_SCRIPT = "demo/dm/main_DM.py"
+MTT_SCRIPT = "demo/mtt/distill.py"
+MTT_BUFFER_SCRIPT = "demo/mtt/buffer.py"
+#: Folders of ``dire_plugin/demo`` whose files run as upstream scripts do (``python script.py``,
+#: importing their sibling ``utils``), not as modules of the package.
+SCRIPT_FOLDERS = ("recover", "dwa", "dm", "mtt")

@@ -1,21 +1,20 @@
-"""Run the recover script as users would: ``python recover.py`` (vanilla) and
-``python -m dire_plugin.cli.run demo recover.py ...`` (+ DiRe), several at once.
+"""Run each family's script as users would: ``python SCRIPT ...`` (vanilla) and
+``python -m dire_plugin.cli.run METHOD SCRIPT ...`` (+ DiRe), several at once.
 
-Each run is a separate process with one torch thread: the batches are ten 8×8 images, far too
-small for intra-op parallelism, so two single-threaded runs on two cores finish sooner than two
-two-threaded ones in turn (and much sooner on a loaded machine). On a GPU the runs share it: a
-batch of ten CIFAR images leaves it mostly idle, so several processes fill it.
+Each run is a separate process with one torch thread, in its own folder: the batches are a few
+8×8 images, far too small for intra-op parallelism, so two single-threaded runs on two cores
+finish sooner than two two-threaded ones in turn (and much sooner on a loaded machine). On a GPU
+the runs share it: a batch of ten CIFAR images leaves it mostly idle, so several processes fill it.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -26,21 +25,23 @@ from tqdm import tqdm
 from ..errors import DiReInputError
 from ..io.files import load_torch_file
 from .errors import DemoRunError
+from .families import FAMILIES, Family
+from .outputs import SYNTHETIC_FILE, synthetic_extras
 from .spec import DATASETS
 from .variants import Variant
 
-__all__ = ["SynthJob", "SynthResult", "SynthContext", "RECOVER", "job_folder", "recover_command", "run_synthesis"]
+__all__ = ["SynthJob", "SynthResult", "SynthContext", "RECOVER", "child_env", "job_folder", "synth_command",
+           "run_synthesis"]
 
-#: The demo's recover script, run by path as an upstream script would be.
-RECOVER = Path(__file__).resolve().parent / "recover" / "recover.py"
-
-_IPC_LINE = re.compile(r"^ipc = ", re.M)
+#: The demo's SRe²L-shaped recover script, run by path as an upstream script would be.
+RECOVER = FAMILIES["sre2l"].path
 
 
 @dataclass(frozen=True)
 class SynthJob:
-    """One synthetic set: a variant at one IPC with one synthesis seed."""
+    """One synthetic set: a family's variant at one IPC with one synthesis seed."""
 
+    family: str
     variant: Variant
     ipc: int
     seed: int
@@ -48,22 +49,38 @@ class SynthJob:
 
     @property
     def name(self) -> str:
-        return f"ipc{self.ipc}/{self.variant.key}/seed{self.seed}"
+        return f"{self.family}/ipc{self.ipc}/{self.variant.key}/seed{self.seed}"
+
+    @property
+    def spec(self) -> Family:
+        return FAMILIES[self.family]
 
 
 @dataclass
 class SynthResult:
+    """A finished run: its set, its wall time, its command, what its script measured and saved
+    (the CPU seconds and steps of its synthesis loop; MTT's learnt ``syn_lr``), and its DiRe manifest."""
+
     job: SynthJob
     folder: Path
     images: torch.Tensor
     labels: torch.Tensor
     seconds: float
     manifest: Optional[Dict] = None
+    command: List[str] = field(default_factory=list)
+    loop_cpu_seconds: Optional[float] = None
+    steps: Optional[int] = None
+    syn_lr: Optional[float] = None
+
+    @property
+    def cpu_seconds_per_step(self) -> Optional[float]:
+        return self.loop_cpu_seconds / self.steps if self.loop_cpu_seconds is not None and self.steps else None
 
 
 @dataclass(frozen=True)
 class SynthContext:
-    """What every run shares: the teacher, the real data for the bank, where things go."""
+    """What every run shares: the teacher, the real data for the bank, the MTT experts, where
+    things go."""
 
     teacher: Path
     real_data: Path
@@ -72,34 +89,30 @@ class SynthContext:
     r_bn: float = 0.01
     dataset: str = "digits"
     device: str = "cpu"
+    experts: Optional[Path] = None
 
 
 def job_folder(job: SynthJob, ctx: SynthContext) -> Path:
-    """Where the run writes: ``new{cls}/`` PNGs, ``synthetic.pt`` and (DiRe) ``dire_manifest.json``."""
-    return ctx.out / f"ipc{job.ipc}" / job.variant.key / f"seed{job.seed}"
+    """The run's own folder (its working directory), under which it writes its images,
+    ``synthetic.pt`` and (DiRe) ``dire_manifest.json``."""
+    return ctx.out / job.family / f"ipc{job.ipc}" / job.variant.key / f"seed{job.seed}"
 
 
-def recover_command(job: SynthJob, ctx: SynthContext) -> List[str]:
-    """The command line of ``job``; only the DiRe ones go through the launcher."""
-    folder = job_folder(job, ctx)
-    script_args = [
-        "--arch-path", str(ctx.teacher), "--syn-data-path", str(folder.parent), "--exp-name", folder.name,
-        "--ipc-start", "0", "--ipc-end", str(job.ipc), "--iteration", str(job.iterations),
-        "--r-bn", str(ctx.r_bn), "--seed", str(job.seed), "--threads", "1", "--dataset", ctx.dataset,
-        "--device", ctx.device, "--store-best-images",
-    ]
+def synth_command(job: SynthJob, ctx: SynthContext) -> List[str]:
+    """The command line of ``job``; only the DiRe ones go through the launcher, with the
+    variant's weight flags (none: the method's default weights)."""
+    family = job.spec
+    script_args = family.script_args(job, ctx, job_folder(job, ctx))
     if not job.variant.dire:
-        return [sys.executable, str(RECOVER), *script_args]
+        return [sys.executable, str(family.path), *script_args]
     launcher = [
-        sys.executable, "-m", "dire_plugin.cli.run", "demo", str(RECOVER), "--real-data", str(ctx.real_data),
-        "--r-c", repr(job.variant.r_c), "--r-e", repr(job.variant.r_e), "--cache-dir", str(ctx.bank_cache),
+        sys.executable, "-m", "dire_plugin.cli.run", family.method, str(family.path), "--real-data", str(ctx.real_data),
+        "--cache-dir", str(ctx.bank_cache), *job.variant.launcher_flags(),
     ]
-    if job.variant.components:
-        launcher += ["--components", ",".join(job.variant.components)]
     return [*launcher, "--", *script_args]
 
 
-def _child_env() -> Dict[str, str]:
+def child_env() -> Dict[str, str]:
     # No DIRE_* settings leak in from the caller (an inherited DIRE_ACTIVATE would turn a vanilla
     # run into a DiRe one); one OpenMP thread, matching --threads 1.
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
@@ -116,7 +129,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _check_manifest(job: SynthJob, folder: Path, log: Path) -> Dict:
-    """The proof that DiRe reached the images: one term per synthesis step, every step."""
+    """The proof that DiRe reached the images: the family's patch ran, one term per synthesis
+    step, every step (``folder``: where the run's outputs are)."""
     path = folder / "dire_manifest.json"
     if not path.is_file():
         raise DemoRunError(f"{job.name}: DiRe run wrote no {path.name} (log: {log})")
@@ -126,7 +140,10 @@ def _check_manifest(job: SynthJob, folder: Path, log: Path) -> Dict:
         raise DemoRunError(f"{job.name}: {path} is not valid JSON ({type(e).__name__}; log: {log})") from None
     if not isinstance(manifest, dict):
         raise DemoRunError(f"{job.name}: {path} holds a {type(manifest).__name__}, not a manifest (log: {log})")
-    expected = job.ipc * job.iterations  # one batch (every class) per ipc index
+    if manifest.get("method") != job.spec.method:
+        raise DemoRunError(f"{job.name}: {path} was written by the {manifest.get('method')!r} patch, expected "
+                           f"{job.spec.method!r} (log: {log})")
+    expected = job.spec.expected_steps(job)
     added, steps = manifest.get("terms_added"), manifest.get("synthesis_steps")
     if not (added == steps == expected):
         raise DemoRunError(
@@ -138,18 +155,21 @@ def _check_manifest(job: SynthJob, folder: Path, log: Path) -> Dict:
 
 def _finish(job: SynthJob, ctx: SynthContext, log: Path, code: int, seconds: float) -> SynthResult:
     folder = job_folder(job, ctx)
+    outputs = job.spec.output_dir(folder)
     if code != 0:
-        raise DemoRunError(f"{job.name}: recover exited with {code}: {_tail(log, 1)} (log: {log})")
-    images, labels = _read_synthetic(job, ctx, folder / "synthetic.pt", log)
-    manifest = _check_manifest(job, folder, log) if job.variant.dire else None
-    if not job.variant.dire and (folder / "dire_manifest.json").exists():
+        raise DemoRunError(f"{job.name}: {job.spec.path.name} exited with {code}: {_tail(log, 1)} (log: {log})")
+    images, labels, extras = _read_synthetic(job, ctx, outputs / SYNTHETIC_FILE, log)
+    manifest = _check_manifest(job, outputs, log) if job.variant.dire else None
+    if not job.variant.dire and (outputs / "dire_manifest.json").exists():
         raise DemoRunError(f"{job.name}: the vanilla run wrote a DiRe manifest: DiRe leaked into it (log: {log})")
-    return SynthResult(job, folder, images, labels, seconds, manifest)
+    steps = int(extras["steps"]) if extras["steps"] is not None else None
+    return SynthResult(job, outputs, images, labels, seconds, manifest, synth_command(job, ctx),
+                       extras["cpu_seconds"], steps, extras["syn_lr"])
 
 
-def _read_synthetic(job: SynthJob, ctx: SynthContext, path: Path, log: Path) -> Tuple[Tensor, Tensor]:
-    """``(images, labels)`` of a finished run, loaded as data and checked: one line naming the file
-    and the log when they are not ``ipc`` images per class of the dataset.
+def _read_synthetic(job: SynthJob, ctx: SynthContext, path: Path, log: Path) -> Tuple[Tensor, Tensor, Dict]:
+    """``(images, labels, extras)`` of a finished run, loaded as data and checked: one line naming
+    the file and the log when they are not ``ipc`` images per class of the dataset.
 
     The folder is emptied before each run, so what is read here was written by this run; a run
     killed while writing exits non-zero and never gets here.
@@ -166,7 +186,7 @@ def _read_synthetic(job: SynthJob, ctx: SynthContext, path: Path, log: Path) -> 
     if images.dim() != 4 or len(images) != expected or labels.shape != (expected,):
         raise DemoRunError(f"{job.name}: {path} holds images {tuple(images.shape)} and labels {tuple(labels.shape)}, "
                            f"expected {expected} of each (log: {log})")
-    return images, labels.long()
+    return images, labels.long(), synthetic_extras(data)
 
 
 def run_synthesis(jobs: Sequence[SynthJob], ctx: SynthContext, parallel: int, log_dir: Path,
@@ -179,11 +199,10 @@ def run_synthesis(jobs: Sequence[SynthJob], ctx: SynthContext, parallel: int, lo
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    pending = sorted(jobs, key=lambda j: j.ipc * j.iterations, reverse=True)
+    pending = sorted(jobs, key=_cost, reverse=True)
     running: Dict[str, tuple] = {}
     results: Dict[str, SynthResult] = {}
-    done_ipcs: Dict[str, int] = {}
-    bar = tqdm(total=sum(j.ipc for j in jobs), desc="recover", unit="ipc", position=0, disable=not progress)
+    bar = tqdm(total=len(jobs), desc="synthesis", unit="set", position=0, disable=not progress)
     try:
         while pending or running:
             while pending and len(running) < max(1, parallel):
@@ -191,25 +210,23 @@ def run_synthesis(jobs: Sequence[SynthJob], ctx: SynthContext, parallel: int, lo
                 folder = job_folder(job, ctx)
                 if folder.exists():
                     shutil.rmtree(folder)  # stale images or manifest of an earlier demo would mislead
+                folder.mkdir(parents=True)
                 log = log_dir / (job.name.replace("/", "_") + ".log")
                 handle = open(log, "w")
-                proc = subprocess.Popen(recover_command(job, ctx), stdout=handle, stderr=subprocess.STDOUT,
-                                        env=_child_env(), cwd=str(ctx.out))
+                proc = subprocess.Popen(synth_command(job, ctx), stdout=handle, stderr=subprocess.STDOUT,
+                                        env=child_env(), cwd=str(folder))
                 running[job.name] = (job, proc, handle, log, time.perf_counter())
             time.sleep(0.2)
             for name, (job, proc, handle, log, start) in list(running.items()):
-                # The script announces an ipc index when it starts it: the last one is still running.
-                seen = max(min(len(_IPC_LINE.findall(log.read_text(errors="replace"))), job.ipc) - 1, 0)
                 code = proc.poll()
-                if code is not None:
-                    handle.close()
-                    del running[name]
-                    results[name] = _finish(job, ctx, log, code, time.perf_counter() - start)
-                    if on_done is not None:
-                        on_done(results[name])
-                    seen = job.ipc
-                bar.update(seen - done_ipcs.get(name, 0))
-                done_ipcs[name] = seen
+                if code is None:
+                    continue
+                handle.close()
+                del running[name]
+                results[name] = _finish(job, ctx, log, code, time.perf_counter() - start)
+                bar.update(1)
+                if on_done is not None:
+                    on_done(results[name])
             bar.set_postfix_str(", ".join(sorted(running)) or "done", refresh=False)
     finally:
         for job, proc, handle, _, _ in running.values():
@@ -218,3 +235,14 @@ def run_synthesis(jobs: Sequence[SynthJob], ctx: SynthContext, parallel: int, lo
             handle.close()
         bar.close()
     return results
+
+
+#: CPU seconds per synthesis step of each family at IPC 10 (measured: the report's CPU ms / iter on
+#: 2 cores, DiRe runs) and of a process's start: the longest runs start first, so the last one
+#: does not leave a core idle at the end.
+_COST_PER_STEP = {"sre2l": 0.006, "dwa": 0.009, "dm": 0.055, "mtt": 0.19}
+_COST_TO_START = 4.0
+
+
+def _cost(job: SynthJob) -> float:
+    return _COST_TO_START + _COST_PER_STEP.get(job.family, 0.1) * job.spec.expected_steps(job) * max(1, job.ipc / 10)

@@ -1,7 +1,7 @@
 """Hooks: what a patch declares (:mod:`.declare`), the method registry (:mod:`.registry`), the run
 settings (:mod:`.settings`), the runtime core every method shares (:mod:`.runtime`; SIGTERM
 ending a run as Ctrl-C does in :mod:`.termination`), the interface of a capture module (:mod:`.capture`) and one capture module per method family
-(:mod:`.decoupled` for SRe²L/CDA/DWA/G-VBSM/EDC, :mod:`.embedded` for DM, :mod:`.stepwise` for
+(:mod:`.decoupled` for SRe²L/CDA/DWA/DELT/PRISM/G-VBSM/EDC, :mod:`.embedded` for DM, :mod:`.stepwise` for
 MTT; DiRe across torch.distributed ranks in :mod:`.distributed`, in workers that
 ``torch.multiprocessing.spawn`` starts in :mod:`.workers`), put together by :mod:`.patcher`. May
 import ``embeddings``, ``regularizer``, ``io`` and ``errors``.

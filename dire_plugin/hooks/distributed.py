@@ -101,13 +101,22 @@ def _check_same_key(core: Any, ids: List[int], step: int) -> None:
 
 
 def union_term_gradient(core: Any, emb: Tensor, labels: Tensor,
-                        key: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                        key: Optional[str] = None,
+                        held: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(gradient of this rank's rows, embeddings of all ranks, their labels)`` for the current
     step, against ``key``'s bank and memory (see :mod:`.runtime`); one process:
-    ``core.term_gradient`` of ``emb`` and ``emb``, ``labels`` themselves."""
+    ``core.term_gradient`` of ``emb`` (with ``held``, see there) and ``emb``, ``labels``
+    themselves. Across ranks no step may hold back images an earlier step forwarded (``held``
+    rows): the ranks exchange only the step's embeddings."""
     rank, size = world()
     if size == 1:
-        return core.term_gradient(emb, labels, key=key), emb, labels
+        return core.term_gradient(emb, labels, key=key, held=held), emb, labels
+    if held is not None and len(held[1]):
+        raise DiReHookError(
+            f"synthesis step {core.stats.steps + 1} leaves out images this rank optimises that an earlier step "
+            "forwarded; under torch.distributed DiRe exchanges only each step's embeddings, so it cannot push away "
+            "from theirs (set DIRE_DISABLE=1 to run vanilla)"
+        )
     check_same_settings(core)
     # The counters travel first in the same step: a timeout in either is this step's exchange.
     step = core.stats.steps + 1

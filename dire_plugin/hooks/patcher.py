@@ -42,7 +42,12 @@ def _resolve(module: ModuleType, path: str) -> Tuple[Any, str]:
 
 
 def _current(module: ModuleType, path: str) -> Any:
-    parent, attr = _resolve(module, path)
+    """The attribute at ``path`` (``name`` or ``Class.method``), ``None`` when the module lacks it
+    (a class it does not define: DM's patch lists networks a checkout's ``networks`` may not have)."""
+    try:
+        parent, attr = _resolve(module, path)
+    except AttributeError:
+        return None
     return vars(parent).get(attr) if isinstance(parent, type) else getattr(parent, attr, None)
 
 

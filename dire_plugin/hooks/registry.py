@@ -14,16 +14,21 @@ METHODS: Dict[str, str] = {
     "sre2l": "dire_plugin.patches.sre2l",
     "cda": "dire_plugin.patches.cda",
     "dwa": "dire_plugin.patches.dwa",
+    "delt": "dire_plugin.patches.delt",
+    "prism": "dire_plugin.patches.prism",
     "dm": "dire_plugin.patches.dm",
     "mtt": "dire_plugin.patches.mtt",
     "gvbsm": "dire_plugin.patches.gvbsm",
     "edc": "dire_plugin.patches.edc",
 }
 
-#: Patches of our own scripts (the embedded demo): usable by the launcher, not pinned to any
-#: upstream, so ``dire-apply`` does not list them.
+#: Patches of our own scripts (the embedded demo, one per method family: ``demo`` is its SRe²L
+#: family): usable by the launcher, not pinned to any upstream, so ``dire-apply`` does not list them.
 INTERNAL_METHODS: Dict[str, str] = {
-    "demo": "dire_plugin.demo.patch",
+    "demo": "dire_plugin.demo.patches.sre2l",
+    "demo-dwa": "dire_plugin.demo.patches.dwa",
+    "demo-dm": "dire_plugin.demo.patches.dm",
+    "demo-mtt": "dire_plugin.demo.patches.mtt",
 }
 
 

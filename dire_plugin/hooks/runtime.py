@@ -51,7 +51,7 @@ from ..errors import DiReHookError, DiReInputError
 from ..io.files import atomic_write
 from ..regularizer.defaults import ALL_COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
-from ..regularizer.grouped import PackedEmbeddings
+from ..regularizer.grouped import ClassSums, PackedEmbeddings
 from .capture import Capture
 from .distributed import check_same_settings, rank_summary
 from .settings import RunConfig, check_run_settings
@@ -255,23 +255,25 @@ class DiReRuntime:
         return self.memory_of()
 
     def term_gradient(self, emb: Tensor, labels: Tensor, memory: Optional[bool] = None,
-                      real: Optional[PackedEmbeddings] = None, key: Optional[str] = None) -> Tensor:
+                      real: Optional[PackedEmbeddings] = None, key: Optional[str] = None,
+                      held: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """∂L_syn/∂emb for synthetic embeddings ``emb [N, D]`` (detached here) of classes
         ``labels``, against ``real`` (the method's own real embeddings of this step, DM's) or the
         bank of ``key``, and that key's memory unless ``memory`` is False; logs and counts the
-        values. The capture decides how the gradient reaches the images."""
+        values. ``held``: ``(embeddings, labels)`` of images still being optimised that this step
+        does not forward (their last embeddings through the same teacher, never the step's own
+        images): CD pushes away from them as from the memory, and with it. The capture decides how
+        the gradient reaches the images."""
         state = None if real is not None and key is None else self.key_state(key)
         device = emb.device
         x = emb.detach().float().requires_grad_()
         use_memory = (self.config.memory if memory is None else memory) and state is not None
-        memory_sums = None
-        if use_memory and len(state.memory):  # logdet reads the memory's rows, CD only their sums
-            memory_sums = state.memory.packed(device) if "logdet" in self._terms else state.memory.class_sums(device)
+        pushed = self._pushed(device, state.memory, held) if use_memory else None
         config = self.config
         with torch.enable_grad():
             values = dire_components(
                 x, labels.to(device), real if real is not None else state.bank.packed(device),
-                memory=memory_sums, reduction=config.reduction, components=self._terms,
+                memory=pushed, reduction=config.reduction, components=self._terms,
                 logdet_kernel=config.logdet_kernel,
             )
             total = weighted_total(values, config.r_c, config.r_e, config.r_d)
@@ -283,6 +285,27 @@ class DiReRuntime:
             (grad,) = torch.autograd.grad(total, x)
         self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()), state)
         return grad
+
+    def _pushed(self, device: torch.device, memory: SyntheticMemory,
+                held: Optional[Tuple[Tensor, Tensor]]) -> Optional[ClassSums]:
+        """What CD (and logdet) push away from: the memory and the ``held`` rows, as rows when the
+        logdet term reads them (its kernel needs every row), else only their per-class sums."""
+        rows_needed = "logdet" in self._terms
+        if held is None or not len(held[1]):
+            if not len(memory):
+                return None
+            return memory.packed(device) if rows_needed else memory.class_sums(device)
+        emb, labels = held[0].detach().to(device), held[1].to(device=device, dtype=torch.long)
+        if not rows_needed:
+            extra = ClassSums.of_rows(emb, labels)
+            return memory.class_sums(device).plus(extra) if len(memory) else extra
+        if len(memory):
+            mem = memory.packed(device)
+            filled = torch.arange(mem.padded.shape[1], device=device) < mem.counts[:, None]
+            work = torch.promote_types(mem.padded.dtype, emb.dtype)
+            emb = torch.cat([mem.padded[filled].to(work), emb.to(work)])
+            labels = torch.cat([mem.classes.repeat_interleave(mem.counts), labels])
+        return PackedEmbeddings.from_rows(emb, labels)
 
     # ------------------------------------------------------------------ the gradient share
     def share_due(self) -> bool:

@@ -89,7 +89,8 @@ class ShareMeter:
         return factor, finished
 
     def summary(self) -> Dict[str, Any]:
-        """For the manifest: median, min, max over the measured steps, the schedule, the cost."""
+        """For the manifest: median, min, max over the measured steps, each measured step's share,
+        the schedule, the cost."""
         shares = [s for _, s in self.records]
         return {
             "median": statistics.median(shares) if shares else None,
@@ -99,5 +100,7 @@ class ShareMeter:
             "steps_unmeasurable": self.unmeasurable,
             "schedule": f"steps 1-{self.first}, then every {self.every}" if self.every else f"steps 1-{self.first}",
             "first_steps": [round(s, 6) for _, s in self.records[: self.first]],
+            # Every measured step as (step, share): how the share drifts over a run (the demo draws it).
+            "measured": [[step, round(s, 6)] for step, s in self.records],
             "seconds": round(self.seconds, 4),
         }

@@ -1,5 +1,6 @@
-"""``dire demo``: the quick run end to end through the CLI (what CI runs), the recover script's
-determinism, the manifest check, and the refused options."""
+"""``dire demo``: the quick run of every family end to end through the CLI (what CI runs), the
+family scripts going through their real patch's capture, the recover script's determinism, the
+manifest check, the paired test, and the refused options."""
 import json
 import subprocess
 import sys
@@ -12,70 +13,154 @@ from PIL import Image
 from dire_plugin.cli.main import main
 from dire_plugin.demo.errors import DemoRunError
 from dire_plugin.errors import DiReInputError
+from dire_plugin.demo.families import FAMILIES
 from dire_plugin.demo.model import DigitsConvNet
 from dire_plugin.demo.synth import RECOVER, SynthJob, _check_manifest
-from dire_plugin.demo.variants import MAIN_VARIANTS, REAL_LABEL, VANILLA
+from dire_plugin.demo.variants import DEFAULT, REAL_LABEL, SHARED, VANILLA
 
-ROWS = [REAL_LABEL, "vanilla", "+ DiRe (r_c 1, r_e 0)", "+ DiRe (r_c 1, r_e 0.01)"]
+ROWS = [REAL_LABEL, "vanilla", "+ DiRe (method default)", "+ DiRe (share 0.4)"]
+FAMILY_ORDER = ["sre2l", "dwa", "dm", "mtt"]
+#: The smoke form of the quick run: every family, two synthesis seeds, a few steps each.
+ITERATIONS = 3
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """``dire demo --quick`` with a fresh cache, as on a new machine."""
+    """``dire demo --quick`` (every family by default) with a fresh cache, as on a new machine, at a
+    few iterations and student steps so that the suite stays short."""
     base = tmp_path_factory.mktemp("demo")
     out = base / "out"
-    code = main(["demo", "--quick", "--out", str(out), "--cache-dir", str(base / "cache"), "--no-progress"])
+    code = main(["demo", "--quick", "--iterations", str(ITERATIONS), "--student-steps", "5", "--out", str(out),
+                 "--cache-dir", str(base / "cache"), "--no-progress"])
     assert code == 0
     return out
 
 
-def test_quick_report_md_has_every_row(quick):
+def test_quick_report_md_has_every_family_and_row(quick):
     text = (quick / "report.md").read_text()
+    for title in ("## SRe²L (sre2l)", "## DWA (dwa)", "## DM (dm)", "## MTT (mtt)", "## All families"):
+        assert title in text
     for label in ROWS:
-        assert label in text
-    assert "What this run says" in text and "In this run DiRe improved" in text
+        assert text.count(label) >= 4  # in every family's table
+    assert "What this run says" in text and "beyond seed noise (paired t over synthesis seeds" in text
 
 
 def test_quick_report_json(quick):
     doc = json.loads((quick / "report.json").read_text())
-    assert {"settings", "rows", "comparisons", "verdict", "teacher", "timings_s"} <= set(doc)
-    assert [r["set"] for r in doc["rows"]] == ROWS
+    assert {"settings", "rows", "families", "comparisons", "verdict", "teacher", "timings_s", "mtt_experts"} <= set(doc)
+    assert [(r["family"], r["set"]) for r in doc["rows"]] == [(f, label) for f in FAMILY_ORDER for label in ROWS]
+    assert list(doc["families"]) == FAMILY_ORDER
     assert doc["teacher"]["test_accuracy_pct"] > 95
     for row in doc["rows"]:
-        assert row["ipc"] == 10 and row["images"] == 100
+        assert row["ipc"] == 10 and row["images"] == 100 and row["synthesis_seeds"] == 2
         acc = row["accuracy_pct"]
-        assert len(acc["runs"]) == 2 and 0 <= acc["mean"] <= 100 and acc["std"] >= 0
+        assert len(acc["runs"]) == 2 and 0 <= acc["mean"] <= 100 and acc["std"] >= 0  # 2 seeds x 1 student
+        assert len(row["by_synthesis_seed"]["coverage"]) == 2
         assert 0 <= row["coverage"] <= 1
         assert 1 <= row["vendi_per_class"] <= 10
         assert -1 <= row["intra_class_cosine"] <= 1
         assert set(row["per_class"]["intra_class_cosine"]) == {str(c) for c in range(10)}
-    assert doc["rows"][1]["accuracy_pct"]["mean"] > 30  # vanilla students learn something
-    # Both DiRe settings are compared with vanilla, each with a sentence.
-    assert [c["set"] for c in doc["comparisons"]] == ROWS[2:]
-    assert all(c["versus"] == "vanilla" for c in doc["comparisons"])
-    assert len(doc["verdict"]) >= 3
+        if not row["reference"]:
+            assert len(row["commands"]) == 2 and len(row["cpu_seconds_per_iteration"]) == 2
+    # Each family's DiRe rows are compared with its own vanilla, by the paired test over seeds.
+    assert [(c["family"], c["set"]) for c in doc["comparisons"]] == [(f, label) for f in FAMILY_ORDER for label in ROWS[2:]]
+    for c in doc["comparisons"]:
+        assert c["versus"] == "vanilla" and c["synthesis_seeds"] == 2
+        assert set(c["accuracy_test"]) == {"mean_difference", "std", "n", "t", "p", "beyond_seed_noise"}
+    assert doc["verdict"][-1].startswith("Over the 8 DiRe-vs-vanilla comparisons of this run")
+    # The learnt syn_lr of every MTT set is what its students trained at.
+    mtt = [r for r in doc["rows"] if r["family"] == "mtt" and not r["reference"]]
+    assert all(len(r["syn_lr"]) == 2 and all(v > 0 for v in r["syn_lr"]) for r in mtt)
 
 
-def test_quick_dire_runs_got_the_term_through_the_hooks(quick):
+def _manifests(quick, family):
     doc = json.loads((quick / "report.json").read_text())
-    for row in doc["rows"][2:]:
-        (path,) = row["dire_manifests"]
-        manifest = json.loads(Path(path).read_text())
-        assert manifest["method"] == "demo"
-        assert manifest["terms_added"] > 0
-        assert manifest["terms_added"] == manifest["synthesis_steps"] == 10 * 60
-        assert manifest["config"]["r_c"] == 1.0 and manifest["config"]["r_e"] == row["r_e"]
-    vanilla = quick / "synthetic" / "ipc10" / "vanilla" / "seed0"
-    assert (vanilla / "new009" / "class009_id009.png").is_file()
-    assert not (vanilla / "dire_manifest.json").exists()
+    rows = [r for r in doc["rows"] if r["family"] == family and r["dire"]]
+    return [(row, json.loads(Path(path).read_text())) for row in rows for path in row["dire_manifests"]]
+
+
+@pytest.mark.parametrize("family", FAMILY_ORDER)
+def test_each_family_goes_through_its_real_patch_capture(quick, family):
+    """Every DiRe run of a family was patched by the family's demo patch, whose capture is the real
+    patch's (family and options), and its counters say the term reached every synthesis step."""
+    from dire_plugin.hooks.registry import load_method
+
+    demo_patch, real_patch = load_method(FAMILIES[family].method), load_method(family)
+    found = _manifests(quick, family)
+    assert len(found) == 4  # two DiRe variants x two synthesis seeds
+    steps = ITERATIONS * (10 if family in ("sre2l", "dwa") else 1)  # per ipc index (IPC 10), or in all
+    for row, manifest in found:
+        assert manifest["method"] == FAMILIES[family].method == demo_patch.METHOD
+        assert manifest["status"] == "finished"
+        assert manifest["capture"]["family"] == real_patch.CAPTURE["capture"]
+        assert manifest["terms_added"] == manifest["synthesis_steps"] == steps
+        assert manifest["gradient_share"]["steps_measured"] >= 1
+        capture = manifest["capture"]
+        if family == "dwa":  # DWA's "auto" route: perturbation passes untouched, later steps shared
+            assert capture["teacher_grads"] == "auto" and capture["routes"]["shared"] > 0
+            assert capture["terms_discarded"] > 0  # the iteration-0 perturbation passes
+        elif family == "sre2l":
+            assert capture["routes"] == {"shared": steps, "untouched": 0}
+        elif family == "dm":  # one real and one synthetic embed call per class and iteration, no bank
+            assert capture["synthetic_calls"] == capture["real_calls"] == 10 * steps
+            assert capture["synthetic_rows"] == 100 * steps and manifest["bank"] is None
+        else:  # MTT: one extra forward per image step, labels read beside image_syn, a trained expert
+            assert capture["extra_forward"]["steps"] == capture["labels_checked"] == steps
+            assert capture["extractor"]["epochs_recorded"] == 11
+        if row["key"] == SHARED.key:
+            assert manifest["config"]["share"] == SHARED.share and manifest["gradient_share"]["calibration"]["done"]
+        else:  # no weight flag: the real patch's default weights
+            assert {k: manifest["config"][k] for k in ("share",)} == {"share": real_patch.DEFAULT_WEIGHTS.share}
+            if real_patch.DEFAULT_WEIGHTS.share is None:
+                assert (manifest["config"]["r_c"], manifest["config"]["r_e"]) == (
+                    real_patch.DEFAULT_WEIGHTS.r_c, real_patch.DEFAULT_WEIGHTS.r_e)
+
+
+def test_demo_patches_declare_their_real_patch_capture_and_weights():
+    from dire_plugin.hooks.registry import INTERNAL_METHODS, load_method
+
+    assert set(INTERNAL_METHODS) == {f.method for f in FAMILIES.values()}
+    for name, family in FAMILIES.items():
+        demo_patch, real_patch = load_method(family.method), load_method(name)
+        expected = dict(real_patch.CAPTURE, **({"datasets": ("digits",)} if name == "mtt" else {}))
+        assert demo_patch.CAPTURE == expected
+        assert demo_patch.DEFAULT_WEIGHTS is real_patch.DEFAULT_WEIGHTS
+        assert not demo_patch.PINNED and list(demo_patch.SCRIPTS) == [family.script]
+        # Targets are declared as the real patch's are: the scripts' siblings the capture wraps or checks.
+        modules = {t.module for t in demo_patch.TARGETS if t.module}
+        assert modules == {t.module for t in real_patch.TARGETS if t.module} & modules
+
+
+def test_quick_vanilla_runs_wrote_no_manifest_and_every_family_its_files(quick):
+    synthetic = quick / "synthetic"
+    assert (synthetic / "sre2l" / "ipc10" / "vanilla" / "seed0" / "new009" / "class009_id009.png").is_file()
+    assert (synthetic / "dwa" / "ipc10" / "vanilla" / "seed0" / "new009" / "class009_id009.png").is_file()
+    assert (synthetic / "dm" / "ipc10" / "vanilla" / "seed0" / "res_DM_digits_ConvNet_10ipc.pt").is_file()
+    mtt = synthetic / "mtt" / "ipc10" / "vanilla" / "seed0" / "logged_files" / "digits" / "demo"
+    assert (mtt / f"images_{ITERATIONS}.pt").is_file() and (mtt / f"learning_rate_{ITERATIONS}.pt").is_file()
+    assert not list(synthetic.glob("*/ipc10/vanilla/**/dire_manifest.json"))
+    assert len(list(synthetic.glob("*/ipc10/dire_*/**/dire_manifest.json"))) == 16
+
+
+def test_dwa_starts_from_the_reference_images(quick):
+    from dire_plugin.demo.data import load_data, real_subset
+
+    data = load_data("digits", None, quick.parent / "cache")
+    images, _ = real_subset(data, 10, seed=1)
+    for i in (0, 9):
+        init = torch.load(quick / "synthetic" / "dwa-init" / "ipc10" / "seed1" / f"tensor_{i}.pt", weights_only=True)
+        assert torch.equal(init, images.view(10, 10, 3, 8, 8)[:, i])
 
 
 def test_quick_figures_open(quick):
     pytest.importorskip("matplotlib")
-    for name in ("embeddings", "intra_class_cosine", "images"):
-        with Image.open(quick / f"{name}_ipc10.png") as img:
+    names = [f"{fig}_{family}_ipc10" for family in FAMILY_ORDER for fig in ("embeddings", "intra_class_cosine", "images")]
+    for name in names + ["gradient_share"]:
+        with Image.open(quick / f"{name}.png") as img:
             img.verify()
             assert img.size[0] > 200 and img.size[1] > 100
+    doc = json.loads((quick / "report.json").read_text())
+    assert sorted(doc["figures"]) == sorted(names + ["gradient_share"])
 
 
 def _recover_all(tmp_path: Path, ckpt: Path, runs) -> list:
@@ -111,13 +196,17 @@ def test_vanilla_recover_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_manifest_check_refuses_a_run_that_missed_steps(tmp_path):
-    job = SynthJob(MAIN_VARIANTS[1], ipc=2, seed=0, iterations=5)
-    (tmp_path / "dire_manifest.json").write_text(json.dumps({"terms_added": 9, "synthesis_steps": 10}))
+    job = SynthJob("sre2l", DEFAULT, ipc=2, seed=0, iterations=5)
+    (tmp_path / "dire_manifest.json").write_text(json.dumps({"method": "demo", "terms_added": 9, "synthesis_steps": 10}))
     with pytest.raises(DemoRunError, match="added to 9 of 10 synthesis steps, expected 10"):
         _check_manifest(job, tmp_path, tmp_path / "log")
-    (tmp_path / "dire_manifest.json").write_text(json.dumps({"terms_added": 10, "synthesis_steps": 10}))
+    (tmp_path / "dire_manifest.json").write_text(json.dumps({"method": "demo-dm", "terms_added": 10, "synthesis_steps": 10}))
+    with pytest.raises(DemoRunError, match="written by the 'demo-dm' patch, expected 'demo'"):
+        _check_manifest(job, tmp_path, tmp_path / "log")
+    (tmp_path / "dire_manifest.json").write_text(json.dumps({"method": "demo", "terms_added": 10, "synthesis_steps": 10}))
     assert _check_manifest(job, tmp_path, tmp_path / "log")["terms_added"] == 10
-    assert not VANILLA.dire and MAIN_VARIANTS[1].dire
+    assert not VANILLA.dire and DEFAULT.dire and SHARED.dire
+    assert DEFAULT.launcher_flags() == [] and SHARED.launcher_flags() == ["--share", "0.4"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -125,6 +214,9 @@ def test_manifest_check_refuses_a_run_that_missed_steps(tmp_path):
     (["demo", "--data-path", "/tmp"], "goes with --dataset cifar10/cifar100"),
     (["demo", "--dataset", "cifar100", "--data-path", "/nonexistent/cifar"], "does not exist"),
     (["demo", "--dataset", "nope"], "invalid choice"),
+    (["demo", "--method", "nope"], "argument --method: invalid choice: 'nope'"),
+    (["demo", "--method", "dm", "--ablation"], "--ablation runs the sre2l family only"),
+    (["demo", "--method", "all", "--dataset", "cifar10", "--data-path", "/tmp"], "--dataset cifar10 runs the sre2l family only"),
     (["demo", "--ipc", "1"], "images per class"),
     (["demo", "--seeds", "0"], "not a positive integer"),
     ([], "choose a command"),
@@ -137,34 +229,67 @@ def test_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypat
     assert message in err and "\n" not in err and err.startswith("dire")
 
 
-def test_verdict_says_what_the_numbers_say():
-    from dire_plugin.demo.tables import ReportRow, verdict
+def _row(key, accs, coverage, vendi, cosine, dire=True, family="dm"):
+    """A row of 3 synthesis seeds (metrics: one value each) with 2 students per seed."""
+    from dire_plugin.demo.tables import ReportRow
 
-    def row(key, accs, coverage, vendi, cosine, r_c=None):
-        return ReportRow(10, key, key, 100, accs, coverage, vendi, cosine, 3.0, r_c=r_c)
+    return ReportRow(10, key, key, 100, accs, coverage, vendi, cosine, [3.0] * 3, family=family, dire=dire)
 
-    base = row("vanilla", [90.0, 91.0, 92.0], 0.10, 1.5, 0.90)
-    worse = row("dire", [85.0, 86.0, 87.0], 0.05, 1.4, 0.95, r_c=1.0)
-    better = row("dire2", [95.0, 96.0, 97.0], 0.20, 1.6, 0.85, r_c=1.0)
-    sentences, comparisons = verdict([base, worse, better])
-    assert "accuracy 86.00 vs 91.00 % (-5.00 points, more than one std; better in 0 of 3" in sentences[0]
-    assert sentences[0].count("not improved") == 4
-    assert "not improved" not in sentences[1] and sentences[1].count("improved") == 4
-    assert "best DiRe setting per metric: accuracy: dire2; coverage: dire2" in sentences[2]
-    assert sentences[-1].startswith("In this run DiRe improved over vanilla: accuracy in 1 of 2 comparisons")
-    assert [c["accuracy_improved"] for c in comparisons] == [False, True]
+
+def test_verdict_tests_each_metric_over_synthesis_seeds():
+    from dire_plugin.demo.tables import verdict
+
+    base = _row("vanilla", [90.0, 91.0, 92.0, 91.0, 90.0, 92.0], [0.10, 0.11, 0.10], [1.5, 1.5, 1.6], [0.90, 0.91, 0.90], dire=False)
+    # Accuracy up by 3.25, 2.5 and 3 points in the three seeds; coverage down by varying amounts; Vendi both ways.
+    dire = _row("dire", [93.0, 94.5, 95.0, 93.0, 93.5, 94.5], [0.05, 0.09, 0.02], [1.6, 1.4, 1.6], [0.90, 0.91, 0.90])
+    sentences, (c,) = verdict([base, dire])
+    assert c["accuracy_test"]["n"] == 3 and c["accuracy_test"]["mean_difference"] == pytest.approx((3.25 + 2.5 + 3.0) / 3, abs=1e-6)
+    assert c["accuracy_test"]["beyond_seed_noise"] and c["accuracy_test"]["p"] < 0.05
+    assert c["accuracy_paired_wins"] == 6 and c["accuracy_pairs"] == 6
+    assert not c["vendi_per_class_test"]["beyond_seed_noise"]
+    assert c["intra_class_cosine_test"] == {"mean_difference": 0.0, "std": 0.0, "n": 3, "t": 0.0, "p": 1.0,
+                                            "beyond_seed_noise": False}
+    assert "dm, IPC 10, dire vs vanilla: accuracy" in sentences[0] and "beyond seed noise; better in 6 of 6" in sentences[0]
+    assert "coverage 0.053 vs 0.103 (p = " in sentences[0] and "within seed noise): not improved" in sentences[0]
+    assert sentences[-1].startswith("Over the 1 DiRe-vs-vanilla comparisons of this run, beyond seed noise")
+    assert "accuracy better in 1 and worse in 0" in sentences[-1]
+
+
+def test_the_verdict_compares_within_a_family_only():
+    from dire_plugin.demo.tables import verdict
+
+    runs = ([90.0] * 6, [0.1] * 3, [1.5] * 3, [0.9] * 3)
+    rows = [_row("vanilla", *runs, dire=False, family="dm"), _row("dire", *runs, family="dm"),
+            _row("vanilla", *runs, dire=False, family="mtt"), _row("dire", *runs, family="mtt")]
+    _, comparisons = verdict(rows)
+    assert [(c["family"], c["set"], c["versus"]) for c in comparisons] == [("dm", "dire", "vanilla"), ("mtt", "dire", "vanilla")]
+
+
+def test_paired_t_matches_scipy_and_refuses_a_tie():
+    stats = pytest.importorskip("scipy.stats")
+    from dire_plugin.demo.stats import paired_t, t_two_sided_p
+
+    rng = torch.Generator().manual_seed(0)
+    for n in (2, 3, 5, 12):
+        diffs = (torch.randn(n, generator=rng) + 0.4).tolist()
+        ours, theirs = paired_t(diffs), stats.ttest_1samp(diffs, 0.0)
+        assert ours.t == pytest.approx(theirs.statistic, rel=1e-9) and ours.p == pytest.approx(theirs.pvalue, rel=1e-7)
+    assert t_two_sided_p(4.302652729911275, 2) == pytest.approx(0.05, abs=1e-9)  # the t table's 2-df critical value
+    assert paired_t([1.5]).p is None and paired_t([1.5]).beyond_noise is None  # one seed: no test
+    assert paired_t([0.2, 0.2, 0.2]).p is None  # the same difference in every seed: t undefined, no claim
+    assert paired_t([0.0, 0.0]).p == 1.0
 
 
 def test_a_failed_recover_run_is_one_line_naming_its_log(tmp_path):
     from dire_plugin.demo.synth import SynthContext, run_synthesis
 
     ctx = SynthContext(teacher=tmp_path / "missing.pt", real_data=tmp_path, bank_cache=tmp_path, out=tmp_path / "syn")
-    job = SynthJob(VANILLA, ipc=2, seed=0, iterations=1)
+    job = SynthJob("sre2l", VANILLA, ipc=2, seed=0, iterations=1)
     with pytest.raises(DemoRunError) as err:
         run_synthesis([job], ctx, parallel=1, log_dir=tmp_path / "logs", progress=False)
     message = str(err.value)
-    assert "ipc2/vanilla/seed0: recover exited with 1: FileNotFoundError" in message and "\n" not in message
-    assert str(tmp_path / "logs" / "ipc2_vanilla_seed0.log") in message
+    assert "sre2l/ipc2/vanilla/seed0: recover.py exited with 1: FileNotFoundError" in message and "\n" not in message
+    assert str(tmp_path / "logs" / "sre2l_ipc2_vanilla_seed0.log") in message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
@@ -211,11 +336,11 @@ def test_cifar_pipeline_end_to_end_on_cifar_shaped_folders(tmp_path):
     data = _fake_cifar_folders(tmp_path / "cifar", classes=10, train=8, test=3)
     out = tmp_path / "out"
     argv = ["demo", "--dataset", "cifar10", "--data-path", str(data), "--ipc", "2", "--iterations", "2",
-            "--student-steps", "2", "--seeds", "1", "--teacher-epochs", "1", "--no-plots", "--no-progress",
-            "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+            "--student-steps", "2", "--seeds", "1", "--syn-seeds", "1", "--teacher-epochs", "1", "--no-plots",
+            "--no-progress", "--device", "cpu", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     assert main(argv) == 0
     doc = json.loads((out / "report.json").read_text())
-    assert doc["title"] == "DiRe demo: SRe²L ± DiRe on CIFAR10"
+    assert doc["title"] == "DiRe demo: SRe²L ± DiRe on CIFAR10" and doc["settings"]["families"] == "sre2l"
     assert doc["teacher"]["settings"]["arch"] == "resnet18" and doc["teacher"]["settings"]["dataset"] == "cifar10"
     assert "cifar10 ImageFolders" in doc["settings"]["data"] and doc["settings"]["device"] == "cpu"
     assert [r["set"] for r in doc["rows"]] == ROWS
@@ -225,7 +350,8 @@ def test_cifar_pipeline_end_to_end_on_cifar_shaped_folders(tmp_path):
         manifest = json.loads(Path(row["dire_manifests"][0]).read_text())
         assert manifest["terms_added"] == manifest["synthesis_steps"] == 2 * 2
         assert manifest["bank"]["classes"] == 10
-    synthetic = torch.load(out / "synthetic" / "ipc2" / "vanilla" / "seed0" / "synthetic.pt", weights_only=True)
+    assert "one synthesis seed: no test" in doc["verdict"][0]
+    synthetic = torch.load(out / "synthetic" / "sre2l" / "ipc2" / "vanilla" / "seed0" / "synthetic.pt", weights_only=True)
     assert synthetic["images"].shape == (20, 3, 32, 32)
     assert "20 of 80 real" not in (out / "report.md").read_text()  # every real image is the coverage reference
     assert "80 of 80 real training images" in (out / "report.md").read_text()
@@ -476,7 +602,7 @@ def test_a_broken_synthetic_file_is_one_line_naming_it_and_the_log(damage, tmp_p
     from dire_plugin.demo.synth import SynthContext, _finish, job_folder
 
     ctx = SynthContext(teacher=tmp_path / "t.pt", real_data=tmp_path, bank_cache=tmp_path, out=tmp_path / "syn")
-    job = SynthJob(VANILLA, ipc=2, seed=0, iterations=1)
+    job = SynthJob("sre2l", VANILLA, ipc=2, seed=0, iterations=1)
     folder = job_folder(job, ctx)
     folder.mkdir(parents=True)
     path = folder / "synthetic.pt"
@@ -495,7 +621,7 @@ def test_a_broken_synthetic_file_is_one_line_naming_it_and_the_log(damage, tmp_p
 
 
 def test_a_malformed_manifest_is_one_line(tmp_path):
-    job = SynthJob(MAIN_VARIANTS[1], ipc=2, seed=0, iterations=5)
+    job = SynthJob("sre2l", DEFAULT, ipc=2, seed=0, iterations=5)
     (tmp_path / "dire_manifest.json").write_text('{"terms_added": 10, "synth')
     with pytest.raises(DemoRunError, match="dire_manifest.json is not valid JSON") as err:
         _check_manifest(job, tmp_path, tmp_path / "log")
@@ -515,3 +641,35 @@ def test_out_or_cache_dir_at_or_under_a_file_is_one_line_exit_2_before_any_work(
     assert "\n" not in err and err.startswith("dire: error: ")
     assert f"{flag} {target}" in err and f"{blocker} is a file, not a folder" in err
     assert list(tmp_path.iterdir()) == [blocker]  # nothing written, no cache filled
+
+
+def test_a_cached_folder_of_nested_files_is_reused_and_rebuilt_when_touched(tmp_path, capsys):
+    """The expert buffer's folder (``digits/ConvNet/replay_buffer_0.pt``) through the same checked
+    cache as the image folder: reused as written, rebuilt when anything in it changed."""
+    from dire_plugin.demo.cache import cached_folder
+
+    written = []
+
+    def write(folder):
+        written.append(folder)
+        (folder / "digits" / "ConvNet").mkdir(parents=True)
+        (folder / "digits" / "ConvNet" / "replay_buffer_0.pt").write_bytes(b"trajectories")
+
+    root = tmp_path / "experts"
+    assert cached_folder(root, "settings A", write, "expert cache") == (root, False)
+    assert cached_folder(root, "settings A", write, "expert cache") == (root, True) and len(written) == 1
+    capsys.readouterr()
+    for damage, said in (("stray folder", "holds digits/stray"), ("other settings", "other data or settings"),
+                         ("damaged file", "damaged digits/ConvNet/replay_buffer_0.pt")):
+        source = "settings B" if damage == "other settings" else "settings A"
+        if damage == "stray folder":
+            (root / "digits" / "stray").mkdir()
+        elif damage == "damaged file":
+            (root / "digits" / "ConvNet" / "replay_buffer_0.pt").write_bytes(b"trajectorie5")
+        assert cached_folder(root, source, write, "expert cache") == (root, False)
+        (warning,) = _warnings(capsys.readouterr().err)
+        assert f"expert cache {root}" in warning and said in warning and "rebuilding" in warning
+        if damage == "other settings":
+            cached_folder(root, "settings A", write, "expert cache")
+            capsys.readouterr()
+    assert [p.name for p in tmp_path.iterdir()] == ["experts"]  # no temporary folder left behind

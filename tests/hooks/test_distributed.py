@@ -294,3 +294,22 @@ def test_ranks_that_differ_end_the_torchrun_job_with_one_line_and_exit_2(tmp_pat
         assert "the number of real images (rank 0: 8; rank 1: 7)" in ours[0]
     # Stopped before anything was built, cached or synthesised.
     assert not list(tmp_path.glob("cache/bank-*.pt")) and not list(tmp_path.glob("out/**/*.jpg"))
+
+
+def test_a_step_holding_back_images_an_earlier_step_forwarded_stops_across_ranks(monkeypatch):
+    # The ranks exchange each step's embeddings only: the held-back rows' last embeddings (DELT's
+    # rounds on one GPU) would be missing from every other rank's CD, so the run stops instead.
+    from dire_plugin.errors import DiReHookError
+    from dire_plugin.hooks import distributed
+
+    class Core:
+        class stats:
+            steps = 6
+
+        def term_gradient(self, *args, **kwargs):
+            raise AssertionError("no term may be computed")
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    emb, labels = W.rows(seed=0, n=3)
+    with pytest.raises(DiReHookError, match="synthesis step 7 leaves out images this rank optimises"):
+        distributed.union_term_gradient(Core(), emb, labels, held=(emb[:1], labels[:1]))

@@ -12,29 +12,17 @@ from dire_plugin.embeddings.capture import EmbeddingCapture
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
 from dire_plugin.patches import dm, sre2l
+from nets import BNPrior, frozen_teacher, random_bank
 
 NUM_CLASSES, D = 4, 8
 
 
 def _teacher(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(D, NUM_CLASSES),
-    )
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad = False
-    return net
+    return frozen_teacher(seed, NUM_CLASSES, (6, D))
 
 
 def _bank(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return RealEmbeddingBank.from_tensors(torch.rand(NUM_CLASSES * 5, D, generator=g) + 0.1, torch.arange(NUM_CLASSES).repeat(5))
+    return random_bank(NUM_CLASSES, 5, D, seed)
 
 
 @pytest.fixture
@@ -134,24 +122,11 @@ def test_memory_reaches_the_first_step_of_the_next_batch(patched):
     assert not torch.allclose(g_dire, g_no_memory)
 
 
-class _BNStatistics:
-    """SRe²L's BN prior in our own few lines: a forward hook stores the distance of the batch's
-    statistics to the running ones, and the loop reads it *after* its criterion call."""
-
-    def __init__(self, module):
-        self.handle = module.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        x = inputs[0]
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        self.r_feature = torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
-
-
 def test_a_bank_built_at_the_first_step_leaves_the_methods_hooks_alone():
     # The bank is built inside the first criterion call, through the method's own teacher: its
     # forwards must not replace the BN statistics the step reads right after that call.
     model = _teacher()
-    hooks = [_BNStatistics(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    prior = BNPrior(model)  # SRe²L's BN prior, read after the criterion call
     g = torch.Generator().manual_seed(7)
     real = torch.utils.data.TensorDataset(torch.randn(NUM_CLASSES * 3, 3, 6, 6, generator=g),
                                           torch.arange(NUM_CLASSES).repeat(3))
@@ -165,7 +140,7 @@ def test_a_bank_built_at_the_first_step_leaves_the_methods_hooks_alone():
 
     def loss_of(outputs, criterion):
         loss_ce = criterion(outputs, targets)
-        return loss_ce + 0.1 * torch.stack([h.r_feature for h in hooks]).sum()
+        return loss_ce + 0.1 * prior.loss()
 
     sre2l.patch(RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0), bank_factory=factory)
     runtime = current_runtime()
@@ -212,6 +187,8 @@ def test_share_calibrates_the_weights_on_the_first_steps():
         torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-4, atol=1e-7)
         share = runtime.manifest()["gradient_share"]
         assert share["first_steps"][:3] == pytest.approx([0.2, 0.2, 0.2], rel=1e-4)
+        assert [step for step, _ in share["measured"]] == [1, 2, 3, 4]
+        assert [s for _, s in share["measured"]][:3] == pytest.approx([0.2, 0.2, 0.2], rel=1e-4)
         assert share["calibration"]["done"] and share["calibration"]["r_c"] == pytest.approx(0.5 * k, rel=1e-4)
     finally:
         sre2l.unpatch()
@@ -405,3 +382,27 @@ def test_rotating_teachers_keep_their_own_bank_memory_and_counts():
             runtime.term_gradient(torch.rand(2, 8), torch.tensor([0, 1]))
     finally:
         sre2l.unpatch()
+
+
+@pytest.mark.parametrize("terms", [("cd", "cdm"), ("cd", "cdm", "logdet")])
+def test_held_rows_are_pushed_from_as_memory_rows_are(terms):
+    # DELT's rounds leave images out of a step; their last embeddings join CD (and logdet's kernel,
+    # which needs the rows, not only their sums) exactly as if the memory held them.
+    bank = _bank()
+    config = RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, r_d=0.7, components=terms, log_every=0)
+    sre2l.patch(config, bank_factory=lambda *a: bank)
+    try:
+        runtime = current_runtime()
+        gen = torch.Generator().manual_seed(3)
+        emb, held = torch.randn(4, 8, generator=gen), torch.randn(3, 8, generator=gen)
+        labels, held_labels = torch.tensor([0, 1, 1, 2]), torch.tensor([1, 2, 0])
+        finished = torch.randn(2, 8, generator=gen)
+        key = runtime.add_bank(bank)
+        runtime.memory_of(key).add(finished, torch.tensor([1, 0]))
+        grad = runtime.term_gradient(emb, labels, key=key, held=(held, held_labels))
+        runtime.memory_of(key).add(held, held_labels)
+        expected = runtime.term_gradient(emb, labels, key=key)
+    finally:
+        sre2l.unpatch()
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    assert float((grad - expected).abs().max()) < 1e-6

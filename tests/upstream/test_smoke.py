@@ -15,7 +15,9 @@ from dire_plugin.upstream import shim
 from dire_plugin.hooks.declare import ScriptSpec
 from dire_plugin.hooks.registry import METHODS, load_method
 from dire_plugin.upstream.lockfile import method_lock
-from dire_plugin.upstream.smoke import run_smoke, smoke_script, write_fake_imagefolder, write_teacher_checkpoint
+from dire_plugin.upstream.smoke import (
+    run_smoke, smoke_script, write_fake_imagefolder, write_init_images, write_teacher_checkpoint,
+)
 
 from dire_plugin.demo.synth import RECOVER
 from lookalike import write_demo_teacher
@@ -65,6 +67,17 @@ def test_fake_imagefolder_has_the_teacher_classes(tmp_path):
     assert folder.class_to_idx[folder.classes[2]] == 2 and folder.classes[2].endswith("02")
 
 
+def test_init_folders_for_some_classes_and_a_teacher_torchvision_does_not_build(tmp_path):
+    # DELT synthesises the classes its init folder holds (2 here, 3 images each, whatever --ipc
+    # asks up to that) and reads a ConvNet of its own from a fixed path.
+    spec = load_method("delt").SCRIPTS["recover/recover.py"].for_argv(["--arch-name", "conv4"])
+    root = write_init_images(spec, tmp_path / "init")
+    assert sorted(p.name for p in root.iterdir()) == ["n000", "n001"]
+    assert all(len(list(p.iterdir())) == 3 for p in root.iterdir())
+    path = write_teacher_checkpoint(spec, tmp_path / "t.pth")
+    assert "layers.conv.0.weight" in torch.load(path, weights_only=True)["model"]  # the patch's writer, not torchvision
+
+
 def test_unknown_script_fails(capsys):
     assert run_smoke("sre2l", Path("/nonexistent"), {}, scripts=["nope.py", "SRe2L/*small_dataset/recover_cifar.py"]) == 1
     lines = capsys.readouterr().out.splitlines()
@@ -109,6 +122,8 @@ def test_smoke_failures_keep_their_folder(tmp_path, code, problem):
 REAL_SMOKES = [
     ("sre2l", "SRe2L/*small_dataset/recover_cifar.py"),
     ("dwa", "distillation/distillation_cifar.py"),
+    ("delt", "recover/recover.py"),  # its three runs: EarlyLate, the ConvNet from its fixed path, --arch-path
+    ("prism", "recover/multi_gpu/data_synthesis.py"),
     ("dm", "methods/dc/main_DM.py"),
     ("mtt", "distill.py"),  # both variants: the mtt job installs kornia for --zca
 ]

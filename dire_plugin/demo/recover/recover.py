@@ -10,21 +10,23 @@ the tests run the patch path on (``--device cuda`` under the CPU shim).
 
 Writes ``{syn-data-path}/{exp-name}/new{cls:03d}/class{cls:03d}_id{ipc:03d}.png`` (with
 ``--store-best-images``) and ``synthetic.pt`` (the final images before 8-bit quantisation,
-normalised, with their labels).
+normalised, with their labels, and the CPU seconds and optimizer steps of the synthesis loops:
+CPU time, so that a busy machine does not inflate it).
 """
-import argparse
 import collections
 import os
 import random
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.optim as optim
-from utils import DATASETS, BNFeatureHook, clip, denormalize, load_model, lr_cosine_policy, save_images
+from utils import (DATASETS, BNFeatureHook, clip, denormalize, load_model, lr_cosine_policy, recover_arguments,
+                   resolve_recover_args, save_images)
+
+from dire_plugin.demo.outputs import LoopTimer, save_synthetic
 
 
-def get_images(args, model_teacher, ipc_id):
+def get_images(args, model_teacher, ipc_id, timer):
     bn_hooks = [BNFeatureHook(m) for m in model_teacher.modules() if isinstance(m, nn.BatchNorm2d)]
     size = args.dataset.image_size
     images, labels = [], []
@@ -40,26 +42,28 @@ def get_images(args, model_teacher, ipc_id):
         criterion = nn.CrossEntropyLoss().to(args.device)
 
         for iteration in range(args.iteration):
-            lr_scheduler(optimizer, iteration, iteration)
-            off1 = random.randint(-args.jitter, args.jitter)
-            off2 = random.randint(-args.jitter, args.jitter)
-            inputs_jit = torch.roll(inputs, shifts=(off1, off2), dims=(2, 3))
-            if args.flip and random.random() < 0.5:
-                inputs_jit = torch.flip(inputs_jit, dims=(3,))
+            with timer.timing():  # CPU time of the synthesis steps (outputs/LoopTimer)
+                lr_scheduler(optimizer, iteration, iteration)
+                off1 = random.randint(-args.jitter, args.jitter)
+                off2 = random.randint(-args.jitter, args.jitter)
+                inputs_jit = torch.roll(inputs, shifts=(off1, off2), dims=(2, 3))
+                if args.flip and random.random() < 0.5:
+                    inputs_jit = torch.flip(inputs_jit, dims=(3,))
 
-            optimizer.zero_grad()
-            outputs = model_teacher(inputs_jit)
-            loss_ce = criterion(outputs, targets)
-            loss_bn = torch.stack([h.r_feature for h in bn_hooks]).sum()
-            loss = loss_ce + args.r_bn * loss_bn
+                optimizer.zero_grad()
+                outputs = model_teacher(inputs_jit)
+                loss_ce = criterion(outputs, targets)
+                loss_bn = torch.stack([h.r_feature for h in bn_hooks]).sum()
+                loss = loss_ce + args.r_bn * loss_bn
 
-            if args.print_every and iteration % args.print_every == 0:
-                print("iteration {}: total {:.4f} bn {:.4f} main criterion {:.4f}".format(
-                    iteration, loss.item(), loss_bn.item(), criterion(outputs, targets).item()), flush=True)
+                if args.print_every and iteration % args.print_every == 0:
+                    print("iteration {}: total {:.4f} bn {:.4f} main criterion {:.4f}".format(
+                        iteration, loss.item(), loss_bn.item(), criterion(outputs, targets).item()), flush=True)
 
-            loss.backward()
-            optimizer.step()
-            inputs.data = clip(inputs.data, args.dataset)
+                loss.backward()
+                optimizer.step()
+                timer.step()
+                inputs.data = clip(inputs.data, args.dataset)
 
         if args.store_best_images:
             save_images(args.syn_data_path, denormalize(inputs.data.clone(), args.dataset), targets, ipc_id)
@@ -81,53 +85,20 @@ def main_syn(args):
     for p in model_teacher.parameters():
         p.requires_grad = False
     images, labels = [], []
+    timer = LoopTimer()
     for ipc_id in range(args.ipc_start, args.ipc_end):
-        print("ipc = ", ipc_id, flush=True)  # the demo's progress bar counts these lines
-        x, y = get_images(args, model_teacher, ipc_id)
+        print("ipc = ", ipc_id, flush=True)
+        x, y = get_images(args, model_teacher, ipc_id, timer)
         images.append(x)
         labels.append(y)
-    torch.save({"images": torch.cat(images), "labels": torch.cat(labels)}, os.path.join(args.syn_data_path, "synthetic.pt"))
+    save_synthetic(args.syn_data_path, torch.cat(images), torch.cat(labels), timer)
 
 
 def parse_args():
-    parser = argparse.ArgumentParser("Recover synthetic images from the demo teacher (SRe2L-style)")
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits",
-                        help="what the teacher learnt: image size, normalisation, default architecture")
-    parser.add_argument("--arch-name", type=str, default=None, help="teacher architecture (default: the dataset's)")
-    parser.add_argument("--arch-path", type=str, required=True, help="teacher checkpoint ({'state_dict': ...})")
-    parser.add_argument("--syn-data-path", type=str, default="./syn_data")
-    parser.add_argument("--exp-name", type=str, default="recover")
-    parser.add_argument("--iteration", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=0.25)
-    parser.add_argument("--jitter", type=int, default=None, help="roll jitter in pixels (default: the dataset's shift)")
-    parser.add_argument("--r-bn", type=float, default=0.01)
+    parser = recover_arguments("Recover synthetic images from the demo teacher (SRe2L-style)", DATASETS, "recover")
     parser.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
-    parser.add_argument("--batch-size", type=int, default=None, help="classes per batch (default: all)")
-    parser.add_argument("--ipc-start", type=int, default=0)
-    parser.add_argument("--ipc-end", type=int, default=10)
-    parser.add_argument("--store-best-images", action="store_true", help="write the PNGs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--print-every", type=int, default=100)
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when available")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = parser.parse_args()
-    args.dataset = DATASETS[args.dataset]
-    args.arch_name = args.arch_name or args.dataset.arch
-    args.num_classes = args.num_classes or args.dataset.num_classes
-    args.batch_size = args.batch_size or args.num_classes
-    args.jitter = args.dataset.max_shift if args.jitter is None else args.jitter
-    args.flip = args.dataset.flip
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.syn_data_path = os.path.join(args.syn_data_path, args.exp_name)
-    return args
+    return resolve_recover_args(parser.parse_args())
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    main_syn(args)
+    main_syn(parse_args())

@@ -1,9 +1,11 @@
 """Helpers the demo's recover script imports as ``utils``, the way SRe²L's scripts import theirs.
 
 Written for the demo (not taken from upstream): the BatchNorm statistics hook, the cosine
-learning-rate policy, clipping to valid pixels, loading the teacher, and saving PNGs in SRe²L's
-layout.
+learning-rate policy, clipping to valid pixels, loading the teacher, saving PNGs in SRe²L's
+layout, and the command-line options SRe²L's recover script shares with DWA's (DWA's script, a
+fork of SRe²L's, takes the same).
 """
+import argparse
 import math
 import os
 
@@ -12,9 +14,45 @@ import torch
 from PIL import Image
 
 from dire_plugin.demo.model import build_model
+from dire_plugin.demo.script_args import add_run_arguments, start_run
 from dire_plugin.demo.spec import DATASETS
 
-__all__ = ["DATASETS", "BNFeatureHook", "lr_cosine_policy", "clip", "denormalize", "load_model", "save_images"]
+__all__ = ["DATASETS", "BNFeatureHook", "lr_cosine_policy", "clip", "denormalize", "load_model", "save_images",
+           "recover_arguments", "resolve_recover_args"]
+
+
+def recover_arguments(description, datasets, exp_name):
+    """The options of an SRe²L-style recover script (the demo's SRe²L and DWA scripts add theirs)."""
+    parser = argparse.ArgumentParser(description)
+    parser.add_argument("--dataset", choices=sorted(datasets), default="digits",
+                        help="what the teacher learnt: image size, normalisation, default architecture")
+    parser.add_argument("--arch-name", type=str, default=None, help="teacher architecture (default: the dataset's)")
+    parser.add_argument("--arch-path", type=str, required=True, help="teacher checkpoint ({'state_dict': ...})")
+    parser.add_argument("--syn-data-path", type=str, default="./syn_data")
+    parser.add_argument("--exp-name", type=str, default=exp_name)
+    parser.add_argument("--iteration", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=0.25)
+    parser.add_argument("--jitter", type=int, default=None, help="roll jitter in pixels (default: the dataset's shift)")
+    parser.add_argument("--r-bn", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=None, help="classes per batch (default: all)")
+    parser.add_argument("--ipc-start", type=int, default=0)
+    parser.add_argument("--ipc-end", type=int, default=10)
+    parser.add_argument("--store-best-images", action="store_true", help="write the PNGs")
+    parser.add_argument("--print-every", type=int, default=100)
+    return add_run_arguments(parser)
+
+
+def resolve_recover_args(args):
+    """Defaults that depend on the dataset, the output folder, then the run options
+    (:func:`~dire_plugin.demo.script_args.start_run`: device, threads, seeds)."""
+    args.dataset = DATASETS[args.dataset]
+    args.arch_name = args.arch_name or args.dataset.arch
+    args.num_classes = getattr(args, "num_classes", None) or args.dataset.num_classes
+    args.batch_size = args.batch_size or args.num_classes
+    args.jitter = args.dataset.max_shift if args.jitter is None else args.jitter
+    args.flip = args.dataset.flip
+    args.syn_data_path = os.path.join(args.syn_data_path, args.exp_name)
+    return start_run(args)
 
 
 class BNFeatureHook:
