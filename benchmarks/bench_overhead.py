@@ -10,7 +10,11 @@ Shapes (``--shape``):
   Table 15 reports +17.7 % synthesis time for DiRe on top of SRe²L);
 * ``tiny``: 10 classes at 16² (a check that the script runs, not a figure).
 
-``sre2l``: a frozen teacher, DiRe's gradient added in the method's own backward. ``dwa``: the
+``sre2l``: a frozen teacher, DiRe's gradient added in the method's own backward. ``delt`` (its
+own shape, whatever ``--shape`` says): DELT's EarlyLate iteration on CIFAR-10 at IPC 50, the
+ResNet-18 CIFAR variant, a batch of 100 = 2 classes × 50; the first iteration forwards every
+image, the others a round of the first 30 of each class (``inputs[rows]``), so DiRe also pushes
+away from the 40 images held back; 10 classes with a memory of 49 and 500 real each. ``dwa``: the
 teacher's weights keep ``requires_grad`` (DWA's perturbation reads their gradients); with a batch
 of every class the decoupled capture's ``"auto"`` route takes DWA's own backward after the batch's
 first step (one input-only backward at that first step only, outside the median). The gradient
@@ -19,10 +23,15 @@ unmeasured steps, a third block times steps that all measure it, and the cost of
 printed for a 1000-iteration batch (steps 1-5, then every 100th). ``dm`` and ``mtt`` (their own
 settings, whatever ``--shape`` says; ``_overhead_dm.py`` and ``_overhead_mtt.py`` describe them):
 a DM iteration at IPC 10 and 50 (batch_real 256), an MTT iteration at IPC 10 with 20 unrolled
-steps. Vanilla and patched runs are interleaved in one run so machine noise hits both; the script
-prints medians and their ratio, and asserts nothing about speed.
+steps. ``gvbsm`` (its own shape too): a G-VBSM worker's CIFAR-100 iteration, three teachers of
+different widths in rotation (ResNet-18 CIFAR variant 512, MobileNetV2 1280, ShuffleNetV2 ×0.5
+1024), a worker's half of recover.sh's batch (50 images: 5 classes × IPC 10), CE + BN prior + a
+per-class Gram-eigenvalue KL like G-VBSM's ``--nuc-norm`` term (our own lines), each teacher with
+its own bank (500 real per class) and memory (9 per class), one bank and memory per key as the
+patch keeps them. Vanilla and patched runs are interleaved in one run so machine noise hits both;
+the script prints medians and their ratio, and asserts nothing about speed.
 
-    python benchmarks/bench_overhead.py [--methods sre2l dwa dm mtt] [--shape cifar|imagenet|tiny]
+    python benchmarks/bench_overhead.py [--methods sre2l dwa delt dm mtt gvbsm] [--shape cifar|imagenet|tiny]
         [--iterations 6] [--rounds 3] [--device cpu|cuda]
 """
 from __future__ import annotations
@@ -35,34 +44,41 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from dire_plugin.embeddings.bank import RealEmbeddingBank
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
-from dire_plugin.patches import dwa, sre2l
+from dire_plugin.patches import delt, dwa, gvbsm, sre2l
 from _machine import device_line  # benchmarks/, the folder of this script
 
-PATCHES = {"sre2l": sre2l, "dwa": dwa}
-#: Methods with a loop of their own shape (benchmarks/_overhead_<method>.py).
-OWN_LOOPS = ("dm", "mtt")
+PATCHES = {"sre2l": sre2l, "dwa": dwa, "delt": delt}
+#: Methods with a loop of their own shape (benchmarks/_overhead_<method>.py, or below: gvbsm).
+OWN_LOOPS = ("dm", "mtt", "gvbsm")
 D, IPC = 512, 50
 
 
 @dataclass(frozen=True)
 class Shape:
     classes: int  # of the teacher, the bank and the memory
-    batch: int  # images per iteration, one per class
+    batch: int  # images optimised together
     size: int
     real_per_class: int
     cifar_stem: bool
+    per_class: int = 1  # images of a class in the batch (class-major)
+    forwarded: int = 0  # after a first iteration on all, each iteration forwards this many of each class (0: all)
 
 
 SHAPES = {
     "cifar": Shape(classes=100, batch=100, size=32, real_per_class=500, cifar_stem=True),
     "imagenet": Shape(classes=1000, batch=100, size=224, real_per_class=1300, cifar_stem=False),
     "tiny": Shape(classes=10, batch=10, size=16, real_per_class=20, cifar_stem=True),
+}
+#: Methods measured on a shape of their own.
+OWN_SHAPES = {
+    "delt": Shape(classes=10, batch=100, size=32, real_per_class=500, cifar_stem=True, per_class=50, forwarded=30),
 }
 
 
@@ -96,19 +112,28 @@ class BNStats:
         return total
 
 
-def run_block(model, bn, inputs, targets, iterations: int, device) -> float:
-    """Median seconds per iteration over ``iterations`` SRe²L-shaped iterations."""
-    optimizer = torch.optim.Adam([inputs], lr=0.25, betas=(0.5, 0.9))
+def run_block(models, bns, inputs, targets, iterations: int, device, lr: float = 0.25, extra=None,
+              rows=None) -> float:
+    """Median seconds per iteration over ``iterations`` SRe²L-shaped iterations; iteration ``i``
+    classifies with ``models[i % len(models)]`` (G-VBSM's rotation; SRe²L's: one model),
+    ``extra(images, targets)`` is added to the loss, and with ``rows`` iterations after the first
+    forward only ``inputs[rows]`` (DELT's rounds)."""
+    optimizer = torch.optim.Adam([inputs], lr=lr, betas=(0.5, 0.9))
     criterion = nn.CrossEntropyLoss()
     times = []
     for it in range(iterations):
+        model, bn = models[it % len(models)], bns[it % len(models)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         optimizer.zero_grad()
-        jit = torch.roll(inputs, shifts=(it % 3, it % 2), dims=(2, 3))
+        taken = inputs if rows is None or it == 0 else inputs[rows]
+        jit = torch.roll(taken, shifts=(it % 3, it % 2), dims=(2, 3))
         outputs = model(jit)
-        loss = criterion(outputs, targets) + 0.01 * bn.pop()
+        step_targets = targets if rows is None or it == 0 else targets[rows]
+        loss = criterion(outputs, step_targets) + 0.01 * bn.pop()
+        if extra is not None:
+            loss = loss + extra(jit, step_targets)
         loss.backward()
         optimizer.step()
         if device.type == "cuda":
@@ -121,7 +146,11 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
     torch.manual_seed(0)
     model = teacher(shape, device, frozen=method != "dwa")
     bn = BNStats(model)
-    targets = torch.arange(shape.batch, device=device)
+    targets = torch.arange(shape.batch // shape.per_class, device=device).repeat_interleave(shape.per_class)
+    rows = None
+    if shape.forwarded:
+        starts = torch.arange(0, shape.batch, shape.per_class, device=device)
+        rows = (starts[:, None] + torch.arange(shape.forwarded, device=device)).flatten()
     # Post-ReLU average-pooled features are non-negative; so are these stand-ins.
     real = torch.rand(shape.classes * shape.real_per_class, D)
     bank = RealEmbeddingBank.from_tensors(real, torch.arange(shape.classes).repeat_interleave(shape.real_per_class))
@@ -137,8 +166,10 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
         runtime = current_runtime()
         # Every step measured, or none (the schedule's few measured steps would sit in the median).
         runtime.share.first, runtime.share.every = (opts.iterations, 1) if measure_share else (0, 0)
-        runtime.memory.add(torch.rand(shape.classes * (IPC - 1), D), torch.arange(shape.classes).repeat(IPC - 1))
-        seconds = run_block(model, bn, images(), targets, opts.iterations, device)
+        # The key the teacher's bank gets at the first step (keyed on the bank), with earlier ipc indices.
+        runtime.memory_of(runtime.add_bank(bank)).add(torch.rand(shape.classes * (IPC - 1), D),
+                                                      torch.arange(shape.classes).repeat(IPC - 1))
+        seconds = run_block([model], [bn], images(), targets, opts.iterations, device, rows=rows)
         added, measured = runtime.stats.terms_added, len(runtime.share.records)
         patch.unpatch()
         model.zero_grad(set_to_none=True)
@@ -148,12 +179,15 @@ def measure(method: str, shape: Shape, opts: argparse.Namespace, device: torch.d
 
     vanilla, patched, measuring = [], [], []
     for _ in range(opts.rounds):
-        vanilla.append(run_block(model, bn, images(), targets, opts.iterations, device))
+        vanilla.append(run_block([model], [bn], images(), targets, opts.iterations, device, rows=rows))
         patched.append(patched_block(False))
         measuring.append(patched_block(True))
 
     v, p, m = statistics.median(vanilla), statistics.median(patched), statistics.median(measuring)
-    print(f"{method}: ResNet-18{' (CIFAR stem)' if shape.cifar_stem else ''}, {shape.size}px, batch {shape.batch}, "
+    layout = (f"batch {shape.batch} ({shape.batch // shape.per_class} classes x {shape.per_class}"
+              + (f", rounds of {shape.forwarded}/class after a first iteration on all)" if shape.forwarded else ")")
+              if shape.per_class > 1 else f"batch {shape.batch}")
+    print(f"{method}: ResNet-18{' (CIFAR stem)' if shape.cifar_stem else ''}, {shape.size}px, {layout}, "
           f"{shape.classes} classes, memory {IPC - 1}/class, {shape.real_per_class} real/class, D={D}, teacher "
           f"{'frozen' if method != 'dwa' else 'with requires_grad (DWA)'}")
     print(f"  vanilla   {v * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in vanilla)})")
@@ -173,10 +207,77 @@ def share_cost(extra: float, iteration: float, iterations: int = 1000) -> float:
     return measured * max(extra, 0.0) / (iterations * iteration)
 
 
+#: G-VBSM's rotation: torchvision builder, width of its classifier's input (CIFAR-100, 32 px).
+ROTATION = (("resnet18", 512), ("mobilenet_v2", 1280), ("shufflenet_v2_x0_5", 1024))
+GVBSM_CLASSES, GVBSM_PER_CLASS, GVBSM_REAL = 5, 10, 500
+
+
+def gram_eigen_kl(x: torch.Tensor, labels: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
+    """A diversity term shaped like G-VBSM's ``--nuc-norm`` (what its cost is made of): per class,
+    the KL between softmaxed eigenvalues of the Gram matrix of the pooled, flattened images."""
+    flat = F.adaptive_avg_pool2d(x, 32).flatten(1)
+    total = x.new_zeros(())
+    for c in labels.unique().tolist():
+        rows = flat[labels == c]
+        eig = torch.linalg.eigvals(rows @ rows.t()).real.float()
+        total = total + F.kl_div(eig.log_softmax(-1), (eig / tau).softmax(-1).detach(), reduction="sum")
+    return total
+
+
+def measure_rotating(opts: argparse.Namespace, device: torch.device) -> None:
+    """G-VBSM's iteration (module doc), vanilla and through the gvbsm patch, interleaved."""
+    models, banks, bns = [], {}, []
+    for seed, (name, width) in enumerate(ROTATION):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(name, num_classes=100)
+        if name == "resnet18":
+            model.conv1, model.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        model = model.to(device).eval().requires_grad_(False)
+        models.append(model)
+        bns.append(BNStats(model))
+        bank = RealEmbeddingBank.from_tensors(torch.rand(100 * GVBSM_REAL, width),
+                                              torch.arange(100).repeat_interleave(GVBSM_REAL))
+        bank.packed(device), bank.fingerprint  # once per run, as in a real one: not in the timed steps
+        banks[id(model)] = bank
+    targets = torch.arange(GVBSM_CLASSES, device=device).repeat_interleave(GVBSM_PER_CLASS)
+    config = RunConfig(method="gvbsm", script="bench", log_every=0)
+
+    def images() -> torch.Tensor:
+        return torch.randn(len(targets), 3, 32, 32, device=device, requires_grad=True)
+
+    def patched_block() -> float:
+        gvbsm.patch(config, bank_factory=lambda teacher, layer, dev: banks[id(teacher)])
+        runtime = current_runtime()
+        runtime.share.first, runtime.share.every = 0, 0  # unmeasured steps, as most of a run's
+        for name_width, model in zip(ROTATION, models):  # each teacher's memory of IPC - 1 finished images
+            runtime.memory_of(runtime.add_bank(banks[id(model)])).add(
+                torch.rand(100 * (GVBSM_PER_CLASS - 1), name_width[1]), torch.arange(100).repeat(GVBSM_PER_CLASS - 1))
+        seconds = run_block(models, bns, images(), targets, opts.iterations, device, lr=0.05, extra=gram_eigen_kl)
+        added, keys = runtime.stats.terms_added, len(runtime.keys)
+        gvbsm.unpatch()
+        assert added == opts.iterations and keys == len(ROTATION), f"DiRe added to {added} steps, {keys} keys"
+        return seconds
+
+    vanilla, patched = [], []
+    for _ in range(opts.rounds):
+        vanilla.append(run_block(models, bns, images(), targets, opts.iterations, device, lr=0.05, extra=gram_eigen_kl))
+        patched.append(patched_block())
+    v, p = statistics.median(vanilla), statistics.median(patched)
+    paired = statistics.median(b / a for a, b in zip(vanilla, patched))  # each round's blocks ran back to back
+    print(f"gvbsm: {len(ROTATION)} teachers in rotation ({', '.join(f'{n} D={w}' for n, w in ROTATION)}), 32px, "
+          f"batch {len(targets)} ({GVBSM_CLASSES} classes x IPC {GVBSM_PER_CLASS}), CE + BN prior + Gram-eigenvalue "
+          f"KL, memory {GVBSM_PER_CLASS - 1}/class and {GVBSM_REAL} real/class per teacher")
+    print(f"  vanilla   {v * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in vanilla)})")
+    print(f"  + DiRe    {p * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in patched)})")
+    print(f"  overhead  {100 * (p / v - 1):+.1f} %  (median of the rounds' ratios: {100 * (paired - 1):+.1f} %)")
+
+
 def measure_own_loop(method: str, opts: argparse.Namespace, device: torch.device) -> None:
-    """DM's and MTT's iterations, from their own benchmark modules."""
+    """DM's, MTT's and G-VBSM's iterations, from their own benchmark modules or above."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    if method == "dm":
+    if method == "gvbsm":
+        measure_rotating(opts, device)
+    elif method == "dm":
         import _overhead_dm
 
         for ipc in (10, 50):
@@ -205,7 +306,7 @@ def main() -> None:
         if method in OWN_LOOPS:
             measure_own_loop(method, opts, device)
         else:
-            measure(method, SHAPES[opts.shape], opts, device)
+            measure(method, OWN_SHAPES.get(method, SHAPES[opts.shape]), opts, device)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def _smoke_options(args: Sequence[str]) -> argparse.Namespace:
     return p.parse_known_args(list(args))[0]
 
 
-def prepare_smoke(work: Path, args: Sequence[str], env: Dict[str, str]) -> None:
+def prepare_smoke(work: Path, args: Sequence[str], env: Dict[str, str], script: Path) -> None:
     """Inputs of a smoke run of ``distill.py`` besides the training data: an expert buffer where
     ``distill.py`` looks for one, and a stand-in for kornia where it is not installed (``utils.py``
     imports it; a ``--zca`` run needs the real one and is refused in one line without it)."""

@@ -73,7 +73,7 @@ TARGETS = (
     Target("SRe2L/recover/multi_gpu/data_utils.py", "MultiCardDataset", module="data_utils"),
 )
 
-def prepare_multi_gpu_smoke(work: Path, args: Sequence[str], env: Dict[str, str]) -> None:
+def prepare_multi_gpu_smoke(work: Path, args: Sequence[str], env: Dict[str, str], script: Path) -> None:
     """Create the output folders before the ranks start. The script checks that a folder exists,
     then creates it, on every rank at once: ``--syn-data-path/--exp-name`` in ``parse_args`` and
     each class's ``newCCC/`` when the ranks save their images of that class. The slower rank dies

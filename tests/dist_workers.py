@@ -70,7 +70,7 @@ def core(**settings):
 
     config = RunConfig(**{"method": "sre2l", "script": "t.py", "r_c": 0.5, "r_e": 0.05, "log_every": 0, **settings})
     runtime = DiReRuntime(config, lambda *a: bank(), Capture())
-    runtime.bank = bank()
+    runtime.add_bank(bank())
     return runtime
 
 
@@ -205,3 +205,21 @@ def bank_data_differs(rank, world, out, mode):
     except DiReInputError as e:
         (Path(out) / f"rank{rank}.txt").write_text(str(e))
     (Path(out) / f"cached{rank}.txt").write_text(str(len(list(cache.glob("bank-*.pt"))) if cache.exists() else 0))
+
+
+def one_rank_finishes_early(rank, world, out):
+    """Rank 1 ends its synthesis after step 1 (its last exchange of counters), as a worker does
+    that skips a batch that does not split evenly; rank 0 goes on to step 2."""
+    from dire_plugin.errors import DiReHookError
+    from dire_plugin.hooks.distributed import exchange_counts, union_term_gradient
+
+    runtime = core()
+    union_term_gradient(runtime, *rows(seed=rank, n=3))
+    runtime.stats.steps += 1
+    if rank == 1:
+        exchange_counts(runtime, "the DiRe counters at the end of the worker", finished=True)
+        return
+    try:
+        union_term_gradient(runtime, *rows(seed=0, n=3))
+    except DiReHookError as e:
+        (Path(out) / "rank0.txt").write_text(str(e))

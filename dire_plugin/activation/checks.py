@@ -39,12 +39,7 @@ def check_cache_dir(path: os.PathLike, what: str = "--cache-dir") -> Path:
 
 def _specs(scripts: Mapping[str, Any]) -> List[Tuple[str, Any]]:
     """``(script, spec)`` of every way a covered script can run (a ``by_option`` script's choices)."""
-    out = []
-    for rel, spec in scripts.items():
-        out.append((rel, spec))
-        if spec.by_option is not None:
-            out += [(f"{rel} {spec.by_option[0]} {value}", choice) for value, choice in spec.by_option[1]]
-    return out
+    return [(f"{rel} {options}" if options else rel, spec) for rel, top in scripts.items() for options, spec in top.choices()]
 
 
 def check_real_data_for_script(path: os.PathLike, spec: Any) -> Path:

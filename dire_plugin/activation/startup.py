@@ -30,6 +30,12 @@ __all__ = ["activate", "activate_from_startup", "disabled", "active_method"]
 logger = logging.getLogger("dire")
 
 _ACTIVE: Optional[str] = None  # method name once patched in this process
+#: What a child process that multiprocessing spawns runs first (mp.spawn workers: fresh
+#: interpreters that no .pth line activates where dire-apply wrote none, as under dire-run). Its
+#: interpreter is complete, so torch comes first and activation follows at once, in the same order
+#: as when a .pth line of an applied checkout waits for the import (that line then activates).
+_CHILD_PRELUDE = ("import torch; import dire_plugin.activation.startup as _dire_startup; "
+                  "_dire_startup.activate_from_startup()")
 
 
 def disabled() -> bool:
@@ -180,10 +186,13 @@ def activate(script: Optional[os.PathLike] = None, overrides: Optional[Dict[str,
     if root and settings.get("verify", True) and getattr(method, "PINNED", True):
         _verify_targets(settings["method"], Path(root), rel)
     # Children (mp.spawn, DataLoader workers started with spawn) have no script path to match:
-    # they inherit the settings instead.
+    # they inherit the settings instead, and spawned ones run the prelude that reads them.
     os.environ[ENV_ACTIVATE] = json.dumps({**{k: v for k, v in settings.items() if not k.startswith("_")}, "script": rel})
     method.patch(config, root=root)
     _ACTIVE = settings["method"]
+    from ..upstream import children
+
+    children.add_prelude("activate", _CHILD_PRELUDE)
     share = "" if config.share is None else f", share={config.share:g} (weights calibrated on the first synthesis steps)"
     logger.info(
         "[dire] %s patch active: r_c=%g, r_e=%g%s, reduction=%s, upstream %s",

@@ -560,7 +560,8 @@ def _embed_sharded(model: nn.Module, loader: Any, layer: str, device: Optional[U
         )
     shard = _Indexed(dataset, list(range(rank, len(dataset), size)))
     sharded = torch.utils.data.DataLoader(shard, batch_size=loader.batch_size or 1, shuffle=False,
-                                          num_workers=loader.num_workers)
+                                          num_workers=loader.num_workers,
+                                          multiprocessing_context=getattr(loader, "multiprocessing_context", None))
     indices: List[Tensor] = []
 
     def with_indices():

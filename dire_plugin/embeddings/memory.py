@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import DiReInputError
 from ..regularizer.grouped import ClassSums, PackedEmbeddings, check_embeddings
-from ..regularizer.kernels import DEFAULT_EPS, class_row_sums, normalize_rows
+from ..regularizer.kernels import DEFAULT_EPS
 
 __all__ = ["SyntheticMemory"]
 
@@ -121,9 +121,7 @@ class SyntheticMemory:
         work = torch.float64 if any(r.dtype == torch.float64 for r in self._rows.values()) else torch.float32
         rows = torch.cat([self._rows[c].to(work) for c in classes])
         counts = torch.tensor([self._rows[c].shape[0] for c in classes], dtype=torch.long)
-        slot = torch.repeat_interleave(torch.arange(len(classes)), counts)
-        sums = class_row_sums(normalize_rows(rows, DEFAULT_EPS), slot, len(classes))
-        return ClassSums(torch.tensor(classes, dtype=torch.long), sums, counts)
+        return ClassSums.of_rows(rows, torch.repeat_interleave(torch.tensor(classes, dtype=torch.long), counts))
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain tensors (loadable with ``torch.load(..., weights_only=True)``) to resume a run."""

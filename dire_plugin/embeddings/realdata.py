@@ -424,5 +424,16 @@ def real_data_loader(
     else:
         dataset = datasets.ImageFolder(str(root), transform=transform, loader=_read_image)
         dataset_id = data_fingerprint(dataset, root, spec.kind)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         multiprocessing_context=_worker_start(workers))
     return loader, dataset_id, repr(transform)
+
+
+def _worker_start(workers: int) -> Optional[str]:
+    """How the loader's workers start: by fork where there is one, whatever the script made the
+    default. G-VBSM sets ``spawn`` for its own workers; spawned loader workers are fresh
+    interpreters that import torch and switch DiRe on again (:mod:`dire_plugin.upstream.children`),
+    tens of seconds per bank on a busy CPU, to decode a few images."""
+    import multiprocessing
+
+    return "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None

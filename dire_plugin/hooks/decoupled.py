@@ -1,18 +1,22 @@
-"""Capture for the decoupled methods (SRe²L, CDA, DWA): a frozen teacher classifies the synthetic
-images, ``loss = CE + BN prior``, ``loss.backward()``, ``optimizer.step()``.
+"""Capture for the decoupled methods (SRe²L, CDA, DWA, DELT, PRISM): a frozen teacher classifies
+the synthetic images, ``loss = CE + BN prior``, ``loss.backward()``, ``optimizer.step()``.
 
 How a step gets the term, without a second forward:
 
 1. Global module hooks record the input and output of every ``nn.Linear`` called with gradients
-   enabled (the classifier's input is the penultimate embedding).
+   enabled (the classifier's input is the penultimate embedding). Records no criterion call took
+   before the synthesis step (PRISM's further teachers, forwarded for their BN statistics only)
+   are dropped there: they are never the step's embeddings.
 2. When the method's ``CrossEntropyLoss`` is called with the teacher's logits, the record whose
-   output *is* those logits gives the embeddings of the same forward; the core computes DiRe's
-   gradient with respect to them.
+   output *is* those logits gives the embeddings of the same forward (under DataParallel over
+   several GPUs: the records whose outputs the gather took); the core computes DiRe's gradient
+   with respect to them. The labels are the targets that call receives.
 3. The gradient reaches the images by one of these routes (``teacher_grads``):
 
-   * ``"shared"`` (SRe²L, CDA): a tensor hook on the recorded embeddings adds it when the method's
-     own ``loss.backward()`` passes there, so the images get ∂(loss + DiRe)/∂images with no extra
-     pass. The teacher's ``.grad`` receives DiRe's share too, which these methods never read.
+   * ``"shared"`` (SRe²L, CDA, DELT, PRISM): a tensor hook on the recorded embeddings adds it when
+     the method's own ``loss.backward()`` passes there, so the images get ∂(loss + DiRe)/∂images
+     with no extra pass. The teacher's ``.grad`` receives DiRe's share too, which these methods
+     never read.
    * ``"untouched"``: right away, ``autograd.grad`` of the embeddings with respect to the images
      alone (one input-only backward, no parameter gradient computed or accumulated), kept pending
      and added to the images' ``.grad`` at the synthesis step. A criterion call that no synthesis
@@ -31,21 +35,47 @@ How a step gets the term, without a second forward:
    On a step whose gradient share is measured (:mod:`.share`), the shared route also computes
    DiRe's gradient at the images alone (one input-only backward), so that the share can be taken.
 
-4. One tensor of images is optimised until the next one starts (SRe²L: one image per class; its
-   multi-GPU script: a rank's shard). The images of a criterion call are the leaves behind its
-   embeddings; the first call on a new tensor commits the last embeddings of the finished one to
-   the per-class memory *before* its own term, so CD acts across ipc indices from the first step
-   of each batch. The memory holds each finished image's embedding from its last forward (taken
-   before its last update). Where the images cannot be told from the graph, the commit happens at
-   the new tensor's first optimizer step instead (one step late).
-5. Under ``torch.distributed`` (SRe²L's multi-GPU recover) the term is computed on the union of
-   every rank's current embeddings (:mod:`.distributed`), each rank keeping its own rows' gradient.
+4. One tensor of images is optimised until the next one starts (SRe²L: one image per class; DELT:
+   several classes × many images, a class straddling two batches where ipc does not divide the
+   batch; the multi-GPU script: a rank's shard). The images of a criterion call are the leaf
+   behind its embeddings, and the *rows* of it the forward covers are read from the graph node
+   that reads that leaf (:func:`_rows_taken`): every row for an augmentation of the whole batch,
+   the selected ones for ``images[index]`` (DELT's EarlyLate rounds forward
+   ``inputs[slicing_list[round]]``) or a slice. Rows not forwarded in a step get no term in that
+   step (the method's backward and DiRe's reach only the rows the forward used).
+
+   What CD pushes a step's embeddings away from, besides each other:
+
+   * *the rows of the same tensor not forwarded in this step*: the last embedding of each one
+     that an earlier step forwarded (never a forwarded image's own earlier embedding, and never
+     images no step forwarded yet);
+   * *the per-class memory*: the images of every finished tensor, each with its embedding from
+     the last forward that covered it (taken before its last update). The first criterion call
+     on a new tensor commits the finished one *before* its own term, so CD acts across ipc
+     indices (and across batches for a straddling class) from the first step of each batch.
+     Where the rows cannot be told (several graph nodes read the images, counts that do not add
+     up), the finished tensor's embeddings of its last step are committed instead; where the
+     images themselves cannot be told from the graph, the commit happens at the new tensor's
+     first optimizer step (one step late).
+
+   The manifest's ``capture.rows`` counts, over the terms, the rows forwarded and not, and the
+   held embeddings that joined CD.
+
+   The teacher of a criterion call is the model whose classifier produced its logits, and its key
+   in the core (:meth:`~.runtime.DiReRuntime.key_for`) picks the bank and the memory of the term.
+   Where teachers rotate (G-VBSM, EDC: one per iteration), each teacher's memory receives the
+   finished images' embeddings from the last forward through that teacher, and the held rows of a
+   step are their last embeddings through the step's teacher.
+5. Under ``torch.distributed`` (SRe²L's and PRISM's multi-GPU recover) the term is computed on the
+   union of every rank's current embeddings (:mod:`.distributed`), each rank keeping its own rows'
+   gradient; there, a step that leaves out images an earlier step forwarded stops the run.
 
 Forwards that are not synthesis steps get nothing: under ``no_grad`` nothing is recorded, and a
 second criterion call on the same logits (printing) finds its records already used.
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import weakref
@@ -57,12 +87,15 @@ import torch
 from torch import Tensor, nn
 
 from ..embeddings.capture import unwrap_model
+from ..embeddings.collectives import world
 from ..errors import DiReHookError, DiReInputError
 from .capture import Capture, Wrapper, plain_tensor_params
 from .distributed import union_term_gradient, w_destroy_process_group
 from .runtime import active_capture, current_runtime, output_saved
 
 __all__ = ["DecoupledCapture"]
+
+logger = logging.getLogger("dire")
 
 _IMAGE_NAME = re.compile(r"class\d+_id\d+\.\w+$")
 TEACHER_GRADS = ("shared", "untouched", "auto")
@@ -108,21 +141,87 @@ def _w_grad_reader(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
     return result
 
 
-def _image_leaves(t: Tensor) -> List[Tensor]:
-    """The leaf tensors behind ``t`` that are not parameters: the synthetic images."""
-    leaves, seen, todo = [], set(), [t.grad_fn]
+def _images_behind(t: Tensor) -> List[Tuple[Tensor, List[Any]]]:
+    """The leaf tensors behind ``t`` that are not parameters (the synthetic images), each with the
+    graph nodes that read it directly."""
+    found: Dict[int, Tuple[Tensor, List[Any]]] = {}
+    seen, todo = set(), [t.grad_fn]
     while todo:
         fn = todo.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        variable = getattr(fn, "variable", None)
-        if variable is not None:  # AccumulateGrad
-            if not isinstance(variable, nn.Parameter) and variable.requires_grad:
-                leaves.append(variable)
-            continue
-        todo.extend(next_fn for next_fn, _ in fn.next_functions)
-    return leaves
+        for next_fn, _ in fn.next_functions:
+            variable = getattr(next_fn, "variable", None)
+            if variable is None:  # not an AccumulateGrad
+                todo.append(next_fn)
+            elif not isinstance(variable, nn.Parameter) and variable.requires_grad:
+                found.setdefault(id(variable), (variable, []))[1].append(fn)
+    return list(found.values())
+
+
+def _rows_taken(readers: List[Any], images: Tensor, count: int) -> Optional[Tensor]:
+    """The rows of ``images`` that a forward of ``count`` embeddings covers, in the embeddings'
+    order: those the one graph node reading ``images`` selects along dim 0 (``images[list]``,
+    ``images[mask]``, ``images[a:b]``, ``index_select(0, ...)``: DELT's EarlyLate rounds), or
+    every row when that node takes the whole batch (an augmentation, SRe²L's steps). ``None`` when
+    they cannot be told: several nodes read ``images``, one row is taken without its batch
+    dimension, or the count does not add up."""
+    if len(readers) != 1:
+        return None
+    fn, n = readers[0], int(images.shape[0])
+    name = type(fn).__name__
+    dim0 = getattr(fn, "_saved_dim", None) in (0, -images.dim())
+    rows: Optional[Tensor] = torch.arange(n, device=images.device)
+    if name == "IndexBackward0":
+        index = list(fn._saved_indices)
+        if index and index[0] is not None:
+            first = index[0]
+            if any(i is not None for i in index[1:]) or first.dim() != 1:
+                return None  # indexed along several dimensions at once
+            rows = first.nonzero().flatten() if first.dtype == torch.bool else torch.where(first < 0, first + n, first)
+    elif name == "SliceBackward0" and dim0:
+        rows = rows[fn._saved_start:fn._saved_end:fn._saved_step]
+    elif name == "IndexSelectBackward0" and dim0:
+        rows = fn._saved_index.reshape(-1)
+    elif name == "SelectBackward0" and dim0:
+        return None
+    return rows if rows.numel() == count else None
+
+
+class _Rows:
+    """The last embedding and label of each row of the tensor of images being optimised, from the
+    criterion calls that forwarded that row (on the embeddings' device)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.emb: Optional[Tensor] = None
+        self.labels: Optional[Tensor] = None
+        self.seen: Optional[Tensor] = None
+
+    def held(self, rows: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """The last embeddings and labels of the rows seen before and not among ``rows``."""
+        if self.seen is None:
+            return None
+        mask = self.seen.clone()
+        mask[rows.to(mask.device)] = False
+        return (self.emb[mask], self.labels[mask]) if bool(mask.any()) else None
+
+    def update(self, rows: Tensor, emb: Tensor, labels: Tensor) -> None:
+        if self.emb is None:
+            self.emb = emb.new_zeros(self.n, emb.shape[1], dtype=torch.float32)
+            self.labels = torch.zeros(self.n, dtype=torch.long, device=emb.device)
+            self.seen = torch.zeros(self.n, dtype=torch.bool, device=emb.device)
+        rows = rows.to(emb.device)
+        self.emb[rows] = emb.detach().float()
+        self.labels[rows] = labels.to(device=emb.device, dtype=torch.long)
+        self.seen[rows] = True
+
+    def finished(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """Every row seen, with its last embedding and label."""
+        if self.seen is None or not bool(self.seen.any()):
+            return None
+        return self.emb[self.seen], self.labels[self.seen]
 
 
 class DecoupledCapture(Capture):
@@ -154,7 +253,13 @@ class DecoupledCapture(Capture):
         self.last: Optional[Tuple[Tensor, Tensor]] = None  # embeddings and labels of the last term
         # The tensor of images being optimised, and the last embeddings of its images.
         self._images: Optional[weakref.ref] = None
-        self._finished: Optional[Tuple[Tensor, Tensor]] = None
+        self._finished: Dict[str, Tuple[Tensor, Tensor]] = {}  # key of the teacher → its last embeddings
+        self._last_key: Optional[str] = None
+        # Each row's last embedding per teacher key, while every criterion call on these images
+        # told its rows (None once one could not).
+        self._rows: Optional[Dict[str, _Rows]] = None
+        self._n_rows = 0
+        self._subset_logged = False
         self._identified = False  # the last criterion call told its images from the graph
         self._stepped: Optional[weakref.ref] = None  # images that had a synthesis step
         self._covers: Optional[Tuple[weakref.ref, bool]] = None  # images, their batch holds every class
@@ -162,6 +267,11 @@ class DecoupledCapture(Capture):
         self.criterion_calls_skipped = 0
         self.terms_discarded = 0
         self.routes = {"shared": 0, "untouched": 0}
+        #: Per computed term, summed: rows of the optimised tensor that its forward covered (they
+        #: get the term) and did not (no term in that step), those of the latter whose last
+        #: embedding joined CD, terms on a strict subset, terms whose rows could not be told.
+        self.rows = {"forwarded": 0, "not_forwarded": 0, "held_for_cd": 0, "terms_on_a_subset": 0,
+                     "terms_rows_unknown": 0}
 
     def wrappers(self) -> Sequence[Wrapper]:
         return (
@@ -228,17 +338,14 @@ class DecoupledCapture(Capture):
         for rec in reversed(records):
             if rec.out is outputs:
                 return [rec]
-        # DataParallel over several GPUs gathers the replicas' logits into a new tensor: take the
-        # last classifier call of each replica, in device order, if they add up to the batch.
-        grad_fn = type(outputs.grad_fn).__name__ if outputs.grad_fn is not None else ""
-        if "Gather" in grad_fn:
-            last: Dict[int, _Record] = {}
-            latest = max(r.forward for r in records) if records else None
-            for rec in records:
-                if rec.forward == latest and rec.out.dim() == 2 and rec.out.shape[1] == outputs.shape[1]:
-                    last[rec.device_key] = rec
-            chunks = [last[k] for k in sorted(last)]
-            if chunks and sum(r.out.shape[0] for r in chunks) == outputs.shape[0]:
+        # DataParallel over several GPUs gathers the replicas' logits into a new tensor: the
+        # classifier calls whose outputs are the gather's inputs, in its order. Told from the graph,
+        # not from the latest forward: PRISM forwards further teachers before its criterion call.
+        grad_fn = outputs.grad_fn
+        if grad_fn is not None and "Gather" in type(grad_fn).__name__:
+            by_node = {id(r.out.grad_fn): r for r in records if r.out.grad_fn is not None}
+            chunks = [by_node.get(id(fn)) for fn, _ in grad_fn.next_functions]
+            if chunks and all(chunks) and sum(r.out.shape[0] for r in chunks) == outputs.shape[0]:
                 return chunks
         return None
 
@@ -255,8 +362,8 @@ class DecoupledCapture(Capture):
             # Used: a second criterion call on the same logits (printing) must not add it again.
             for rec in chunks:
                 self._records.remove(rec)
-        leaves = _image_leaves(chunks[0].inp)
-        images = leaves[0] if len(leaves) == 1 else None
+        found = _images_behind(chunks[0].inp)
+        images = found[0][0] if len(found) == 1 else None
         if images is None and self.teacher_grads != "shared":
             self.criterion_calls_skipped += 1  # not a forward of one tensor of images: nothing to compute or add
             return
@@ -267,18 +374,50 @@ class DecoupledCapture(Capture):
         labels = torch.as_tensor(labels).reshape(-1)
         device = outputs.device
         emb = torch.cat([r.emb.detach().to(device) for r in chunks])
-        self._bank(chunks[0], device)
+        key = self._key(chunks[0], device)
+        rows, held = self._rows_of(found, images, emb.shape[0], key)
         # Under torch.distributed the term is the one of every rank's current images together.
-        grad, union, union_labels = union_term_gradient(self.core, emb, labels.to(device))
+        grad, union, union_labels = union_term_gradient(self.core, emb, labels.to(device), key=key, held=held)
         route = self._route(images, outputs, labels, chunks[0])
         self.routes[route] += 1
         if route == "shared":
             self._attach(chunks, grad, images)
         else:
             self._images_only(chunks, grad, images)
-        self.last = (union.detach().float(), union_labels.detach().to(device))
+        self.last, self._last_key = (union.detach().float(), union_labels.detach().to(device)), key
         if images is not None:
-            self._finished = self.last
+            self._finished[key] = self.last
+            if rows is not None and self._rows is not None:
+                self._rows.setdefault(key, _Rows(self._n_rows)).update(rows, emb, labels)
+
+    def _rows_of(self, found: List[Tuple[Tensor, List[Any]]], images: Optional[Tensor],
+                 count: int, key: str) -> Tuple[Optional[Tensor], Optional[Tuple[Tensor, Tensor]]]:
+        """The rows of ``images`` this forward covers and the last embeddings through ``key``'s
+        teacher of those it does not (counted for the manifest); ``(None, None)`` when the rows
+        cannot be told, which also stops the per-row memory of these images (their last step's
+        embeddings are committed)."""
+        if images is None:
+            return None, None
+        rows = _rows_taken(found[0][1], images, count)
+        if rows is None:
+            self.rows["terms_rows_unknown"] += 1
+            self._rows = None
+            return None, None
+        forwarded = int(torch.unique(rows).numel())
+        known = self._rows.get(key) if self._rows is not None else None
+        held = known.held(rows) if known is not None else None
+        missing = int(images.shape[0]) - forwarded
+        self.rows["forwarded"] += forwarded
+        self.rows["not_forwarded"] += missing
+        self.rows["held_for_cd"] += 0 if held is None else int(held[1].numel())
+        if missing:
+            self.rows["terms_on_a_subset"] += 1
+            if not self._subset_logged:
+                self._subset_logged = True
+                logger.info("[dire] synthesis step %d forwards %d of the %d images being optimised: the others get "
+                            "no term in it, and CD pushes away from the last embedding of each one forwarded before",
+                            self.core.stats.steps + 1, forwarded, int(images.shape[0]))
+        return rows, held
 
     def _switch_to(self, images: Tensor) -> None:
         """``images`` are optimised now: if they are new, the last embeddings of the previous
@@ -286,9 +425,13 @@ class DecoupledCapture(Capture):
         current = self._images() if self._images is not None else None
         if current is images:
             return
-        if self._images is not None and self._finished is not None:
-            self.core.commit_to_memory(*self._finished)
-        self._images, self._finished = weakref.ref(images), None
+        if self._images is not None:
+            per_row = self._rows if self._rows is not None and world()[1] == 1 else {}
+            for key, finished in self._finished.items():  # across ranks, the last step's union holds every row
+                known = per_row.get(key)
+                self.core.commit_to_memory(*((known.finished() if known is not None else None) or finished), key=key)
+        self._images, self._finished = weakref.ref(images), {}
+        self._rows, self._n_rows = {}, int(images.shape[0])
 
     def _route(self, images: Optional[Tensor], outputs: Tensor, labels: Tensor, record: _Record) -> str:
         if self.teacher_grads != "auto":
@@ -305,10 +448,11 @@ class DecoupledCapture(Capture):
             self._dirty.add(teacher)
         return "shared"
 
-    def _bank(self, record: _Record, device: torch.device) -> None:
+    def _key(self, record: _Record, device: torch.device) -> str:
+        """The core's key of the teacher that produced ``record`` (its bank built the first time)."""
         teacher = record.root if record.root is not None else record.layer
         layer = next((n for n, m in unwrap_model(teacher).named_modules() if m is record.layer), None)
-        self.core.bank_for(teacher, layer or "", device)
+        return self.core.key_for(teacher, layer or "", device)
 
     def _parts(self, chunks: List[_Record], grad: Tensor):
         start = 0
@@ -388,11 +532,15 @@ class DecoupledCapture(Capture):
 
     def after_step(self, optimizer: Any) -> None:
         self._attached = self._stale = False
+        # Classifier calls no criterion took before this step never will (PRISM's further teachers):
+        # their records would keep those forwards' graphs alive.
+        with self._lock:
+            self._records.clear()
         images = plain_tensor_params(optimizer)[0]
         self._stepped = weakref.ref(images)
-        if not self._identified:  # the criterion could not tell the images: switch here, one step late
+        if not self._identified and self.last is not None:  # images not told apart: switch here, one step late
             self._switch_to(images)
-            self._finished = self.last
+            self._finished[self._last_key] = self.last
 
     def missing_reason(self) -> str:
         if self._stale:
@@ -407,4 +555,5 @@ class DecoupledCapture(Capture):
             "routes": dict(self.routes),
             "criterion_calls_skipped": self.criterion_calls_skipped,
             "terms_discarded": self.terms_discarded,
+            "rows": dict(self.rows),
         }

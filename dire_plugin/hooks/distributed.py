@@ -5,9 +5,11 @@ Each synthesis step the ranks exchange their current embeddings and labels (deta
 cheap next to a ResNet forward). Every rank then computes DiRe on the union, the other ranks'
 rows as constants, and keeps the gradient of its own rows: exactly the gradient one process
 holding the union would give them, pairs counted as the single-process formula counts them. The
-union of a finished batch joins every rank's memory, so memories agree. The ranks' counters are
-gathered each step too (one small exchange of three integers), so rank 0 writes one manifest with
-everyone's counts.
+union of a finished batch joins every rank's memory, so memories agree. The ranks' counters (and
+each key's, :mod:`.runtime`) are gathered each step too, in one small exchange of integers, so
+rank 0 writes one manifest with everyone's counts. The same exchange carries the key of the step:
+where teachers rotate (G-VBSM), every rank must classify the step with the same teacher, or the
+union would mix the embeddings of different networks; ranks that differ stop the run.
 
 Before the first exchange the ranks check that they run DiRe with the same settings
 (:func:`check_same_settings`). A failed exchange ends the run with that failure, and the process
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -48,31 +50,82 @@ def check_same_settings(core: Any) -> None:
         raise DiReInputError(f"the ranks run DiRe with different settings: {differ}; give every rank the same ones")
 
 
-def exchange_counts(core: Any, what: str = "the DiRe counters") -> None:
-    """Every rank's counters, as of now, into ``core.rank_counts`` (rank → counters); ``what``
-    names the exchange in a timeout error."""
+#: The key sent by a rank whose synthesis is over (its last exchange of counters).
+FINISHED = -1
+
+
+def _key_id(key: Optional[str]) -> int:
+    """A key as one int64 (its first 15 hex digits), 0 for none."""
+    return int(key[:15], 16) if key else 0
+
+
+def exchange_counts(core: Any, what: str = "the DiRe counters", key: Optional[str] = None,
+                    finished: bool = False) -> List[int]:
+    """Every rank's counters, as of now, into ``core.rank_counts`` (rank → counters) and each
+    key's into ``core.rank_key_counts``; returns each rank's ``key`` of the step (as
+    :func:`_key_id`; :data:`FINISHED` from a rank whose synthesis is over). ``what`` names the
+    exchange in a timeout error."""
     _, size = world()
     if size == 1:
+        return []
+    rows = [[*(getattr(core.stats, c) for c in _COUNTERS), FINISHED if finished else _key_id(key)]]
+    rows += [[_key_id(k), state.stats.terms_added, state.stats.computed, 0] for k, state in core.keys.items()]
+    (counts,) = all_gather_rows([torch.tensor(rows, dtype=torch.long)], what)
+    core.rank_counts = {r: dict(zip(_COUNTERS, (int(v) for v in c[0][:3]))) for r, c in enumerate(counts)}
+    ids = {_key_id(k): k for k in core.keys}
+    core.rank_key_counts = {
+        r: {ids.get(int(row[0]), f"{int(row[0]):015x}"): (int(row[1]), int(row[2])) for row in c[1:]}
+        for r, c in enumerate(counts)
+    }
+    return [int(c[0][3]) for c in counts]
+
+
+def _check_same_key(core: Any, ids: List[int], step: int) -> None:
+    if len(set(ids)) < 2:
         return
-    mine = torch.tensor([[getattr(core.stats, c) for c in _COUNTERS]], dtype=torch.long)
-    (counts,) = all_gather_rows([mine], what)
-    core.rank_counts = {r: dict(zip(_COUNTERS, (int(v) for v in c[0]))) for r, c in enumerate(counts)}
+    done = [r for r, i in enumerate(ids) if i == FINISHED]
+    if done:  # its last exchange met this step's: it will not take part in any other
+        raise DiReHookError(
+            f"the ranks no longer synthesise together: rank{'s' if len(done) > 1 else ''} "
+            f"{', '.join(map(str, done))} finished while the others are at synthesis step {step} (a batch that "
+            "does not split evenly over the ranks?); DiRe joins the ranks' embeddings of every step: choose a batch "
+            "size that splits every batch evenly, or set DIRE_DISABLE=1 to run vanilla"
+        )
+    names = {_key_id(k): f"{state.teacher} {state.short}".strip() for k, state in core.keys.items()}
+    differ = differences([{"teacher": names.get(i, f"key {i:015x}")} for i in ids])
+    raise DiReHookError(
+        f"the ranks classify synthesis step {step} with different teachers: {differ}; DiRe joins the ranks' "
+        f"embeddings of a step, which must come from one network (the {core.config.method} patch does not fit "
+        "this code; set DIRE_DISABLE=1 to run vanilla)"
+    )
 
 
-def union_term_gradient(core: Any, emb: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def union_term_gradient(core: Any, emb: Tensor, labels: Tensor,
+                        key: Optional[str] = None,
+                        held: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(gradient of this rank's rows, embeddings of all ranks, their labels)`` for the current
-    step; one process: ``core.term_gradient`` of ``emb`` and ``emb``, ``labels`` themselves."""
+    step, against ``key``'s bank and memory (see :mod:`.runtime`); one process:
+    ``core.term_gradient`` of ``emb`` (with ``held``, see there) and ``emb``, ``labels``
+    themselves. Across ranks no step may hold back images an earlier step forwarded (``held``
+    rows): the ranks exchange only the step's embeddings."""
     rank, size = world()
     if size == 1:
-        return core.term_gradient(emb, labels), emb, labels
+        return core.term_gradient(emb, labels, key=key, held=held), emb, labels
+    if held is not None and len(held[1]):
+        raise DiReHookError(
+            f"synthesis step {core.stats.steps + 1} leaves out images this rank optimises that an earlier step "
+            "forwarded; under torch.distributed DiRe exchanges only each step's embeddings, so it cannot push away "
+            "from theirs (set DIRE_DISABLE=1 to run vanilla)"
+        )
     check_same_settings(core)
     # The counters travel first in the same step: a timeout in either is this step's exchange.
-    what = f"the synthetic embeddings of synthesis step {core.stats.steps + 1}"
-    exchange_counts(core, what)
+    step = core.stats.steps + 1
+    what = f"the synthetic embeddings of synthesis step {step}"
+    _check_same_key(core, exchange_counts(core, what, key), step)
     embs, labs = all_gather_rows([emb.detach().float(), labels.to(torch.long)], what)
     start = sum(int(e.shape[0]) for e in embs[:rank])
     union, union_labels = torch.cat(embs), torch.cat(labs)
-    grad = core.term_gradient(union, union_labels)
+    grad = core.term_gradient(union, union_labels, key=key)
     return grad[start:start + emb.shape[0]], union, union_labels
 
 
@@ -95,7 +148,7 @@ def w_destroy_process_group(core_of: Callable[[], Any]) -> Callable:
         core = core_of()
         if core is not None and core.active and first_failure() is None:
             try:
-                exchange_counts(core, "the DiRe counters at the end of the run")
+                exchange_counts(core, "the DiRe counters at the end of the run", finished=True)
             except DiReHookError:
                 pass  # now the first failure: handled below like any other
         failure = first_failure()

@@ -108,7 +108,10 @@ class MethodPatch:
         capture = _capture_class(self.family)(**self.capture_options)
         factory = bank_factory or capture.bank_factory(config) or self.default_bank_factory(config)
         start_runtime(config, factory, capture)
-        self._wrappers = tuple(capture.wrappers())
+        from .workers import worker_wrappers
+
+        # Workers that torch.multiprocessing.spawn starts may run any family's synthesis.
+        self._wrappers = (*capture.wrappers(), *worker_wrappers())
         self.patched = True
         # wrapt keeps import hooks for good (they fire at once for modules already imported):
         # register each once, and let it check ``patched``.

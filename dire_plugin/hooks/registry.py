@@ -14,8 +14,12 @@ METHODS: Dict[str, str] = {
     "sre2l": "dire_plugin.patches.sre2l",
     "cda": "dire_plugin.patches.cda",
     "dwa": "dire_plugin.patches.dwa",
+    "delt": "dire_plugin.patches.delt",
+    "prism": "dire_plugin.patches.prism",
     "dm": "dire_plugin.patches.dm",
     "mtt": "dire_plugin.patches.mtt",
+    "gvbsm": "dire_plugin.patches.gvbsm",
+    "edc": "dire_plugin.patches.edc",
 }
 
 #: Patches of our own scripts (the embedded demo, one per method family: ``demo`` is its SRe²L

@@ -1,12 +1,28 @@
 """The runtime core every patched method shares; a capture module (one per method family, see
 :mod:`dire_plugin.hooks.capture`) finds the synthetic embeddings and gets the gradient to the images.
 
-The core holds the run's configuration, the real-embedding bank (built once, at the first term),
-the per-class :class:`~dire_plugin.embeddings.memory.SyntheticMemory`, the DiRe computation
-(values and gradient with respect to detached embeddings: no pass through the network), the
-counters and logs, the fail-loud check of every synthesis step (an optimizer step pre-hook), and
-the manifest. A run that fails writes its manifest where the user can find it and, for an error
-of ours, ends with one line and exit code 2.
+The core holds the run's configuration, the real-embedding banks and the per-class
+:class:`~dire_plugin.embeddings.memory.SyntheticMemory`, the DiRe computation (values and gradient
+with respect to detached embeddings: no pass through the network), the counters and logs, the
+fail-loud check of every synthesis step (an optimizer step pre-hook), and the manifest. A run that
+fails writes its manifest where the user can find it and, for an error of ours, ends with one
+line and exit code 2.
+
+Keys
+----
+Banks, memories and counters are kept per *key* (:class:`KeyState`): the fingerprint of a bank,
+which is its cache key (the teacher's weights, the embedding layer, the real data). A capture asks
+:meth:`DiReRuntime.key_for` with the teacher of the step; its bank is built the first time that
+teacher is seen (then cached on disk and in memory) and every later call is a lookup. Terms
+(``term_gradient(..., key=)``) and memory commits (``commit_to_memory(..., key=)``) name the key:
+a term reads that key's bank and memory only, so embeddings of one network are never compared
+with another's (widths differ: 512 for ResNet-18, 128 for WRN-16-2). One teacher (SRe²L, DWA,
+MTT) is one key and ``key=None`` means it. Several teachers, one per step (G-VBSM, EDC rotate
+through theirs), are several keys, each with its own bank, memory and counters. A committee
+method whose criteria each see another teacher in the same step (CV-DD) takes one term per
+criterion, each under its teacher's key, and commits a finished batch to each key: nothing in the
+core is per method. The manifest counts terms per key; a synthesis step counts as having the
+term of every key whose term was computed since the previous synthesis step.
 """
 from __future__ import annotations
 
@@ -17,15 +33,17 @@ import logging
 import os
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import __version__
 from ..embeddings.bank import RealEmbeddingBank
+from ..embeddings.capture import unwrap_model
 from ..embeddings.collectives import all_gather_rows, world
 from ..embeddings.isolation import own_rng
 from ..embeddings.memory import SyntheticMemory
@@ -33,7 +51,7 @@ from ..errors import DiReHookError, DiReInputError
 from ..io.files import atomic_write
 from ..regularizer.defaults import ALL_COMPONENTS
 from ..regularizer.functional import active_components, dire_components, weighted_total
-from ..regularizer.grouped import PackedEmbeddings
+from ..regularizer.grouped import ClassSums, PackedEmbeddings
 from .capture import Capture
 from .distributed import check_same_settings, rank_summary
 from .settings import RunConfig, check_run_settings
@@ -41,7 +59,8 @@ from .share import ShareMeter
 from .termination import install_sigterm, interruption, uninstall_sigterm
 
 __all__ = [
-    "MANIFEST_NAME", "BankFactory", "DiReRuntime", "RunConfig", "active_capture", "bank_from_loader", "current_runtime",
+    "MANIFEST_NAME", "BankFactory", "DiReRuntime", "KeyState", "RunConfig", "active_capture", "bank_from_loader",
+    "current_runtime",
     "fail_run", "output_saved",
     "start_runtime", "stop_runtime",
 ]
@@ -52,7 +71,7 @@ MANIFEST_NAME = "dire_manifest.json"
 #: Synthesis steps within which a ``share`` calibration must have found its measurable steps.
 CALIBRATION_DEADLINE = 50
 
-#: ``(teacher, layer name, device) -> bank``, called once, at the first term.
+#: ``(teacher, layer name, device) -> bank``, called once per teacher, at its first term.
 BankFactory = Callable[[nn.Module, str, torch.device], RealEmbeddingBank]
 
 
@@ -68,6 +87,44 @@ class _Stats:
         return {k: (v / self.computed if self.computed else None) for k, v in self.sums.items()}
 
 
+def _bank_summary(bank: RealEmbeddingBank) -> Dict[str, Any]:
+    return {"fingerprint": bank.fingerprint, "cache_hit": bank.cache_hit, "classes": len(bank),
+            "embeddings": bank.num_embeddings, "dim": bank.dim}
+
+
+@dataclass
+class KeyState:
+    """One key of the core (see the module doc): a teacher's bank, the memory of finished
+    embeddings in that teacher's space, and the counts of its terms."""
+
+    key: str
+    bank: RealEmbeddingBank
+    #: What the key stands for, for logs and the manifest: the teacher's class and embedding layer.
+    teacher: str = ""
+    layer: str = ""
+    #: Seconds the bank took to build (or to load from its cache).
+    build_seconds: float = 0.0
+    memory: SyntheticMemory = field(default_factory=SyntheticMemory)
+    #: This key's terms (``steps`` stays 0: the synthesis steps that got its term are its ``terms_added``).
+    stats: _Stats = field(default_factory=_Stats)
+
+    @property
+    def short(self) -> str:
+        return self.key[:16]
+
+    def summary(self, counts: Optional[Tuple[int, int]] = None, means: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """For the manifest; ``counts``: ``(terms_added, terms_computed)`` summed over the ranks;
+        ``means``: the mean values to show (default: every term's)."""
+        added, computed = counts if counts is not None else (self.stats.terms_added, self.stats.computed)
+        return {
+            "key": self.short, "teacher": self.teacher, "layer": self.layer,
+            "bank": {**_bank_summary(self.bank), "build_seconds": round(self.build_seconds, 3)},
+            "terms_added": added, "terms_computed": computed,
+            "batches_in_memory": self.stats.batches_to_memory, "memory_embeddings": len(self.memory),
+            "mean_values": self.stats.means() if means is None else means,
+        }
+
+
 class DiReRuntime:
     """Adds the DiRe term to the synthesis steps of the running process (see module doc).
 
@@ -81,8 +138,11 @@ class DiReRuntime:
         self.config = config
         self.bank_factory = bank_factory
         self.capture = capture
-        self.bank: Optional[RealEmbeddingBank] = None
-        self.memory = SyntheticMemory()
+        #: key → its bank, memory and counts, in the order the keys were first used.
+        self.keys: Dict[str, KeyState] = {}
+        # Teacher module → its key: the weights are hashed once per teacher, not at every step.
+        self._teacher_keys: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+        self._step_keys: Set[str] = set()  # keys whose term was computed since the last synthesis step
         self.stats = _Stats()
         #: Off: every hook and wrapper passes straight through (tests compute vanilla with it).
         self.enabled = True
@@ -91,6 +151,8 @@ class DiReRuntime:
         self.manifest_written = False
         #: rank → counters of every rank (a torch.distributed run; see :mod:`.distributed`).
         self.rank_counts: Dict[int, Dict[str, int]] = {}
+        #: rank → key → ``(terms_added, terms_computed)`` of every rank (with :attr:`rank_counts`).
+        self.rank_key_counts: Dict[int, Dict[str, Tuple[int, int]]] = {}
         #: The ranks were found to share the settings (:func:`.distributed.check_same_settings`).
         self.ranks_checked = False
         self._suspended = 0
@@ -133,41 +195,85 @@ class DiReRuntime:
         finally:
             self._suspended -= 1
 
-    def bank_for(self, teacher: nn.Module, layer: str, device: torch.device) -> RealEmbeddingBank:
-        """The real-embedding bank, built from ``teacher`` (its ``layer`` input) the first time:
-        the build's forwards fire none of the method's hooks (the bank's own
-        :func:`~dire_plugin.embeddings.isolation.private_forward`) and draw no number from the
-        method's random generators."""
-        if self.bank is None:
-            check_same_settings(self)  # building the bank is the ranks' first exchange
+    def key_for(self, teacher: nn.Module, layer: str, device: torch.device) -> str:
+        """The key of ``teacher`` (its ``layer`` input is the embedding; see the module doc). The
+        first call for a teacher builds its bank: the build's forwards fire none of the method's
+        hooks (the bank's own :func:`~dire_plugin.embeddings.isolation.private_forward`) and draw
+        no number from the method's random generators. Later calls are a lookup."""
+        key = self._teacher_keys.get(teacher)
+        if key is None:
+            check_same_settings(self)  # building the first bank is the ranks' first exchange
+            start = time.perf_counter()
             with self.suspended(), own_rng():
                 bank = self.bank_factory(teacher, layer, device)
+            key = self.add_bank(bank, type(unwrap_model(teacher)).__name__, layer, time.perf_counter() - start)
+            self._teacher_keys[teacher] = key
+        return key
+
+    def bank_for(self, teacher: nn.Module, layer: str, device: torch.device) -> RealEmbeddingBank:
+        """The real-embedding bank of ``teacher`` (:meth:`key_for`)."""
+        return self.keys[self.key_for(teacher, layer, device)].bank
+
+    def add_bank(self, bank: RealEmbeddingBank, teacher: str = "", layer: str = "", seconds: float = 0.0) -> str:
+        """Make ``bank`` a key of the run (a bank of the same fingerprint: the key it has); returns it."""
+        key = bank.fingerprint
+        if key not in self.keys:
+            self.keys[key] = KeyState(key, bank, teacher, layer, seconds)
             logger.info(
-                "[dire] real-embedding bank: %d classes, %d embeddings, dim %d (%s)",
-                len(bank), bank.num_embeddings, bank.dim, "cache hit" if bank.cache_hit else "built",
+                "[dire] real-embedding bank%s: %d classes, %d embeddings, dim %d (%s in %.1f s, key %s)",
+                f" of {teacher}" if teacher else "", len(bank), bank.num_embeddings, bank.dim,
+                "cache hit" if bank.cache_hit else "built", seconds, key[:16],
             )
-            self.bank = bank
-        return self.bank
+        return key
+
+    def key_state(self, key: Optional[str] = None) -> KeyState:
+        """The state of ``key``; ``None``: the run's only key."""
+        if key is not None:
+            state = self.keys.get(key)
+            if state is None:  # a capture's bug, not the user's: said even under python -O
+                raise DiReHookError(f"internal error: DiRe has no key {key[:16]} (keys: {', '.join(k[:16] for k in self.keys)})")
+            return state
+        if len(self.keys) != 1:
+            raise DiReHookError(
+                "internal error: " + ("a DiRe term was asked for before the real-embedding bank was built" if not self.keys
+                                      else f"no key given in a run of {len(self.keys)} teachers")
+            )
+        return next(iter(self.keys.values()))
+
+    @property
+    def bank(self) -> Optional[RealEmbeddingBank]:
+        """The bank of the run's only key (``None`` before it is built)."""
+        return self.key_state().bank if self.keys else None
+
+    def memory_of(self, key: Optional[str] = None) -> SyntheticMemory:
+        """The memory of finished embeddings of ``key`` (``None``: the run's only key)."""
+        return self.key_state(key).memory
+
+    @property
+    def memory(self) -> SyntheticMemory:
+        """The memory of the run's only key."""
+        return self.memory_of()
 
     def term_gradient(self, emb: Tensor, labels: Tensor, memory: Optional[bool] = None,
-                      real: Optional[PackedEmbeddings] = None) -> Tensor:
+                      real: Optional[PackedEmbeddings] = None, key: Optional[str] = None,
+                      held: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """∂L_syn/∂emb for synthetic embeddings ``emb [N, D]`` (detached here) of classes
         ``labels``, against ``real`` (the method's own real embeddings of this step, DM's) or the
-        bank, and the memory unless ``memory`` is False; logs and counts the values. The capture
-        decides how the gradient reaches the images."""
-        if real is None and self.bank is None:  # a capture's bug, not the user's: said even under python -O
-            raise DiReHookError("internal error: a DiRe term was asked for before the real-embedding bank was built")
+        bank of ``key``, and that key's memory unless ``memory`` is False; logs and counts the
+        values. ``held``: ``(embeddings, labels)`` of images still being optimised that this step
+        does not forward (their last embeddings through the same teacher, never the step's own
+        images): CD pushes away from them as from the memory, and with it. The capture decides how
+        the gradient reaches the images."""
+        state = None if real is not None and key is None else self.key_state(key)
         device = emb.device
         x = emb.detach().float().requires_grad_()
-        use_memory = self.config.memory if memory is None else memory
-        memory_sums = None
-        if use_memory and len(self.memory):  # logdet reads the memory's rows, CD only their sums
-            memory_sums = self.memory.packed(device) if "logdet" in self._terms else self.memory.class_sums(device)
+        use_memory = (self.config.memory if memory is None else memory) and state is not None
+        pushed = self._pushed(device, state.memory, held) if use_memory else None
         config = self.config
         with torch.enable_grad():
             values = dire_components(
-                x, labels.to(device), real if real is not None else self.bank.packed(device),
-                memory=memory_sums, reduction=config.reduction, components=self._terms,
+                x, labels.to(device), real if real is not None else state.bank.packed(device),
+                memory=pushed, reduction=config.reduction, components=self._terms,
                 logdet_kernel=config.logdet_kernel,
             )
             total = weighted_total(values, config.r_c, config.r_e, config.r_d)
@@ -177,8 +283,29 @@ class DiReRuntime:
                     f"r_d={config.r_d:g}, terms {({k: float(v) for k, v in values.items()})}): use smaller weights or --share"
                 )
             (grad,) = torch.autograd.grad(total, x)
-        self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()))
+        self._log_values({k: v.detach() for k, v in values.items()}, float(total.detach()), state)
         return grad
+
+    def _pushed(self, device: torch.device, memory: SyntheticMemory,
+                held: Optional[Tuple[Tensor, Tensor]]) -> Optional[ClassSums]:
+        """What CD (and logdet) push away from: the memory and the ``held`` rows, as rows when the
+        logdet term reads them (its kernel needs every row), else only their per-class sums."""
+        rows_needed = "logdet" in self._terms
+        if held is None or not len(held[1]):
+            if not len(memory):
+                return None
+            return memory.packed(device) if rows_needed else memory.class_sums(device)
+        emb, labels = held[0].detach().to(device), held[1].to(device=device, dtype=torch.long)
+        if not rows_needed:
+            extra = ClassSums.of_rows(emb, labels)
+            return memory.class_sums(device).plus(extra) if len(memory) else extra
+        if len(memory):
+            mem = memory.packed(device)
+            filled = torch.arange(mem.padded.shape[1], device=device) < mem.counts[:, None]
+            work = torch.promote_types(mem.padded.dtype, emb.dtype)
+            emb = torch.cat([mem.padded[filled].to(work), emb.to(work)])
+            labels = torch.cat([mem.classes.repeat_interleave(mem.counts), labels])
+        return PackedEmbeddings.from_rows(emb, labels)
 
     # ------------------------------------------------------------------ the gradient share
     def share_due(self) -> bool:
@@ -259,10 +386,13 @@ class DiReRuntime:
             self._added = True
             self.stats.terms_added += 1
 
-    def commit_to_memory(self, emb: Tensor, labels: Tensor) -> None:
-        """Embeddings of finished images join the per-class memory (CD pushes new ones away)."""
+    def commit_to_memory(self, emb: Tensor, labels: Tensor, key: Optional[str] = None) -> None:
+        """Embeddings of finished images join the per-class memory of ``key`` (CD pushes new ones
+        away); ``None``: the run's only key."""
         if self.config.memory:
-            self.memory.add(emb, labels)
+            state = self.key_state(key)
+            state.memory.add(emb, labels)
+            state.stats.batches_to_memory += 1
             self.stats.batches_to_memory += 1
 
     def note_output_dir(self, folder: str) -> None:
@@ -281,11 +411,15 @@ class DiReRuntime:
         root = os.path.join(os.path.realpath(self.config.root), "")
         return [d for d in self.output_dirs if os.path.join(os.path.realpath(d), "").startswith(root)]
 
-    def _log_values(self, values: Dict[str, Tensor], total: float) -> None:
-        self.stats.computed += 1
-        for k, v in values.items():
-            self.stats.sums[k] += float(v)
-        self.stats.sums["total"] += total
+    def _log_values(self, values: Dict[str, Tensor], total: float, state: Optional[KeyState]) -> None:
+        plain = {k: float(v) for k, v in values.items()}
+        for stats in (self.stats, *((state.stats,) if state is not None else ())):
+            stats.computed += 1
+            for k, v in plain.items():
+                stats.sums[k] += v
+            stats.sums["total"] += total
+        if state is not None:
+            self._step_keys.add(state.key)
         n = self.stats.computed
         if self.config.log_every and (n == 1 or n % self.config.log_every == 0):
             parts = " ".join(f"{k}={float(v):.4f}" for k, v in values.items())
@@ -314,11 +448,14 @@ class DiReRuntime:
                 f"the {self.config.method} patch does not fit this code (set DIRE_DISABLE=1 to run vanilla)"
             )
         self._added = False
+        for key in self._step_keys:
+            self.keys[key].stats.terms_added += 1
+        self._step_keys.clear()
         self.capture.after_step(optimizer)
 
     # ------------------------------------------------------------------ outputs
     def manifest(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
-        bank = self.bank
+        bank = self.keys[next(iter(self.keys))].bank if len(self.keys) == 1 else None
         counts = {"synthesis_steps": self.stats.steps, "terms_added": self.stats.terms_added,
                   "terms_computed": self.stats.computed}
         ranks: Dict[str, Any] = {}
@@ -338,20 +475,32 @@ class DiReRuntime:
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
             "outputs": list(self.output_dirs),  # where the run wrote, also when the manifest is not beside them
             "capture": {"family": self.capture.family, **self.capture.manifest()},
-            "bank": None if bank is None else {
-                "fingerprint": bank.fingerprint, "cache_hit": bank.cache_hit, "classes": len(bank),
-                "embeddings": bank.num_embeddings, "dim": bank.dim,
-            },
+            # One teacher's run: its bank; several: null, and each teacher's under "teachers".
+            "bank": None if bank is None else _bank_summary(bank),
+            "teachers": [state.summary(self._key_counts(state.key), self._shown_means(state.stats))
+                         for state in self.keys.values()],
             **counts,
             **ranks,
             "gradient_share": self._share_manifest(),
+            # Summed over the keys (teachers).
             "batches_in_memory": self.stats.batches_to_memory,
-            "memory_embeddings": len(self.memory),
-            # The paper's terms as before (0 when off); logdet, beyond the paper, only when chosen.
-            "mean_values": {k: v for k, v in self.stats.means().items() if k != "logdet" or "logdet" in self._terms},
+            "memory_embeddings": sum(len(state.memory) for state in self.keys.values()),
+            "mean_values": self._shown_means(self.stats),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+
+    def _shown_means(self, stats: "_Stats") -> Dict[str, Optional[float]]:
+        """Mean values for the manifest: the paper's terms as before (0 when off); logdet, beyond
+        the paper, only when chosen."""
+        return {k: v for k, v in stats.means().items() if k != "logdet" or "logdet" in self._terms}
+
+    def _key_counts(self, key: str) -> Optional[Tuple[int, int]]:
+        """``(terms_added, terms_computed)`` of ``key`` summed over the ranks (``None``: one process)."""
+        if not self.rank_key_counts:
+            return None
+        parts = [per_key.get(key, (0, 0)) for per_key in self.rank_key_counts.values()]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def fallback_manifest_path(self) -> Path:
         """Where the manifest goes when no output was seen (a run that failed early): the
@@ -367,8 +516,8 @@ class DiReRuntime:
         """Write the manifest of a finished run beside its outputs outside the checkout; that of a
         failed one, or of one with no such outputs, to :meth:`fallback_manifest_path` (README: a
         failed run's manifest is in ``<cache>/runs/``)."""
-        rank = os.environ.get("RANK", "0")
-        if error is None and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, size = _rank_and_size()
+        if error is None and rank != "0" and size > 1:
             self.manifest_written = True
             return []  # rank 0 writes the one manifest, with every rank's counts
         inside = self.outputs_in_checkout()
@@ -390,6 +539,15 @@ class DiReRuntime:
         """The run is ending with ``error``: write its manifest now and return where it went."""
         written = self.write_manifest(error)
         return written[0] if written else None
+
+
+def _rank_and_size() -> Tuple[str, int]:
+    """This process's rank and the world size: the process group's when there is one (workers
+    that ``mp.spawn`` starts have no ``RANK`` variable), else torchrun's variables."""
+    rank, size = world()
+    if size > 1:
+        return str(rank), size
+    return os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 _RUNTIME: Optional[DiReRuntime] = None
@@ -490,7 +648,10 @@ def fail_run(error: BaseException, prog: str = "dire") -> int:
     from ..errors import DiReError
 
     runtime = _RUNTIME
-    path = runtime.report_failure(error) if runtime is not None else None
+    # An error a worker process handed on names the manifest that worker wrote (hooks.workers).
+    path = getattr(error, "dire_manifest", None)
+    if path is None and runtime is not None:
+        path = runtime.report_failure(error)
     where = f" (manifest of this run: {path})" if path is not None else ""
     ended = interruption(error)
     if ended is not None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DiReInputError
-from .kernels import DEFAULT_EPS
+from .kernels import DEFAULT_EPS, class_row_sums, normalize_rows
 
 __all__ = ["ClassSums", "PackedEmbeddings", "check_embeddings", "pack_mapping"]
 
@@ -67,6 +67,33 @@ class ClassSums:
 
     def to(self, device: torch.device) -> "ClassSums":
         return ClassSums(self.classes.to(device), self.unit_sums.to(device), self.counts.to(device))
+
+    @classmethod
+    def of_rows(cls, x: Tensor, labels: Tensor, eps: float = DEFAULT_EPS) -> "ClassSums":
+        """The sums of rows ``x [N, D]`` (detached; float32, float64 kept) with integer ``labels [N]``."""
+        x = x.detach()
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        classes, slot, counts = torch.unique(labels.reshape(-1).to(device=x.device, dtype=torch.long), sorted=True,
+                                             return_inverse=True, return_counts=True)
+        return cls(classes, class_row_sums(normalize_rows(x, eps), slot, len(classes)), counts)
+
+    def plus(self, other: "ClassSums") -> "ClassSums":
+        """Both sets of rows as one: the union of the classes, sums and counts added (on this
+        one's device, in the wider of the two dtypes)."""
+        if not len(other.classes):
+            return self
+        if not len(self.classes):
+            return other.to(self.classes.device)
+        if other.dim != self.dim:
+            raise DiReInputError(f"class sums of dimension {other.dim} cannot join ones of dimension {self.dim}")
+        device = self.classes.device
+        dtype = torch.promote_types(self.unit_sums.dtype, other.unit_sums.dtype)
+        classes, slot = torch.unique(torch.cat([self.classes, other.classes.to(device)]), sorted=True,
+                                     return_inverse=True)
+        sums = torch.cat([self.unit_sums.to(dtype), other.unit_sums.to(device=device, dtype=dtype)])
+        counts = torch.cat([self.counts, other.counts.to(device)])
+        return ClassSums(classes, class_row_sums(sums, slot, len(classes)),
+                         counts.new_zeros(len(classes)).index_add(0, slot, counts))
 
 
 @dataclass(frozen=True)

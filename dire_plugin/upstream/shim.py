@@ -8,13 +8,17 @@ installed:
 * ``torch.load`` maps storages to the CPU (a checkpoint saved on a GPU loads) and accepts
   ``argparse.Namespace`` under ``weights_only=True`` (torchvision-reference checkpoints pickle
   their arguments); with ``DIRE_SHIM_REDIRECT`` it loads other files for the paths it names;
-* ``torch.cuda.is_available`` is ``False`` and ``device_count`` is 0, so ``nn.DataParallel`` runs
-  its module directly; ``empty_cache``, ``synchronize``, ``set_device`` do nothing;
+* ``torch.cuda.is_available`` is ``False``, so ``nn.DataParallel`` runs its module directly;
+  ``device_count`` is 1, or ``DIRE_SHIM_DEVICES``: a script that starts one worker per GPU
+  (G-VBSM's ``mp.spawn(..., nprocs=torch.cuda.device_count())``) gets that many CPU workers
+  instead of none; ``empty_cache``, ``synchronize``, ``set_device`` do nothing;
 * torchvision model builders get ``weights=None`` (random init) instead of downloading
   ``pretrained=True`` / ``weights=...`` checkpoints, drawn from a fixed seed, so every process
   gets the same stand-in as it would get the same download;
 * ``torch.distributed.init_process_group`` runs on gloo when it is asked for NCCL (torchrun
-  scripts such as SRe²L's multi-GPU recover run on CPU processes).
+  scripts such as SRe²L's multi-GPU recover run on CPU processes);
+* processes that ``multiprocessing`` spawns (fresh interpreters) install the shim too
+  (:mod:`.children`).
 
 Everything is a ``wrapt.FunctionWrapper`` recorded in one table, so :func:`uninstall` puts back
 the very objects that were there. Modules imported after :func:`install` are patched by
@@ -31,7 +35,9 @@ from typing import Any, Callable, Dict, List, MutableMapping, Optional, Tuple
 
 import wrapt
 
-__all__ = ["ENV_FAKE_DATA", "ENV_REDIRECT", "ENV_SHIM", "install", "uninstall", "installed"]
+from . import children
+
+__all__ = ["ENV_DEVICES", "ENV_FAKE_DATA", "ENV_REDIRECT", "ENV_SHIM", "install", "uninstall", "installed"]
 
 logger = logging.getLogger("dire")
 
@@ -45,6 +51,13 @@ ENV_REDIRECT = "DIRE_SHIM_REDIRECT"
 #: torchvision's MD5 check, so an upstream ``datasets.CIFAR10(..., download=True)`` reads them and
 #: never goes to the network. Files anywhere else are checked as usual.
 ENV_FAKE_DATA = "DIRE_SHIM_FAKE_DATA"
+
+#: How many CUDA devices ``torch.cuda.device_count()`` reports (default 1; at most
+#: :data:`MAX_DEVICES`): smoke runs of a script that spawns one worker per GPU set 2.
+ENV_DEVICES = "DIRE_SHIM_DEVICES"
+MAX_DEVICES = 64
+#: What a spawned child runs first (:mod:`.children`): the shim, from the settings it inherits.
+_CHILD_PRELUDE = "import dire_plugin.upstream.shim as _dire_shim; _dire_shim.install()"
 
 #: Tensor factories that take ``device=``.
 FACTORIES = (
@@ -104,7 +117,9 @@ def install() -> None:
     if _active:
         return
     _redirects()  # a bad table is one line now, not a traceback at the script's first torch.load
+    _devices()
     _active = True
+    children.add_prelude("shim", _CHILD_PRELUDE)
     if not _hooks_registered:
         _hooks_registered = True
         # Fire at once for modules already imported, else right after their import finishes.
@@ -128,6 +143,7 @@ def uninstall() -> None:
     if not _active:
         return
     _active = False
+    children.remove_prelude("shim")
     for patch in reversed(_patches):
         if not patch.restore():
             logger.warning("[dire] CPU shim: %s.%s was wrapped again after the shim; left as it is",
@@ -260,8 +276,22 @@ def _w_noop(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> None
     return None
 
 
-def _w_zero(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> int:
-    return 0
+def _devices() -> int:
+    """The ``DIRE_SHIM_DEVICES`` count (1 when unset)."""
+    import os
+
+    from ..io.environ import bad_value
+
+    value = os.environ.get(ENV_DEVICES, "")
+    if not value.strip():
+        return 1
+    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_DEVICES:
+        raise bad_value(ENV_DEVICES, value, f"a number of devices from 1 to {MAX_DEVICES}")
+    return int(value)
+
+
+def _w_device_count(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> int:
+    return _devices()
 
 
 def _w_false(wrapped: Callable, instance: Any, args: Tuple, kwargs: Dict) -> bool:
@@ -282,8 +312,9 @@ def _on_torch(torch: Any) -> None:
     _wrap_attr(torch, "load", _w_load)
     for name in CUDA_NOOPS:
         _wrap_attr(torch.cuda, name, _w_noop)
-    # No devices: nn.DataParallel then keeps device_ids empty and calls its module directly.
-    _wrap_attr(torch.cuda, "device_count", _w_zero)
+    # Not available: nn.DataParallel then keeps device_ids empty and calls its module directly.
+    # Counted devices all the same: a script that starts a worker per GPU must start some.
+    _wrap_attr(torch.cuda, "device_count", _w_device_count)
     _wrap_attr(torch.cuda, "is_available", _w_false)
     if torch.distributed.is_available():
         from torch.distributed import distributed_c10d

@@ -30,7 +30,7 @@ from ..errors import DiReError
 from ..hooks.declare import ScriptSpec
 from ..hooks.registry import load_method
 from ..hooks.runtime import MANIFEST_NAME
-from .shim import ENV_FAKE_DATA, ENV_REDIRECT
+from .shim import ENV_DEVICES, ENV_FAKE_DATA, ENV_REDIRECT
 
 __all__ = [
     "SmokeResult", "run_smoke", "smoke_script", "upstream_failure", "write_fake_cifar", "write_fake_imagefolder",
@@ -38,8 +38,10 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: Real images written per class: enough for a bank, few enough to embed in seconds.
+#: Real images written per class: enough for a bank, few enough to embed in seconds; one for 1000
+#: classes or more, where every teacher (G-VBSM's four) embeds them at 224 px, minutes on a CPU.
 IMAGES_PER_CLASS = 2
+MANY_CLASSES = 1000
 #: Launcher flags for the run settings a config may hold.
 _CONFIG_FLAGS = {"r_c": "--r-c", "r_e": "--r-e", "r_d": "--r-d", "share": "--share", "reduction": "--reduction",
                  "log_every": "--log-every", "bank_dtype": "--bank-dtype", "logdet_kernel": "--logdet-kernel"}
@@ -91,7 +93,8 @@ class SmokeResult:
 
 
 def write_teacher_checkpoint(spec: ScriptSpec, path: Path, seed: int = 0) -> Path:
-    """Save a random-init teacher in the format ``spec`` says its script loads.
+    """Save a random-init teacher in the format ``spec`` says its script loads (its
+    ``checkpoint_writer`` writes it, where it has one).
 
     The checkpoint also pickles an ``argparse.Namespace`` under ``"args"``, as torchvision's
     reference training (which made the Tiny-ImageNet teachers) does: loading it needs the same
@@ -101,6 +104,11 @@ def write_teacher_checkpoint(spec: ScriptSpec, path: Path, seed: int = 0) -> Pat
     import torchvision
     from torch import nn
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if spec.checkpoint_writer:
+        module, _, function = spec.checkpoint_writer.partition(":")
+        getattr(importlib.import_module(module), function)(spec, path)
+        return path
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = torchvision.models.get_model(spec.arch, weights=None, num_classes=spec.num_classes)
@@ -109,7 +117,6 @@ def write_teacher_checkpoint(spec: ScriptSpec, path: Path, seed: int = 0) -> Pat
             model.maxpool = nn.Identity()
     state = {spec.checkpoint_prefix + k: v for k, v in model.state_dict().items()}
     args = argparse.Namespace(model=spec.arch, num_classes=spec.num_classes, epochs=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({spec.checkpoint_key or "model": state, "epoch": 0, "args": args}, path)
     return path
 
@@ -132,7 +139,8 @@ def write_fake_imagefolder(root: Path, num_classes: int, per_class: int = IMAGES
 def write_init_images(spec: ScriptSpec, root: Path, ipcs: int = 1, seed: int = 0) -> Path:
     """The real images a real-image-initialised script starts from, made up: ``tensor_{ipc}.pt``
     (one image per class, normalised as the script expects) or one folder per class holding
-    ``ipcs`` JPEGs (``os.listdir(folder)[ipc]`` is what DWA reads)."""
+    ``ipcs`` JPEGs (``os.listdir(folder)[ipc]`` is what DWA reads); for ``spec.smoke_init_classes``
+    classes only, each with at least ``spec.smoke_init_images``, where the spec says so."""
     import numpy as np
     import torch
 
@@ -147,10 +155,10 @@ def write_init_images(spec: ScriptSpec, root: Path, ipcs: int = 1, seed: int = 0
 
         rng = np.random.default_rng(seed)
         width = len(str(spec.num_classes - 1))
-        for c in range(spec.num_classes):
+        for c in range(spec.smoke_init_classes or spec.num_classes):
             folder = root / f"n{c:0{width}d}"
             folder.mkdir(exist_ok=True)
-            for i in range(ipcs):
+            for i in range(max(ipcs, spec.smoke_init_images)):
                 Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"img{i}.JPEG")
     return root
 
@@ -328,7 +336,12 @@ def _summary(out: Path, vanilla: bool, pattern: Optional[str] = None) -> str:
     median = share.get("median")
     measured = (f", gradient share median {median:.4g} over {share.get('steps_measured')} measured steps"
                 if median is not None else "")
-    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps{measured}"
+    teachers = manifest.get("teachers") or []
+    # Several teachers (G-VBSM's rotation): the steps that got each one's term, and its bank.
+    each = ("; per teacher: " + ", ".join(
+        f"{t['teacher']} D={t['bank']['dim']} {t['terms_added']} steps (bank {t['bank']['build_seconds']:.1f} s)"
+        for t in teachers)) if len(teachers) > 1 else ""
+    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps{measured}{each}"
 
 
 def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Optional[Mapping[str, Any]] = None,
@@ -343,14 +356,18 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
     if not script.is_file():
         return SmokeResult(rel, False, 0.0, f"{script} does not exist")
     work = Path(tempfile.mkdtemp(prefix="dire-smoke-"))
-    ckpt = write_teacher_checkpoint(spec, work / "teacher.pth") if spec.checkpoint_key else None
+    # The smoke's own options may pick the data and the teacher (--dataset, --arch-name, --num-classes).
+    run = spec.for_argv(spec.smoke_args)
+    # Written where the script will read it: on its command line ({ckpt}) or at its fixed path.
+    wanted = run.checkpoint_at or any("{ckpt}" in a for a in spec.smoke_args)
+    ckpt = write_teacher_checkpoint(run, work / "teacher.pth") if run.checkpoint_key and wanted else None
     data, init, out = work / "data", work / "init", work / "out"
     args = [a.format(ckpt=ckpt or "", out=out, arch=spec.arch, init=init, data=data, work=work) for a in spec.smoke_args]
-    run = spec.for_argv(args)  # the smoke's own options may pick the data (--dataset, --num-classes)
     if spec.smoke_data:  # the script reads its own training set: the bank's real data is that set
         real = write_fake_cifar(data, spec.smoke_data)
     else:
-        real = write_fake_imagefolder(work / "real", run.num_classes)
+        real = write_fake_imagefolder(work / "real", run.num_classes,
+                                      per_class=1 if run.num_classes >= MANY_CLASSES else IMAGES_PER_CLASS)
     if spec.smoke_init:
         write_init_images(run, init)
     # torchrun starts the ranks (gloo on the CPU: the shim maps NCCL to it) with each rank's
@@ -366,12 +383,14 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
     env = _environment(work)
     if spec.smoke_data:
         env[ENV_FAKE_DATA] = str(data)
-    if spec.checkpoint_at:  # loaded from a fixed path: the shim loads our random-init teacher instead
-        env[ENV_REDIRECT] = json.dumps({spec.checkpoint_at: str(ckpt)})
+    if spec.smoke_devices is not None:  # a script that starts a worker per GPU itself (mp.spawn)
+        env[ENV_DEVICES] = str(spec.smoke_devices)
+    if run.checkpoint_at:  # loaded from a fixed path: the shim loads our random-init teacher instead
+        env[ENV_REDIRECT] = json.dumps({run.checkpoint_at: str(ckpt)})
     if spec.smoke_prepare:  # further made-up inputs (MTT's expert buffer); a missing dependency stops here
         module, _, function = spec.smoke_prepare.partition(":")
         try:
-            getattr(importlib.import_module(module), function)(work, args, env)
+            getattr(importlib.import_module(module), function)(work, args, env, script)
         except DiReError as e:
             shutil.rmtree(work, ignore_errors=True)
             return SmokeResult(rel, False, time.time() - start, f"{e} (not run)")

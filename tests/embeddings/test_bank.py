@@ -371,6 +371,25 @@ def test_synthetic_memory_add_get_and_sums():
     assert len(mem) == 0 and len(mem.class_sums("cpu").classes) == 0
 
 
+def test_class_sums_of_rows_plus_more_rows_are_the_sums_of_all_rows():
+    # What CD pushes a DELT step away from: the memory's sums plus those of the batch's rows not
+    # forwarded in the step, some classes in both, some in one.
+    torch.manual_seed(1)
+    a, la = torch.randn(5, DIM), torch.tensor([3, 0, 3, 3, 0])
+    b, lb = torch.randn(4, DIM, dtype=torch.float64), torch.tensor([1, 3, 1, 1])
+    both = ClassSums.of_rows(a, la).plus(ClassSums.of_rows(b, lb))
+    assert both.classes.tolist() == [0, 1, 3] and both.counts.tolist() == [2, 3, 4]
+    assert both.unit_sums.dtype == torch.float64  # the wider of the two
+    rows, labels = torch.cat([a.double(), b]), torch.cat([la, lb])
+    for i, c in enumerate([0, 1, 3]):
+        torch.testing.assert_close(both.unit_sums[i], _unit_sum(rows[labels == c]))
+    empty = ClassSums.of_rows(torch.zeros(0, DIM), torch.zeros(0, dtype=torch.long))
+    assert empty.plus(both) is not None and empty.plus(both).counts.tolist() == [2, 3, 4]
+    assert both.plus(empty) is both
+    with pytest.raises(DiReInputError, match="dimension 3 cannot join ones of dimension"):
+        both.plus(ClassSums.of_rows(torch.randn(2, 3), torch.tensor([0, 1])))
+
+
 def test_synthetic_memory_cap_float64_and_state_dict(tmp_path):
     mem = SyntheticMemory(max_per_class=2)
     e = torch.randn(4, DIM, dtype=torch.float64)

@@ -81,6 +81,14 @@ def test_a_stopped_rank_ends_the_others_with_the_first_failure_and_no_teardown(t
     assert seen["later_s"] < 1.5
 
 
+def test_a_rank_that_finished_early_stops_the_others_with_one_line(tmp_path):
+    # Its last exchange meets the others' next step: without the flag they would wait for
+    # embeddings it never sends, or read its counters as a step's.
+    assert W.start(2, W.one_rank_finishes_early, str(tmp_path), env={"DIRE_DIST_TIMEOUT": "30"}) == [0, 0]
+    assert (tmp_path / "rank0.txt").read_text().startswith(
+        "the ranks no longer synthesise together: rank 1 finished while the others are at synthesis step 2 ")
+
+
 def test_ranks_with_different_settings_stop_with_one_line_naming_them(tmp_path):
     assert W.start(2, W.settings_differ, str(tmp_path)) == [0, 0]
     for r in range(2):
@@ -286,3 +294,22 @@ def test_ranks_that_differ_end_the_torchrun_job_with_one_line_and_exit_2(tmp_pat
         assert "the number of real images (rank 0: 8; rank 1: 7)" in ours[0]
     # Stopped before anything was built, cached or synthesised.
     assert not list(tmp_path.glob("cache/bank-*.pt")) and not list(tmp_path.glob("out/**/*.jpg"))
+
+
+def test_a_step_holding_back_images_an_earlier_step_forwarded_stops_across_ranks(monkeypatch):
+    # The ranks exchange each step's embeddings only: the held-back rows' last embeddings (DELT's
+    # rounds on one GPU) would be missing from every other rank's CD, so the run stops instead.
+    from dire_plugin.errors import DiReHookError
+    from dire_plugin.hooks import distributed
+
+    class Core:
+        class stats:
+            steps = 6
+
+        def term_gradient(self, *args, **kwargs):
+            raise AssertionError("no term may be computed")
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    emb, labels = W.rows(seed=0, n=3)
+    with pytest.raises(DiReHookError, match="synthesis step 7 leaves out images this rank optimises"):
+        distributed.union_term_gradient(Core(), emb, labels, held=(emb[:1], labels[:1]))

@@ -12,29 +12,17 @@ from dire_plugin.embeddings.capture import EmbeddingCapture
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
 from dire_plugin.patches import dm, sre2l
+from nets import BNPrior, frozen_teacher, random_bank
 
 NUM_CLASSES, D = 4, 8
 
 
 def _teacher(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, D, 3, padding=1), nn.BatchNorm2d(D), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(D, NUM_CLASSES),
-    )
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad = False
-    return net
+    return frozen_teacher(seed, NUM_CLASSES, (6, D))
 
 
 def _bank(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return RealEmbeddingBank.from_tensors(torch.rand(NUM_CLASSES * 5, D, generator=g) + 0.1, torch.arange(NUM_CLASSES).repeat(5))
+    return random_bank(NUM_CLASSES, 5, D, seed)
 
 
 @pytest.fixture
@@ -134,24 +122,11 @@ def test_memory_reaches_the_first_step_of_the_next_batch(patched):
     assert not torch.allclose(g_dire, g_no_memory)
 
 
-class _BNStatistics:
-    """SRe²L's BN prior in our own few lines: a forward hook stores the distance of the batch's
-    statistics to the running ones, and the loop reads it *after* its criterion call."""
-
-    def __init__(self, module):
-        self.handle = module.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        x = inputs[0]
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        self.r_feature = torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - mean, 2)
-
-
 def test_a_bank_built_at_the_first_step_leaves_the_methods_hooks_alone():
     # The bank is built inside the first criterion call, through the method's own teacher: its
     # forwards must not replace the BN statistics the step reads right after that call.
     model = _teacher()
-    hooks = [_BNStatistics(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    prior = BNPrior(model)  # SRe²L's BN prior, read after the criterion call
     g = torch.Generator().manual_seed(7)
     real = torch.utils.data.TensorDataset(torch.randn(NUM_CLASSES * 3, 3, 6, 6, generator=g),
                                           torch.arange(NUM_CLASSES).repeat(3))
@@ -165,7 +140,7 @@ def test_a_bank_built_at_the_first_step_leaves_the_methods_hooks_alone():
 
     def loss_of(outputs, criterion):
         loss_ce = criterion(outputs, targets)
-        return loss_ce + 0.1 * torch.stack([h.r_feature for h in hooks]).sum()
+        return loss_ce + 0.1 * prior.loss()
 
     sre2l.patch(RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0), bank_factory=factory)
     runtime = current_runtime()
@@ -350,3 +325,130 @@ def test_where_the_manifest_goes(tmp_path):
     assert written(inside).parent == cache / "runs"
     assert written(outside, RuntimeError("boom")).parent == cache / "runs"
     assert not inside.exists()
+
+
+def _teacher_of_width(width, seed):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(width, NUM_CLASSES)).eval()
+    for p in net.parameters():
+        p.requires_grad = False
+    return net
+
+
+def test_rotating_teachers_keep_their_own_bank_memory_and_counts():
+    # G-VBSM's loop in one process: the teacher changes every iteration and the widths differ, so
+    # each term must read its own teacher's bank and memory (one shared one could not even hold both).
+    wide, narrow = _teacher_of_width(8, 0), _teacher_of_width(5, 1)
+    banks = {id(wide): _bank(), id(narrow): RealEmbeddingBank.from_tensors(
+        torch.rand(NUM_CLASSES * 3, 5, generator=torch.Generator().manual_seed(7)) + 0.1,
+        torch.arange(NUM_CLASSES).repeat(3))}
+    built = []
+
+    def factory(teacher, layer, device):
+        built.append(id(teacher))
+        return banks[id(teacher)]
+
+    sre2l.patch(RunConfig(method="gvbsm", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0), bank_factory=factory)
+    try:
+        runtime = current_runtime()
+        targets = torch.arange(NUM_CLASSES)
+        gen = torch.Generator().manual_seed(3)
+        first = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+        last = {}
+        for teacher in (wide, narrow, wide, narrow):
+            _step(teacher, first, targets, nn.CrossEntropyLoss())
+            last[id(teacher)] = runtime.capture.last  # each teacher's last embeddings of this batch
+        assert built == [id(wide), id(narrow)]  # once per teacher, not once per step
+        keys = list(runtime.keys)
+        assert keys == [banks[id(wide)].fingerprint, banks[id(narrow)].fingerprint]
+        # The next batch's first step, through the narrow teacher: its bank, and the memory of the
+        # finished batch as the narrow teacher saw it last.
+        second = torch.randn(NUM_CLASSES, 3, 6, 6, generator=gen).requires_grad_()
+        memory = SyntheticMemory()
+        memory.add(*last[id(narrow)])
+        g_vanilla, g_dire = _expected_grad(narrow, second, targets, banks[id(narrow)], memory=memory)
+        grad, _ = _step(narrow, second, targets, nn.CrossEntropyLoss())
+        torch.testing.assert_close(grad, g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
+        wide_memory, narrow_memory = (runtime.memory_of(k) for k in keys)
+        assert (len(wide_memory), wide_memory.get(0).shape[1]) == (NUM_CLASSES, 8)
+        assert (len(narrow_memory), narrow_memory.get(0).shape[1]) == (NUM_CLASSES, 5)
+        torch.testing.assert_close(narrow_memory.get(2), last[id(narrow)][0][2:3])
+        manifest = runtime.manifest()
+        assert manifest["bank"] is None and manifest["memory_embeddings"] == 2 * NUM_CLASSES
+        assert [(t["bank"]["dim"], t["terms_added"], t["terms_computed"], t["memory_embeddings"])
+                for t in manifest["teachers"]] == [(8, 2, 2, NUM_CLASSES), (5, 3, 3, NUM_CLASSES)]
+        with pytest.raises(DiReHookError, match="no key given in a run of 2 teachers"):
+            runtime.term_gradient(torch.rand(2, 8), torch.tensor([0, 1]))
+    finally:
+        sre2l.unpatch()
+
+
+@pytest.mark.parametrize("terms", [("cd", "cdm"), ("cd", "cdm", "logdet")])
+def test_held_rows_are_pushed_from_as_memory_rows_are(terms):
+    # DELT's rounds leave images out of a step; their last embeddings join CD (and logdet's kernel,
+    # which needs the rows, not only their sums) exactly as if the memory held them.
+    bank = _bank()
+    config = RunConfig(method="sre2l", script="fixture.py", r_c=0.5, r_e=0.05, r_d=0.7, components=terms, log_every=0)
+    sre2l.patch(config, bank_factory=lambda *a: bank)
+    try:
+        runtime = current_runtime()
+        gen = torch.Generator().manual_seed(3)
+        emb, held = torch.randn(4, 8, generator=gen), torch.randn(3, 8, generator=gen)
+        labels, held_labels = torch.tensor([0, 1, 1, 2]), torch.tensor([1, 2, 0])
+        finished = torch.randn(2, 8, generator=gen)
+        key = runtime.add_bank(bank)
+        runtime.memory_of(key).add(finished, torch.tensor([1, 0]))
+        grad = runtime.term_gradient(emb, labels, key=key, held=(held, held_labels))
+        runtime.memory_of(key).add(held, held_labels)
+        expected = runtime.term_gradient(emb, labels, key=key)
+    finally:
+        sre2l.unpatch()
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    assert float((grad - expected).abs().max()) < 1e-6
+
+
+def test_a_step_on_a_subset_holds_back_the_other_rows_as_its_own_teacher_saw_them():
+    # DELT's rounds with G-VBSM's rotation: the rows a step leaves out join CD with their last
+    # embeddings through *this step's* teacher (another teacher's are of another width and space).
+    wide, narrow = _teacher_of_width(8, 0), _teacher_of_width(5, 1)
+    banks = {id(wide): _bank(), id(narrow): RealEmbeddingBank.from_tensors(
+        torch.rand(NUM_CLASSES * 3, 5, generator=torch.Generator().manual_seed(7)) + 0.1,
+        torch.arange(NUM_CLASSES).repeat(3))}
+    sre2l.patch(RunConfig(method="gvbsm", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0),
+                bank_factory=lambda teacher, layer, device: banks[id(teacher)])
+    try:
+        runtime = current_runtime()
+        targets = torch.arange(NUM_CLASSES)
+        images = torch.randn(NUM_CLASSES, 3, 6, 6, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        optimizer = torch.optim.Adam([images], lr=0.1, betas=(0.5, 0.9))
+        seen = []
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(images.grad.clone()))
+
+        def step(teacher, rows):
+            optimizer.zero_grad()
+            loss = nn.CrossEntropyLoss()(teacher(images[rows]), targets[rows]) + 0.01 * images.pow(2).mean()
+            loss.backward()
+            optimizer.step()
+
+        everything, some = torch.arange(NUM_CLASSES), torch.tensor([0, 2])
+        step(wide, everything)
+        wide_first = runtime.capture.last[0].clone()
+        step(narrow, everything)
+        # Expected third step: the wide teacher on rows 0 and 2, CD also pushing from rows 1 and 3
+        # as the wide teacher saw them at step 1.
+        runtime.enabled = False
+        x = images.detach().clone().requires_grad_()
+        with EmbeddingCapture(wide) as cap:
+            loss = nn.CrossEntropyLoss()(wide(x[some]), targets[some]) + 0.01 * x.pow(2).mean()
+            (g_vanilla,) = torch.autograd.grad(loss, x, retain_graph=True)
+            held = SyntheticMemory()
+            held.add(wide_first[[1, 3]], targets[[1, 3]])
+            (g_dire,) = torch.autograd.grad(DiReLoss(r_c=0.5, r_e=0.05)(cap.embeddings, targets[some], banks[id(wide)],
+                                                                        memory=held), x)
+        runtime.enabled = True
+        step(wide, some)
+        assert runtime.capture.rows["held_for_cd"] == 2
+    finally:
+        sre2l.unpatch()
+    torch.testing.assert_close(seen[-1], g_vanilla + g_dire, rtol=1e-5, atol=1e-7)

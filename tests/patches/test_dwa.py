@@ -318,7 +318,9 @@ def test_dire_run_on_a_lookalike_checkout(world):
     # Batches of 5 of the teacher's 10 classes: the teacher serves two batches, so every term takes
     # the input-only route (the next batch's perturbation reads the accumulated .grad).
     assert manifest["capture"] == {"family": "decoupled", "teacher_grads": "auto", "routes": {"shared": 0, "untouched": 20},
-                                   "criterion_calls_skipped": 0, "terms_discarded": 8}
+                                   "criterion_calls_skipped": 0, "terms_discarded": 8,
+                                   "rows": {"forwarded": 100, "not_forwarded": 0, "held_for_cd": 0,  # 20 terms x 5
+                                            "terms_on_a_subset": 0, "terms_rows_unknown": 0}}
     assert manifest["batches_in_memory"] == 3 and manifest["memory_embeddings"] == 15  # the last batch is still open
 
     disabled, _ = _run(world, base / "disabled", "dire", {"DIRE_DISABLE": "1"})

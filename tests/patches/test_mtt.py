@@ -318,7 +318,7 @@ def world(tmp_path_factory):
     lock = write_lock(base / "lock.toml", root, MTT, URL, head)
     data = write_fake_cifar(base / "data", "cifar10")
     args = [*ARGS, "--data_path", str(data), "--buffer_path", str(base / "buffers")]
-    prepare_smoke(base, args, {})  # the expert buffer the smoke run makes up, for the look-alike's ConvNet
+    prepare_smoke(base, args, {}, base / "distill.py")  # the expert buffer the smoke run makes up, for the look-alike's ConvNet
     return {"base": base, "root": root, "lock": lock, "data": data, "args": args}
 
 

@@ -120,8 +120,55 @@ def test_cuda_runtime_calls(shimmed):
     assert torch.cuda.empty_cache() is None
     assert torch.cuda.synchronize() is None
     assert torch.cuda.set_device(0) is None
-    assert torch.cuda.device_count() == 0
+    # One device counted, none available: mp.spawn(nprocs=device_count()) starts a worker, and
+    # DataParallel still runs its module directly (test below).
+    assert torch.cuda.device_count() == 1
     assert torch.cuda.is_available() is False
+
+
+def test_the_device_count_is_the_one_asked_for(monkeypatch):
+    monkeypatch.setenv(shim.ENV_DEVICES, "2")
+    shim.install()
+    try:
+        assert torch.cuda.device_count() == 2
+    finally:
+        shim.uninstall()
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "65"])
+def test_a_bad_device_count_is_one_line_before_anything_is_patched(monkeypatch, value):
+    from dire_plugin.errors import DiReInputError
+
+    monkeypatch.setenv(shim.ENV_DEVICES, value)
+    before = torch.cuda.device_count
+    with pytest.raises(DiReInputError, match=f"{shim.ENV_DEVICES}='{value}' is not a number of devices from 1 to 64"):
+        shim.install()
+    assert not shim.installed() and torch.cuda.device_count is before
+
+
+SPAWNING = """import sys, torch
+import torch.multiprocessing as mp
+
+def work(i, out):
+    # A fresh interpreter: the shim must be in it for a CUDA call to run on the CPU.
+    x = torch.ones(2, device=f"cuda:{i}").cuda(i)
+    torch.save({"device": x.device.type, "count": torch.cuda.device_count()}, f"{out}/worker{i}.pt")
+
+if __name__ == "__main__":
+    torch.multiprocessing.set_start_method("spawn")
+    mp.spawn(work, nprocs=torch.cuda.device_count(), args=(sys.argv[1],))
+"""
+
+
+def test_workers_that_mp_spawn_starts_run_under_the_shim(tmp_path):
+    script = tmp_path / "spawning.py"
+    script.write_text(SPAWNING)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_")}
+    run = subprocess.run([sys.executable, "-m", "dire_plugin.upstream.shim", str(script), str(tmp_path)],
+                         env={**env, shim.ENV_DEVICES: "2"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = [torch.load(tmp_path / f"worker{i}.pt") for i in range(2)]
+    assert seen == [{"device": "cpu", "count": 2}] * 2
 
 
 def test_data_parallel_runs_on_cpu(shimmed):

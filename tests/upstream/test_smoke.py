@@ -15,7 +15,9 @@ from dire_plugin.upstream import shim
 from dire_plugin.hooks.declare import ScriptSpec
 from dire_plugin.hooks.registry import METHODS, load_method
 from dire_plugin.upstream.lockfile import method_lock
-from dire_plugin.upstream.smoke import run_smoke, smoke_script, write_fake_imagefolder, write_teacher_checkpoint
+from dire_plugin.upstream.smoke import (
+    run_smoke, smoke_script, write_fake_imagefolder, write_init_images, write_teacher_checkpoint,
+)
 
 from dire_plugin.demo.synth import RECOVER
 from lookalike import write_demo_teacher
@@ -65,6 +67,17 @@ def test_fake_imagefolder_has_the_teacher_classes(tmp_path):
     assert folder.class_to_idx[folder.classes[2]] == 2 and folder.classes[2].endswith("02")
 
 
+def test_init_folders_for_some_classes_and_a_teacher_torchvision_does_not_build(tmp_path):
+    # DELT synthesises the classes its init folder holds (2 here, 3 images each, whatever --ipc
+    # asks up to that) and reads a ConvNet of its own from a fixed path.
+    spec = load_method("delt").SCRIPTS["recover/recover.py"].for_argv(["--arch-name", "conv4"])
+    root = write_init_images(spec, tmp_path / "init")
+    assert sorted(p.name for p in root.iterdir()) == ["n000", "n001"]
+    assert all(len(list(p.iterdir())) == 3 for p in root.iterdir())
+    path = write_teacher_checkpoint(spec, tmp_path / "t.pth")
+    assert "layers.conv.0.weight" in torch.load(path, weights_only=True)["model"]  # the patch's writer, not torchvision
+
+
 def test_unknown_script_fails(capsys):
     assert run_smoke("sre2l", Path("/nonexistent"), {}, scripts=["nope.py", "SRe2L/*small_dataset/recover_cifar.py"]) == 1
     lines = capsys.readouterr().out.splitlines()
@@ -109,6 +122,8 @@ def test_smoke_failures_keep_their_folder(tmp_path, code, problem):
 REAL_SMOKES = [
     ("sre2l", "SRe2L/*small_dataset/recover_cifar.py"),
     ("dwa", "distillation/distillation_cifar.py"),
+    ("delt", "recover/recover.py"),  # its three runs: EarlyLate, the ConvNet from its fixed path, --arch-path
+    ("prism", "recover/multi_gpu/data_synthesis.py"),
     ("dm", "methods/dc/main_DM.py"),
     ("mtt", "distill.py"),  # both variants: the mtt job installs kornia for --zca
 ]
@@ -131,3 +146,22 @@ def test_smoke_of_the_real_script(capsys, method, script):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert out.startswith(f"PASS {method} {script}") and "DiRe added to" in out
+
+
+def test_the_line_of_a_run_of_several_teachers_names_each(tmp_path):
+    # The smoke figures: the steps that got each teacher's term, and its bank's build time.
+    import json
+
+    from dire_plugin.upstream.smoke import _summary
+
+    folder = tmp_path / "out" / "smoke" / "new000"
+    folder.mkdir(parents=True)
+    (folder / "class000_id000.png").write_bytes(b"")
+    teachers = [{"teacher": name, "bank": {"dim": dim, "build_seconds": seconds}, "terms_added": added}
+                for name, dim, seconds, added in (("ResNet", 512, 3.14, 4), ("WideResNet", 128, 1.0, 2))]
+    (folder.parent / "dire_manifest.json").write_text(json.dumps({
+        "terms_added": 6, "synthesis_steps": 6, "gradient_share": {"median": 0.05, "steps_measured": 5},
+        "teachers": teachers}))
+    assert _summary(tmp_path / "out", vanilla=False) == (
+        "1 images, DiRe added to 6/6 steps, gradient share median 0.05 over 5 measured steps; per teacher: "
+        "ResNet D=512 4 steps (bank 3.1 s), WideResNet D=128 2 steps (bank 1.0 s)")
