@@ -24,7 +24,7 @@ from lookalike import build_checkout, commit_all, write_image_folder, write_lock
 URL = "https://github.com/VILA-Lab/SRe2L"
 SRE2L = load_method("sre2l")
 CDA = load_method("cda")
-LATER = "gvbsm"
+LATER = "cvdd"  # pinned in the test's lock, with no patch (a committee method, planned)
 # The first target, and a file no target lives in.
 TARGET = SRE2L.TARGETS[0]
 UNRELATED = "README.md"
@@ -40,9 +40,9 @@ def template(tmp_path_factory):
     head = build_checkout(root, [SRE2L, CDA], URL)
     (root / UNRELATED).write_text("look-alike\n")
     lock = write_lock(base / "lock.toml", root, [SRE2L, CDA], URL, head)
-    # A method pinned in the lock without a patch yet (as G-VBSM is planned).
+    # A method pinned in the lock without a patch yet (as CV-DD is planned).
     locks = parse_lock(lock.read_text())
-    locks[LATER] = MethodLock(LATER, "https://github.com/shaoshitong/G_VBSM_Dataset_Condensation", "1" * 40)
+    locks[LATER] = MethodLock(LATER, "https://github.com/example/CV-DD", "1" * 40)
     lock.write_text(format_lock(locks.values()))
     return root, lock, head
 
