@@ -468,7 +468,7 @@ class DecoupledCapture(Capture):
         forwarded = int(torch.unique(rows).numel())
         known = self._rows.get(key) if self._rows is not None else None
         held = known.held(rows) if known is not None else None
-        missing = int(images.shape[0]) - forwarded
+        missing = self._n_rows - forwarded  # the images of the tensor (a compensator: of its forwards)
         self.rows["forwarded"] += forwarded
         self.rows["not_forwarded"] += missing
         self.rows["held_for_cd"] += 0 if held is None else int(held[1].numel())
@@ -478,7 +478,7 @@ class DecoupledCapture(Capture):
                 self._subset_logged = True
                 logger.info("[dire] synthesis step %d forwards %d of the %d images being optimised: the others get "
                             "no term in it, and CD pushes away from the last embedding of each one forwarded before",
-                            self.core.stats.steps + 1, forwarded, int(images.shape[0]))
+                            self.core.stats.steps + 1, forwarded, self._n_rows)
         return rows, held
 
     def _check_optimised(self, images: Optional[Tensor], found: int, count: int) -> None:
@@ -666,7 +666,7 @@ class DecoupledCapture(Capture):
         images = plain_tensor_params(optimizer)[0]
         self._stepped = weakref.ref(images)
         if not self._identified and self.last is not None:  # images not told apart: switch here, one step late
-            self._switch_to(images)
+            self._switch_to(images, int(images.shape[0]))
             self._finished[self._last_key] = self.last
 
     def missing_reason(self) -> str:

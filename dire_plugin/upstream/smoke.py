@@ -341,7 +341,13 @@ def _summary(out: Path, vanilla: bool, pattern: Optional[str] = None) -> str:
     each = ("; per teacher: " + ", ".join(
         f"{t['teacher']} D={t['bank']['dim']} {t['terms_added']} steps (bank {t['bank']['build_seconds']:.1f} s)"
         for t in teachers)) if len(teachers) > 1 else ""
-    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps{measured}{each}"
+    # Images saved that no step forwarded (INFER's real ones): forwarded once per teacher into its memory.
+    never = (manifest.get("capture") or {}).get("never_forwarded")
+    unforwarded = (f"; {never['images_saved']} saved images no step forwarded, in the memory of "
+                   f"{len(never['per_teacher'])} teacher{'s' if len(never['per_teacher']) != 1 else ''} "
+                   f"({never['seconds']:.1f} s)") if never else ""
+    return (f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps"
+            f"{measured}{each}{unforwarded}")
 
 
 def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Optional[Mapping[str, Any]] = None,
