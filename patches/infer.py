@@ -24,7 +24,6 @@ defect with file and line; with DiRe it stops where the vanilla script stops.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +74,8 @@ def ipc_init(ipc: int, m: int, classes: int) -> int:
 # prepare_smoke.
 _SMOKE = ("--syn-data-path", "{out}", "--exp-name", "smoke", "--wandb-name", "smoke", "--init_path", "{init}",
           "--store-best-images", "--batch-size", "100", "--lr", "0.25", "--r-bn", "1", "--jitter", "4")
-_CIFAR = dict(run_from="root", smoke_init="tensors", smoke_prepare="dire_plugin.patches.infer:prepare_smoke")
+# Two init tensors: ipc_init is at most 2 in either smoke run.
+_CIFAR = dict(run_from="root", smoke_init="tensors", smoke_init_images=2, smoke_prepare="dire_plugin.patches.infer:prepare_smoke")
 
 
 def _cifar(dataset: str) -> ScriptSpec:
@@ -145,23 +145,22 @@ def saved_images(args: tuple, kwargs: dict) -> Tuple[Any, Any]:
 # --- smoke runs (dire-apply --verify --smoke) -----------------------------------------------------
 
 
-def prepare_smoke(work: Path, args: Any, env: Dict[str, str], script: Path) -> None:
-    """The inputs ``ufc_cifar.py`` reads, made up: ``tensor_{k}.pt`` for every ``k`` below
-    ``ipc_init`` (one normalised image per class), and a random-initialised checkpoint of each of
-    the four teachers, built by the checkout's own model code, outside the checkout; the CPU shim
-    loads those for the paths the script names (``DIRE_SHIM_REDIRECT``)."""
-    from dire_plugin.upstream.shim import ENV_REDIRECT
-    from dire_plugin.upstream.smoke import write_init_images
+def prepare_smoke(work: Path, args: Any, env: Dict[str, str], script: Path) -> Dict[str, str]:
+    """A random-initialised checkpoint of each of the four teachers ``ufc_cifar.py`` loads, built
+    by the checkout's own model code, outside the checkout; returns the paths the script names →
+    those files, for the CPU shim to load instead. Stops before the run where the smoke's options
+    need more init tensors than the spec writes."""
+    from dire_plugin.errors import DiReInputError
 
     args = list(args)
     dataset = option_value(args, "--dataset") or DEFAULT_DATASET
-    classes = DATASETS[dataset][0]
-    count = ipc_init(int(option_value(args, "--ipc") or DEFAULT_IPC), int(option_value(args, "--M") or DEFAULT_M), classes)
-    write_init_images(SCRIPTS[SCRIPT].for_argv(args), Path(option_value(args, "--init_path")), ipcs=max(count, 1))
+    spec = SCRIPTS[SCRIPT].for_argv(args)
+    needed = ipc_init(int(option_value(args, "--ipc") or DEFAULT_IPC), int(option_value(args, "--M") or DEFAULT_M),
+                      spec.num_classes)
+    if needed > spec.smoke_init_images:
+        raise DiReInputError(f"the smoke options need {needed} init tensors, the spec writes {spec.smoke_init_images}")
     write_teachers(script.parent.parent, dataset, work, env)
-    table = json.loads(env.get(ENV_REDIRECT) or "{}")
-    table.update({checkpoint_path(dataset, name): str(work / checkpoint_path(dataset, name)) for name, _ in TEACHERS})
-    env[ENV_REDIRECT] = json.dumps(table)
+    return {checkpoint_path(dataset, name): str(work / checkpoint_path(dataset, name)) for name, _ in TEACHERS}
 
 
 def write_teachers(root: Path, dataset: str, folder: Path, env: Dict[str, str]) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dire_plugin import DiReLoss, EmbeddingCapture, RealEmbeddingBank
-from dire_plugin.errors import DiReHookError
+from dire_plugin.errors import DiReHookError, DiReInputError
 from dire_plugin.hooks.registry import load_method
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
@@ -153,13 +153,13 @@ def _reference(steps, with_real=True):
 
 
 def _run_patched(utils, out):
-    recorded = []
+    recorded, built = [], []
 
     def on_step(ipc_id, group, u, shifts):
         recorded.append((ipc_id, group, u.detach().clone(), shifts, u.grad.clone()))
 
     INFER.patch(RunConfig(method="infer", script="fixture.py", log_every=0, **WEIGHTS),
-                bank_factory=lambda teacher, layer, device: _bank(teacher))
+                bank_factory=lambda teacher, layer, device: built.append(teacher) or _bank(teacher))
     try:
         finals, shifts = infer_loop(utils, out, on_step=on_step)
         runtime = current_runtime()
@@ -167,6 +167,8 @@ def _run_patched(utils, out):
         memories = {state.bank.dim: state.memory for state in runtime.keys.values()}
     finally:
         INFER.unpatch()
+    # The teachers are rebuilt at every ipc_id, with the same weights: one bank each all the same.
+    assert len(built) == GROUPS
     return recorded, finals, shifts, manifest, memories
 
 
@@ -277,6 +279,26 @@ def test_saved_images_are_read_as_the_teacher_saw_them(utils):
     assert torch.equal(labels, TARGETS)
     with pytest.raises(DiReHookError, match="--dataset cifar10 or cifar100, not 'tinyIN'"):
         INFER.saved_images((SimpleNamespace(dataset="tinyIN"), saved, TARGETS, 0), {})
+
+
+def test_the_smoke_teachers_are_written_where_generation_loads_them(tmp_path):
+    # A checkout whose models/ holds stand-ins of ours under the names the script imports.
+    root = tmp_path / "UFC"
+    (root / "models").mkdir(parents=True)
+    for module, builder in (("mobilenetv2", "MobileNetV2"), ("efficientnet", "EfficientNetB0"), ("shufflenet", "ShuffleNetG2")):
+        (root / "models" / f"{module}.py").write_text(
+            f"from torch import nn\n\n\ndef {builder}_cifar10():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))\n")
+    args = ["--dataset", "cifar10", "--ipc", "3", "--M", "4"]  # ipc_init 2: the two tensors the spec writes
+    redirects = INFER.prepare_smoke(tmp_path / "work", args, {}, root / INFER.SCRIPT)
+    assert sorted(redirects) == sorted(f"pretrained/cifar10/{name}_E200/ckpt.pth" for name, _ in INFER.TEACHERS)
+    resnet = torch.load(redirects["pretrained/cifar10/resnet18_E200/ckpt.pth"], weights_only=True)["state_dict"]
+    assert all(k.startswith("module.") for k in resnet)  # saved from DataParallel, as generation loads it
+    assert resnet["module.conv1.weight"].shape == (64, 3, 3, 3) and resnet["module.fc.weight"].shape == (10, 512)
+    shuffle = torch.load(redirects["pretrained/cifar10/shufflenet_E200/ckpt.pth"], weights_only=True)["state_dict"]
+    assert shuffle["module.1.weight"].shape == (10, 3072)
+    assert not list(root.rglob("__pycache__"))  # nothing written in the checkout
+    with pytest.raises(DiReInputError, match="need 3 init tensors, the spec writes 2"):
+        INFER.prepare_smoke(tmp_path / "work", ["--dataset", "cifar10", "--ipc", "5", "--M", "4"], {}, root / INFER.SCRIPT)
 
 
 # --- end to end, through dire-run on a look-alike checkout ---------------------------------------------------
