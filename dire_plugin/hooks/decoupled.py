@@ -455,8 +455,9 @@ class DecoupledCapture(Capture):
     def _rows_of(self, found: List[Tuple[Tensor, List[Any]]], images: Optional[Tensor],
                  count: int, key: str) -> Tuple[Optional[Tensor], Optional[Tuple[Tensor, Tensor]]]:
         """The rows of ``images`` this forward covers and the last embeddings through ``key``'s
-        teacher of those it does not (counted for the manifest); ``(None, None)`` when the rows cannot be told, which also
-        stops the per-row memory of these images (their last step's embeddings are committed)."""
+        teacher of those it does not (counted for the manifest); ``(None, None)`` when the rows
+        cannot be told, which also stops the per-row memory of these images (their last step's
+        embeddings are committed)."""
         if images is None:
             return None, None
         # Every image of the forward carries the compensator: all of them are its rows.

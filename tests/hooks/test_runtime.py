@@ -406,3 +406,49 @@ def test_held_rows_are_pushed_from_as_memory_rows_are(terms):
         sre2l.unpatch()
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
     assert float((grad - expected).abs().max()) < 1e-6
+
+
+def test_a_step_on_a_subset_holds_back_the_other_rows_as_its_own_teacher_saw_them():
+    # DELT's rounds with G-VBSM's rotation: the rows a step leaves out join CD with their last
+    # embeddings through *this step's* teacher (another teacher's are of another width and space).
+    wide, narrow = _teacher_of_width(8, 0), _teacher_of_width(5, 1)
+    banks = {id(wide): _bank(), id(narrow): RealEmbeddingBank.from_tensors(
+        torch.rand(NUM_CLASSES * 3, 5, generator=torch.Generator().manual_seed(7)) + 0.1,
+        torch.arange(NUM_CLASSES).repeat(3))}
+    sre2l.patch(RunConfig(method="gvbsm", script="fixture.py", r_c=0.5, r_e=0.05, log_every=0),
+                bank_factory=lambda teacher, layer, device: banks[id(teacher)])
+    try:
+        runtime = current_runtime()
+        targets = torch.arange(NUM_CLASSES)
+        images = torch.randn(NUM_CLASSES, 3, 6, 6, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        optimizer = torch.optim.Adam([images], lr=0.1, betas=(0.5, 0.9))
+        seen = []
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(images.grad.clone()))
+
+        def step(teacher, rows):
+            optimizer.zero_grad()
+            loss = nn.CrossEntropyLoss()(teacher(images[rows]), targets[rows]) + 0.01 * images.pow(2).mean()
+            loss.backward()
+            optimizer.step()
+
+        everything, some = torch.arange(NUM_CLASSES), torch.tensor([0, 2])
+        step(wide, everything)
+        wide_first = runtime.capture.last[0].clone()
+        step(narrow, everything)
+        # Expected third step: the wide teacher on rows 0 and 2, CD also pushing from rows 1 and 3
+        # as the wide teacher saw them at step 1.
+        runtime.enabled = False
+        x = images.detach().clone().requires_grad_()
+        with EmbeddingCapture(wide) as cap:
+            loss = nn.CrossEntropyLoss()(wide(x[some]), targets[some]) + 0.01 * x.pow(2).mean()
+            (g_vanilla,) = torch.autograd.grad(loss, x, retain_graph=True)
+            held = SyntheticMemory()
+            held.add(wide_first[[1, 3]], targets[[1, 3]])
+            (g_dire,) = torch.autograd.grad(DiReLoss(r_c=0.5, r_e=0.05)(cap.embeddings, targets[some], banks[id(wide)],
+                                                                        memory=held), x)
+        runtime.enabled = True
+        step(wide, some)
+        assert runtime.capture.rows["held_for_cd"] == 2
+    finally:
+        sre2l.unpatch()
+    torch.testing.assert_close(seen[-1], g_vanilla + g_dire, rtol=1e-5, atol=1e-7)
