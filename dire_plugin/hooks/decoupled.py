@@ -137,6 +137,11 @@ class _Record:
     def emb(self) -> Tensor:
         return self.inp.flatten(1)
 
+    @property
+    def teacher(self) -> nn.Module:
+        """The model whose forward this call belongs to (the layer itself, called on its own)."""
+        return self.root if self.root is not None else self.layer
+
 
 def _capture() -> Optional["DecoupledCapture"]:
     return active_capture(DecoupledCapture)
@@ -522,8 +527,7 @@ class DecoupledCapture(Capture):
         done = self._fed.get(key, 0)
         if done == len(self._unforwarded):
             return
-        teacher = record.root if record.root is not None else record.layer
-        layer = self._layer_name(record)
+        teacher, layer = record.teacher, self._layer_name(record)
         start = time.perf_counter()
         # Our forwards: no record of ours, none of the method's hooks, none of its random numbers.
         with self.core.suspended(), own_rng():
@@ -559,20 +563,18 @@ class DecoupledCapture(Capture):
             self._covers = (weakref.ref(images), covers)
         if not self._covers[1]:
             return "untouched"  # the teacher serves further batches, which read its accumulated .grad
-        teacher = record.root if record.root is not None else record.layer
+        teacher = record.teacher
         if any(p.requires_grad for p in teacher.parameters()):
             self._dirty.add(teacher)
         return "shared"
 
     @staticmethod
     def _layer_name(record: _Record) -> Optional[str]:
-        teacher = record.root if record.root is not None else record.layer
-        return next((n for n, m in unwrap_model(teacher).named_modules() if m is record.layer), None)
+        return next((n for n, m in unwrap_model(record.teacher).named_modules() if m is record.layer), None)
 
     def _key(self, record: _Record, device: torch.device) -> str:
         """The core's key of the teacher that produced ``record`` (its bank built the first time)."""
-        teacher = record.root if record.root is not None else record.layer
-        return self.core.key_for(teacher, self._layer_name(record) or "", device)
+        return self.core.key_for(record.teacher, self._layer_name(record) or "", device)
 
     def _parts(self, chunks: List[_Record], grad: Tensor):
         start = 0
