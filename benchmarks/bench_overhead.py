@@ -28,11 +28,17 @@ different widths in rotation (ResNet-18 CIFAR variant 512, MobileNetV2 1280, Shu
 1024), a worker's half of recover.sh's batch (50 images: 5 classes × IPC 10), CE + BN prior + a
 per-class Gram-eigenvalue KL like G-VBSM's ``--nuc-norm`` term (our own lines), each teacher with
 its own bank (500 real per class) and memory (9 per class), one bank and memory per key as the
-patch keeps them. Vanilla and patched runs are interleaved in one run so machine noise hits both;
+patch keeps them. ``infer`` (its own shape too): INFER's CIFAR-100 iteration, one compensator
+(1×3×32×32) added to a batch of 100 real images (one per class), the ResNet-18 CIFAR variant,
+CE + BN prior (r_bn 1, first BN ×10 as ``sh/ufc_cifar.sh``), Adam; memory 49 per class, 500 real
+per class; it also prints the time inside the capture's criterion call (DiRe's own work, which
+the machine's load blurs less than the ratio) and, timed apart, the one-off cost of forwarding the
+real images the script saves with no iteration (``--infer-real-sets``, 9 at IPC 10) through the
+teacher into its memory. Vanilla and patched runs are interleaved in one run so machine noise hits both;
 the script prints medians and their ratio, and asserts nothing about speed.
 
-    python benchmarks/bench_overhead.py [--methods sre2l dwa delt dm mtt gvbsm] [--shape cifar|imagenet|tiny]
-        [--iterations 6] [--rounds 3] [--device cpu|cuda]
+    python benchmarks/bench_overhead.py [--methods sre2l dwa delt dm mtt gvbsm infer] [--shape cifar|imagenet|tiny]
+        [--iterations 6] [--rounds 3] [--device cpu|cuda] [--infer-real-sets 9]
 """
 from __future__ import annotations
 
@@ -51,12 +57,12 @@ from torch import nn
 from dire_plugin.embeddings.bank import RealEmbeddingBank
 from dire_plugin.hooks.runtime import current_runtime
 from dire_plugin.hooks.settings import RunConfig
-from dire_plugin.patches import delt, dwa, gvbsm, sre2l
+from dire_plugin.patches import delt, dwa, gvbsm, infer, sre2l
 from _machine import device_line  # benchmarks/, the folder of this script
 
 PATCHES = {"sre2l": sre2l, "dwa": dwa, "delt": delt}
 #: Methods with a loop of their own shape (benchmarks/_overhead_<method>.py, or below: gvbsm).
-OWN_LOOPS = ("dm", "mtt", "gvbsm")
+OWN_LOOPS = ("dm", "mtt", "gvbsm", "infer")
 D, IPC = 512, 50
 
 
@@ -110,6 +116,11 @@ class BNStats:
     def pop(self) -> torch.Tensor:
         total, self.values = sum(self.values), []
         return total
+
+    def pop_each(self) -> list:
+        """Each layer's term of the last forward, first layer first."""
+        each, self.values = self.values, []
+        return each
 
 
 def run_block(models, bns, inputs, targets, iterations: int, device, lr: float = 0.25, extra=None,
@@ -272,11 +283,98 @@ def measure_rotating(opts: argparse.Namespace, device: torch.device) -> None:
     print(f"  overhead  {100 * (p / v - 1):+.1f} %  (median of the rounds' ratios: {100 * (paired - 1):+.1f} %)")
 
 
+def run_compensator_block(model: nn.Module, bn: BNStats, real: torch.Tensor, targets: torch.Tensor, iterations: int,
+                          device: torch.device) -> float:
+    """Median seconds per iteration of INFER's loop (module doc) on a fresh compensator."""
+    uni_perb = torch.zeros(1, 3, real.shape[2], real.shape[3], device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([uni_perb], lr=0.25, betas=(0.5, 0.9), eps=1e-8)
+    criterion = nn.CrossEntropyLoss()
+    times = []
+    for it in range(iterations):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        jit = torch.roll(real + uni_perb, shifts=(it % 3, it % 2), dims=(2, 3))
+        optimizer.zero_grad()
+        outputs = model(jit)
+        bn_terms = bn.pop_each()
+        loss = criterion(outputs, targets) + 1.0 * (INFER_FIRST_BN * bn_terms[0] + sum(bn_terms[1:]))
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+INFER_FIRST_BN = 10.0
+
+
+def measure_compensator(opts: argparse.Namespace, device: torch.device) -> None:
+    """INFER's iteration (module doc), vanilla and through the infer patch, interleaved; then the
+    one-off forward of the real images saved with no iteration."""
+    shape = SHAPES["cifar"]
+    torch.manual_seed(0)
+    model = teacher(shape, device)
+    bn = BNStats(model)
+    targets = torch.arange(shape.classes, device=device)
+    real = torch.randn(shape.classes, 3, shape.size, shape.size, device=device).clamp(-1.5, 1.5)
+    bank = RealEmbeddingBank.from_tensors(torch.rand(shape.classes * shape.real_per_class, D),
+                                          torch.arange(shape.classes).repeat_interleave(shape.real_per_class))
+    bank.packed(device), bank.fingerprint  # once per run, as in a real one: not in the timed steps
+    config = RunConfig(method="infer", script="bench", log_every=0)
+    own: list = []  # seconds the capture's criterion call took: the term and its bookkeeping
+
+    def patched_block(real_sets: int = 0) -> float:
+        infer.patch(config, bank_factory=lambda *a: bank)
+        runtime = current_runtime()
+        runtime.share.first, runtime.share.every = 0, 0  # unmeasured steps, as most of a run's
+        on_criterion = runtime.capture.on_criterion
+
+        def timed(*args):
+            start = time.perf_counter()
+            on_criterion(*args)
+            own.append(time.perf_counter() - start)
+
+        runtime.capture.on_criterion = timed  # DiRe's own work, which the machine's load blurs less
+        runtime.memory_of(runtime.add_bank(bank)).add(torch.rand(shape.classes * (IPC - 1), D),
+                                                      torch.arange(shape.classes).repeat(IPC - 1))
+        saved = argparse.Namespace(dataset="cifar100")
+        for _ in range(real_sets):  # saved by the script with no step: forwarded at the first term
+            runtime.capture.on_saved((saved, torch.rand(shape.classes, 3, shape.size, shape.size), targets.cpu(), 0), {})
+        seconds = run_compensator_block(model, bn, real, targets, 1 if real_sets else opts.iterations, device)
+        never = runtime.capture.manifest()["never_forwarded"]
+        added = runtime.stats.terms_added
+        infer.unpatch()
+        assert added == (1 if real_sets else opts.iterations), f"DiRe added to {added} iterations"
+        assert never["images_saved"] == real_sets * shape.classes
+        return never["seconds"] if real_sets else seconds
+
+    vanilla, patched = [], []
+    for _ in range(opts.rounds):
+        vanilla.append(run_compensator_block(model, bn, real, targets, opts.iterations, device))
+        patched.append(patched_block())
+    work = statistics.median(own)  # the first step of each block also hashes the teacher's weights
+    one_off = patched_block(opts.infer_real_sets)
+    v, p = statistics.median(vanilla), statistics.median(patched)
+    paired = statistics.median(b / a for a, b in zip(vanilla, patched))  # each round's blocks ran back to back
+    print(f"infer: ResNet-18 (CIFAR stem), 32px, one compensator 1x3x32x32 on {shape.classes} real images (one per "
+          f"class), CE + BN prior (first BN x{INFER_FIRST_BN:g}), memory {IPC - 1}/class, {shape.real_per_class} real/class, D={D}")
+    print(f"  vanilla   {v * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in vanilla)})")
+    print(f"  + DiRe    {p * 1e3:8.1f} ms/iteration  (rounds: {', '.join(f'{x * 1e3:.1f}' for x in patched)})")
+    print(f"  overhead  {100 * (p / v - 1):+.1f} %  (median of the rounds' ratios: {100 * (paired - 1):+.1f} %)")
+    print(f"  DiRe's own work in the criterion call: {work * 1e3:.1f} ms per iteration ({100 * work / v:.1f} % of vanilla's)")
+    print(f"  one-off: {opts.infer_real_sets} x {shape.classes} real images saved with no iteration, forwarded into "
+          f"the teacher's memory: {one_off:.2f} s per teacher")
+
+
 def measure_own_loop(method: str, opts: argparse.Namespace, device: torch.device) -> None:
-    """DM's, MTT's and G-VBSM's iterations, from their own benchmark modules or above."""
+    """DM's, MTT's, G-VBSM's and INFER's iterations, from their own benchmark modules or above."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if method == "gvbsm":
         measure_rotating(opts, device)
+    elif method == "infer":
+        measure_compensator(opts, device)
     elif method == "dm":
         import _overhead_dm
 
@@ -299,6 +397,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--infer-real-sets", type=int, default=9, help="INFER: real images per class saved with no "
+                    "iteration (ipc_init: 9 at IPC 10, 48 at IPC 50)")
     opts = ap.parse_args()
     device = torch.device(opts.device)
     print(device_line(device))

@@ -28,7 +28,7 @@ from .isolation import private_forward
 from ..io.digest import hash_tensor, tensors_sha256
 from ..io.files import atomic_torch_save, load_torch_file
 
-__all__ = ["RealEmbeddingBank", "CACHE_FORMAT"]
+__all__ = ["RealEmbeddingBank", "CACHE_FORMAT", "embed_images"]
 
 logger = logging.getLogger("dire")
 
@@ -471,7 +471,7 @@ def _batches(loader: Iterable) -> Iterator[Any]:
 
 
 def _embed(
-    model: nn.Module, loader: Iterable, layer: str, device: Optional[Union[str, torch.device]], progress: bool,
+    model: nn.Module, loader: Iterable, layer: Optional[str], device: Optional[Union[str, torch.device]], progress: bool,
     total: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """All ``(embeddings, labels)`` of ``loader`` (CPU), through :func:`private_forward`."""
@@ -506,6 +506,20 @@ def _embed(
     if not chunks or sum(c.shape[0] for c in chunks) == 0:
         raise DiReInputError("the loader yielded no data: cannot build the real embedding bank")
     return torch.cat(chunks), torch.cat(label_chunks)
+
+
+def embed_images(model: nn.Module, images: Tensor, labels: Tensor, layer: Optional[str] = None,
+                 device: Optional[Union[str, torch.device]] = None, batch_size: int = 256) -> Tuple[Tensor, Tensor]:
+    """``(embeddings [N, D], labels [N])`` on the CPU of ``images`` (already preprocessed as the
+    model expects) at the input of ``layer`` (default: the last ``nn.Linear``), in batches of
+    ``batch_size``, through :func:`private_forward` as the bank's own forwards are: no forward hook
+    of the method fires, no BatchNorm statistic moves. For images of the distilled set that the
+    method never forwards (INFER's real images), which CD must still push away from."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    if images.shape[0] != labels.numel():
+        raise DiReInputError(f"{images.shape[0]} images but {labels.numel()} labels")
+    batches = [(images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    return _embed(model, batches, layer, device, progress=False, total=len(batches))
 
 
 def _subsample(rows: Tensor, classes: Tensor, counts: Tensor, k: int, seed: int) -> Tuple[Tensor, Tensor]:

@@ -99,6 +99,7 @@ class ScriptSpec:
     #: ``"folders"`` for this many classes only (``None``: every class of the teacher), each with
     #: ``smoke_init_images`` images: for a script that synthesises the classes its init folder holds
     #: (DELT, PRISM), so a smoke run takes seconds however many classes the teacher has.
+    #: ``"tensors"``: ``smoke_init_images`` files ``tensor_0.pt``, ... (INFER reads several).
     smoke_init_classes: Optional[int] = None
     smoke_init_images: int = 1
     #: Training data the script reads itself through torchvision (``{data}``, DC-BENCH's and
@@ -118,7 +119,9 @@ class ScriptSpec:
     smoke_devices: Optional[int] = None
     #: ``"module:function"`` that makes up further inputs of a smoke run (MTT's expert buffer):
     #: called as ``function(work, args, env, script)`` with the work folder, the script's arguments,
-    #: the run's environment (which it may extend) and the script's path in the checkout; a
+    #: the run's environment (which it may extend) and the script's path in the checkout; it may
+    #: return ``{path as the script spells it: file}`` for further ``torch.load`` redirects of the
+    #: CPU shim (INFER's four teachers at fixed paths); a
     #: :class:`~dire_plugin.errors.DiReError` it raises (a missing upstream dependency) fails the run
     #: with its message, without starting it.
     smoke_prepare: Optional[str] = None

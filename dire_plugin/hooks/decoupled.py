@@ -1,5 +1,6 @@
-"""Capture for the decoupled methods (SRe²L, CDA, DWA, DELT, PRISM): a frozen teacher classifies
-the synthetic images, ``loss = CE + BN prior``, ``loss.backward()``, ``optimizer.step()``.
+"""Capture for the decoupled methods (SRe²L, CDA, DWA, DELT, PRISM, G-VBSM, EDC, INFER): a frozen
+teacher classifies the synthetic images, ``loss = CE + BN prior``, ``loss.backward()``,
+``optimizer.step()``.
 
 How a step gets the term, without a second forward:
 
@@ -61,6 +62,14 @@ How a step gets the term, without a second forward:
    The manifest's ``capture.rows`` counts, over the terms, the rows forwarded and not, and the
    held embeddings that joined CD.
 
+   *A compensator* (``compensator=True``, INFER): the optimised leaf is not the images but one
+   1×C×H×W tensor added to every image of the forward (``real + uni_perb``). DiRe's gradient at
+   the embeddings reaches it through the method's backward like any other; the "images" whose
+   rows get the term and join the memory are then the forward's rows, every one at every step,
+   and each new compensator is a new tensor. The step must update that compensator. Without the
+   option, a leaf of one row behind a forward of several is refused: a patch that did not
+   declare a compensator does not fit such code.
+
    The teacher of a criterion call is the model whose classifier produced its logits, and its key
    in the core (:meth:`~.runtime.DiReRuntime.key_for`) picks the bank and the memory of the term.
    Where teachers rotate (G-VBSM, EDC: one per iteration), each teacher's memory receives the
@@ -69,15 +78,24 @@ How a step gets the term, without a second forward:
 5. Under ``torch.distributed`` (SRe²L's and PRISM's multi-GPU recover) the term is computed on the
    union of every rank's current embeddings (:mod:`.distributed`), each rank keeping its own rows'
    gradient; there, a step that leaves out images an earlier step forwarded stops the run.
+6. *Images saved but never forwarded* (``saves``, INFER's first ``ipc_init`` real images per
+   class): the upstream function that saves a batch of the distilled set is wrapped; a batch it
+   saves with no synthesis step since the previous save was never forwarded. Such batches are
+   kept (CPU) and, the first time each teacher key has a term, forwarded once through that
+   teacher (:func:`~dire_plugin.embeddings.bank.embed_images`: the method's hooks hidden, eval
+   mode, the method's random streams untouched, the runtime suspended) into that key's memory,
+   before the term reads it. The manifest's ``capture.never_forwarded`` counts them per teacher.
 
 Forwards that are not synthesis steps get nothing: under ``no_grad`` nothing is recorded, and a
 second criterion call on the same logits (printing) finds its records already used.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -86,8 +104,10 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..embeddings.bank import embed_images
 from ..embeddings.capture import unwrap_model
 from ..embeddings.collectives import world
+from ..embeddings.isolation import own_rng
 from ..errors import DiReHookError, DiReInputError
 from .capture import Capture, Wrapper, plain_tensor_params
 from .distributed import union_term_gradient, w_destroy_process_group
@@ -117,6 +137,11 @@ class _Record:
     def emb(self) -> Tensor:
         return self.inp.flatten(1)
 
+    @property
+    def teacher(self) -> nn.Module:
+        """The model whose forward this call belongs to (the layer itself, called on its own)."""
+        return self.root if self.root is not None else self.layer
+
 
 def _capture() -> Optional["DecoupledCapture"]:
     return active_capture(DecoupledCapture)
@@ -139,6 +164,24 @@ def _w_grad_reader(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
     if capture is not None:
         capture.forget_cleared()
     return result
+
+
+def _w_saved(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    capture = _capture()
+    if capture is not None:
+        capture.on_saved(args, kwargs)  # before the save: it may change the tensors it is given
+    return wrapped(*args, **kwargs)
+
+
+def _shape(t: Tensor) -> str:
+    return "×".join(str(n) for n in t.shape)
+
+
+def _describe(images: Optional[Tensor], found: int) -> str:
+    """What stands behind a forward's embeddings, for a message (``found``: the leaves there)."""
+    if images is None:
+        return "no single tensor" if found == 0 else f"{found} tensors"
+    return f"a tensor of shape {_shape(images)}"
 
 
 def _images_behind(t: Tensor) -> List[Tuple[Tensor, List[Any]]]:
@@ -227,15 +270,33 @@ class _Rows:
 class DecoupledCapture(Capture):
     """See the module doc. ``teacher_grads``: ``"shared"``, ``"untouched"`` or ``"auto"``;
     ``grad_readers``: ``(module, attribute path)`` of the upstream functions that read the
-    teacher's accumulated ``.grad`` (checked before each call under ``"auto"``)."""
+    teacher's accumulated ``.grad`` (checked before each call under ``"auto"``); ``compensator``:
+    the optimised tensor is one 1×C×H×W compensator added to every image of a forward (item 4);
+    ``saves``: ``(module, attribute path, "module:function")``, the upstream function that saves a
+    batch of the distilled set and a reader of its ``(args, kwargs)`` that returns ``(images as the
+    teacher sees them, labels)`` (item 6)."""
 
     family = "decoupled"
 
-    def __init__(self, teacher_grads: str = "shared", grad_readers: Sequence[Tuple[str, str]] = ()) -> None:
+    def __init__(self, teacher_grads: str = "shared", grad_readers: Sequence[Tuple[str, str]] = (),
+                 compensator: bool = False, saves: Optional[Sequence[str]] = None) -> None:
         if teacher_grads not in TEACHER_GRADS:
             raise DiReInputError(f"teacher_grads must be one of {TEACHER_GRADS}, got {teacher_grads!r}")
+        if saves is not None and (len(saves) != 3 or ":" not in saves[2]):
+            raise DiReInputError(f"saves must be (module, attribute path, 'module:function'), got {saves!r}")
         self.teacher_grads = teacher_grads
         self.grad_readers = tuple(tuple(r) for r in grad_readers)
+        self.compensator = bool(compensator)
+        self.saves = tuple(saves) if saves is not None else None
+        self._reader: Optional[Callable] = None
+        # Saved batches no step forwarded (CPU images as the teacher sees them, labels), and per
+        # teacher key how many of them its memory holds; the synthesis steps at the last save.
+        self._unforwarded: List[Tuple[Tensor, Tensor]] = []
+        self._fed: Dict[str, int] = {}
+        self._in_memory: Dict[str, int] = {}
+        self._steps_at_save = 0
+        self._saved_unforwarded = 0
+        self._unforwarded_seconds = 0.0
         self._handles: List[Any] = []
         self._lock = threading.Lock()
         self._main_thread = threading.get_ident()
@@ -280,6 +341,7 @@ class DecoupledCapture(Capture):
             ("PIL.Image", "Image.save", output_saved(0, "fp", lambda path: bool(_IMAGE_NAME.search(path)), up=2)),
             ("torch.distributed", "destroy_process_group", w_destroy_process_group(current_runtime)),
             *((module, path, _w_grad_reader) for module, path in self.grad_readers),
+            *(((self.saves[0], self.saves[1], _w_saved),) if self.saves else ()),
         )
 
     # ------------------------------------------------------------------ install
@@ -364,17 +426,22 @@ class DecoupledCapture(Capture):
                 self._records.remove(rec)
         found = _images_behind(chunks[0].inp)
         images = found[0][0] if len(found) == 1 else None
+        count = sum(int(r.emb.shape[0]) for r in chunks)
+        self._check_optimised(images, len(found), count)
         if images is None and self.teacher_grads != "shared":
             self.criterion_calls_skipped += 1  # not a forward of one tensor of images: nothing to compute or add
             return
         self._identified = images is not None
         if images is not None:
-            self._switch_to(images)  # a finished batch joins the memory before this term reads it
+            # A finished batch joins the memory before this term reads it; a compensator's rows
+            # are the images of the forward.
+            self._switch_to(images, count if self.compensator else int(images.shape[0]))
         labels = targets.argmax(1) if isinstance(targets, Tensor) and targets.dim() == 2 else targets
         labels = torch.as_tensor(labels).reshape(-1)
         device = outputs.device
         emb = torch.cat([r.emb.detach().to(device) for r in chunks])
         key = self._key(chunks[0], device)
+        self._feed(key, chunks[0], device)  # saved images no step forwarded, before the term reads the memory
         rows, held = self._rows_of(found, images, emb.shape[0], key)
         # Under torch.distributed the term is the one of every rank's current images together.
         grad, union, union_labels = union_term_gradient(self.core, emb, labels.to(device), key=key, held=held)
@@ -398,7 +465,8 @@ class DecoupledCapture(Capture):
         embeddings are committed)."""
         if images is None:
             return None, None
-        rows = _rows_taken(found[0][1], images, count)
+        # Every image of the forward carries the compensator: all of them are its rows.
+        rows = torch.arange(count, device=images.device) if self.compensator else _rows_taken(found[0][1], images, count)
         if rows is None:
             self.rows["terms_rows_unknown"] += 1
             self._rows = None
@@ -406,7 +474,7 @@ class DecoupledCapture(Capture):
         forwarded = int(torch.unique(rows).numel())
         known = self._rows.get(key) if self._rows is not None else None
         held = known.held(rows) if known is not None else None
-        missing = int(images.shape[0]) - forwarded
+        missing = self._n_rows - forwarded  # the images of the tensor (a compensator: of its forwards)
         self.rows["forwarded"] += forwarded
         self.rows["not_forwarded"] += missing
         self.rows["held_for_cd"] += 0 if held is None else int(held[1].numel())
@@ -416,12 +484,64 @@ class DecoupledCapture(Capture):
                 self._subset_logged = True
                 logger.info("[dire] synthesis step %d forwards %d of the %d images being optimised: the others get "
                             "no term in it, and CD pushes away from the last embedding of each one forwarded before",
-                            self.core.stats.steps + 1, forwarded, int(images.shape[0]))
+                            self.core.stats.steps + 1, forwarded, self._n_rows)
         return rows, held
 
-    def _switch_to(self, images: Tensor) -> None:
+    def _check_optimised(self, images: Optional[Tensor], found: int, count: int) -> None:
+        """Stop where the tensor behind a forward of ``count`` embeddings is not what the patch
+        declared: a compensator (one row shared by every image) where none was declared, or
+        anything else where one was (``found``: the leaves behind the embeddings)."""
+        method = self.core.config.method
+        one_row = images is not None and images.dim() == 4 and int(images.shape[0]) == 1
+        if self.compensator and not one_row:
+            raise DiReHookError(
+                f"the {method} patch expects one 1×C×H×W compensator added to every image of a forward; behind "
+                f"this forward's {count} embeddings the optimised tensor is {_describe(images, found)}: the patch "
+                "does not fit this code (set DIRE_DISABLE=1 to run vanilla)"
+            )
+        if not self.compensator and images is not None and int(images.shape[0]) == 1 and count > 1:
+            raise DiReHookError(
+                f"the optimised tensor behind this forward's {count} embeddings has one row "
+                f"({_shape(images)}): it is shared by every image of the forward "
+                f"(a compensator, as INFER's), which the {method} patch does not declare (set DIRE_DISABLE=1 to run vanilla)"
+            )
+
+    def on_saved(self, args: tuple, kwargs: dict) -> None:
+        """The upstream's save function (``saves``) is called with ``args``/``kwargs``: a batch it
+        saves with no synthesis step since the previous save was never forwarded, and is kept
+        for every teacher's memory (module doc, item 6)."""
+        steps, self._steps_at_save = self._steps_at_save, self.core.stats.steps
+        if steps != self.core.stats.steps:
+            return  # forwarded: its last embeddings join the memory when the next tensor starts
+        if self._reader is None:
+            module, _, function = self.saves[2].partition(":")
+            self._reader = getattr(importlib.import_module(module), function)
+        images, labels = self._reader(args, kwargs)
+        labels = torch.as_tensor(labels).reshape(-1).long().cpu()
+        self._saved_unforwarded += int(labels.numel())
+        if self.core.config.memory:  # without the memory, nothing would read them
+            self._unforwarded.append((images.detach().float().cpu().clone(), labels))
+
+    def _feed(self, key: str, record: _Record, device: torch.device) -> None:
+        """Forward the saved batches ``key``'s memory lacks through its teacher, once each."""
+        done = self._fed.get(key, 0)
+        if done == len(self._unforwarded):
+            return
+        teacher, layer = record.teacher, self._layer_name(record)
+        start = time.perf_counter()
+        # Our forwards: no record of ours, none of the method's hooks, none of its random numbers.
+        with self.core.suspended(), own_rng():
+            for images, labels in self._unforwarded[done:]:
+                emb, labels = embed_images(teacher, images, labels, layer or None, device)
+                self.core.commit_to_memory(emb, labels, key=key)
+                self._in_memory[key] = self._in_memory.get(key, 0) + int(labels.numel())
+        self._fed[key] = len(self._unforwarded)
+        self._unforwarded_seconds += time.perf_counter() - start
+
+    def _switch_to(self, images: Tensor, n_rows: int) -> None:
         """``images`` are optimised now: if they are new, the last embeddings of the previous
-        tensor's images join the memory."""
+        tensor's images join the memory. ``n_rows``: the images they stand for (a compensator's:
+        the forward's)."""
         current = self._images() if self._images is not None else None
         if current is images:
             return
@@ -431,7 +551,7 @@ class DecoupledCapture(Capture):
                 known = per_row.get(key)
                 self.core.commit_to_memory(*((known.finished() if known is not None else None) or finished), key=key)
         self._images, self._finished = weakref.ref(images), {}
-        self._rows, self._n_rows = {}, int(images.shape[0])
+        self._rows, self._n_rows = {}, n_rows
 
     def _route(self, images: Optional[Tensor], outputs: Tensor, labels: Tensor, record: _Record) -> str:
         if self.teacher_grads != "auto":
@@ -443,16 +563,18 @@ class DecoupledCapture(Capture):
             self._covers = (weakref.ref(images), covers)
         if not self._covers[1]:
             return "untouched"  # the teacher serves further batches, which read its accumulated .grad
-        teacher = record.root if record.root is not None else record.layer
+        teacher = record.teacher
         if any(p.requires_grad for p in teacher.parameters()):
             self._dirty.add(teacher)
         return "shared"
 
+    @staticmethod
+    def _layer_name(record: _Record) -> Optional[str]:
+        return next((n for n, m in unwrap_model(record.teacher).named_modules() if m is record.layer), None)
+
     def _key(self, record: _Record, device: torch.device) -> str:
         """The core's key of the teacher that produced ``record`` (its bank built the first time)."""
-        teacher = record.root if record.root is not None else record.layer
-        layer = next((n for n, m in unwrap_model(teacher).named_modules() if m is record.layer), None)
-        return self.core.key_for(teacher, layer or "", device)
+        return self.core.key_for(record.teacher, self._layer_name(record) or "", device)
 
     def _parts(self, chunks: List[_Record], grad: Tensor):
         start = 0
@@ -520,6 +642,14 @@ class DecoupledCapture(Capture):
 
     # ------------------------------------------------------------------ optimizer steps
     def before_step(self, optimizer: Any) -> None:
+        if self.compensator and self._attached:
+            compensator = self._images() if self._images is not None else None
+            if compensator is None or not any(p is compensator for p in plain_tensor_params(optimizer)):
+                raise DiReHookError(
+                    f"synthesis step {self.core.stats.steps} of the {self.core.config.method} patch updates other "
+                    "tensors than the compensator its term reached: the patch does not fit this code (set "
+                    "DIRE_DISABLE=1 to run vanilla)"
+                )
         if self._pending is None:
             return
         ref, g_images, included = self._pending
@@ -539,7 +669,7 @@ class DecoupledCapture(Capture):
         images = plain_tensor_params(optimizer)[0]
         self._stepped = weakref.ref(images)
         if not self._identified and self.last is not None:  # images not told apart: switch here, one step late
-            self._switch_to(images)
+            self._switch_to(images, int(images.shape[0]))
             self._finished[self._last_key] = self.last
 
     def missing_reason(self) -> str:
@@ -556,4 +686,16 @@ class DecoupledCapture(Capture):
             "criterion_calls_skipped": self.criterion_calls_skipped,
             "terms_discarded": self.terms_discarded,
             "rows": dict(self.rows),
+            **({"compensator": True} if self.compensator else {}),
+            **({"never_forwarded": self._never_forwarded()} if self.saves else {}),
+        }
+
+    def _never_forwarded(self) -> Dict[str, Any]:
+        """Saved images no step forwarded, and how many of them each teacher's memory holds."""
+        keys = self.core.keys
+        return {
+            "images_saved": self._saved_unforwarded,
+            "seconds": round(self._unforwarded_seconds, 3),
+            "per_teacher": [{"key": key[:16], "teacher": getattr(keys.get(key), "teacher", ""), "images": n}
+                            for key, n in self._in_memory.items()],
         }

@@ -20,6 +20,7 @@ METHODS: Dict[str, str] = {
     "mtt": "dire_plugin.patches.mtt",
     "gvbsm": "dire_plugin.patches.gvbsm",
     "edc": "dire_plugin.patches.edc",
+    "infer": "dire_plugin.patches.infer",
 }
 
 #: Patches of our own scripts (the embedded demo, one per method family: ``demo`` is its SRe²L

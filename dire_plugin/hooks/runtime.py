@@ -142,6 +142,9 @@ class DiReRuntime:
         self.keys: Dict[str, KeyState] = {}
         # Teacher module → its key: the weights are hashed once per teacher, not at every step.
         self._teacher_keys: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+        # (class, layer, hash of the weights) → key: a teacher rebuilt with the same weights (INFER
+        # reloads its four at every ipc index) is the key it was, without a second bank.
+        self._weights_keys: Dict[Tuple[str, str, str], str] = {}
         self._step_keys: Set[str] = set()  # keys whose term was computed since the last synthesis step
         self.stats = _Stats()
         #: Off: every hook and wrapper passes straight through (tests compute vanilla with it).
@@ -199,14 +202,21 @@ class DiReRuntime:
         """The key of ``teacher`` (its ``layer`` input is the embedding; see the module doc). The
         first call for a teacher builds its bank: the build's forwards fire none of the method's
         hooks (the bank's own :func:`~dire_plugin.embeddings.isolation.private_forward`) and draw
-        no number from the method's random generators. Later calls are a lookup."""
+        no number from the method's random generators. Later calls are a lookup; a new module with
+        the weights of a teacher seen before (a teacher rebuilt from its checkpoint) costs one hash
+        of its weights."""
         key = self._teacher_keys.get(teacher)
         if key is None:
-            check_same_settings(self)  # building the first bank is the ranks' first exchange
-            start = time.perf_counter()
-            with self.suspended(), own_rng():
-                bank = self.bank_factory(teacher, layer, device)
-            key = self.add_bank(bank, type(unwrap_model(teacher)).__name__, layer, time.perf_counter() - start)
+            inner = unwrap_model(teacher)
+            weights = (type(inner).__qualname__, layer, RealEmbeddingBank.cache_key(inner, layer or None))
+            key = self._weights_keys.get(weights)
+            if key is None:
+                check_same_settings(self)  # building the first bank is the ranks' first exchange
+                start = time.perf_counter()
+                with self.suspended(), own_rng():
+                    bank = self.bank_factory(teacher, layer, device)
+                key = self.add_bank(bank, type(inner).__name__, layer, time.perf_counter() - start)
+                self._weights_keys[weights] = key
             self._teacher_keys[teacher] = key
         return key
 

@@ -138,7 +138,8 @@ def write_fake_imagefolder(root: Path, num_classes: int, per_class: int = IMAGES
 
 def write_init_images(spec: ScriptSpec, root: Path, ipcs: int = 1, seed: int = 0) -> Path:
     """The real images a real-image-initialised script starts from, made up: ``tensor_{ipc}.pt``
-    (one image per class, normalised as the script expects) or one folder per class holding
+    for each of ``ipcs`` ipc indices (one image per class, normalised as the script expects) or
+    one folder per class holding
     ``ipcs`` JPEGs (``os.listdir(folder)[ipc]`` is what DWA reads); for ``spec.smoke_init_classes``
     classes only, each with at least ``spec.smoke_init_images``, where the spec says so."""
     import numpy as np
@@ -341,7 +342,13 @@ def _summary(out: Path, vanilla: bool, pattern: Optional[str] = None) -> str:
     each = ("; per teacher: " + ", ".join(
         f"{t['teacher']} D={t['bank']['dim']} {t['terms_added']} steps (bank {t['bank']['build_seconds']:.1f} s)"
         for t in teachers)) if len(teachers) > 1 else ""
-    return f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps{measured}{each}"
+    # Images saved that no step forwarded (INFER's real ones): forwarded once per teacher into its memory.
+    never = (manifest.get("capture") or {}).get("never_forwarded")
+    unforwarded = (f"; {never['images_saved']} saved images no step forwarded, in the memory of "
+                   f"{len(never['per_teacher'])} teacher{'s' if len(never['per_teacher']) != 1 else ''} "
+                   f"({never['seconds']:.1f} s)") if never else ""
+    return (f"{what}, DiRe added to {manifest.get('terms_added')}/{manifest.get('synthesis_steps')} steps"
+            f"{measured}{each}{unforwarded}")
 
 
 def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Optional[Mapping[str, Any]] = None,
@@ -369,7 +376,7 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
         real = write_fake_imagefolder(work / "real", run.num_classes,
                                       per_class=1 if run.num_classes >= MANY_CLASSES else IMAGES_PER_CLASS)
     if spec.smoke_init:
-        write_init_images(run, init)
+        write_init_images(run, init, ipcs=run.smoke_init_images)
     # torchrun starts the ranks (gloo on the CPU: the shim maps NCCL to it) with each rank's
     # environment; each rank runs the same command.
     runner = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -390,10 +397,12 @@ def smoke_script(method: str, root: Path, rel: str, spec: ScriptSpec, config: Op
     if spec.smoke_prepare:  # further made-up inputs (MTT's expert buffer); a missing dependency stops here
         module, _, function = spec.smoke_prepare.partition(":")
         try:
-            getattr(importlib.import_module(module), function)(work, args, env, script)
+            redirects = getattr(importlib.import_module(module), function)(work, args, env, script)
         except DiReError as e:
             shutil.rmtree(work, ignore_errors=True)
             return SmokeResult(rel, False, time.time() - start, f"{e} (not run)")
+        if redirects:  # teachers it wrote for the fixed paths the script loads them from
+            env[ENV_REDIRECT] = json.dumps({**json.loads(env.get(ENV_REDIRECT) or "{}"), **redirects})
     cwd = {"root": Path(root), "out": out}.get(spec.run_from, script.parent)
     cwd.mkdir(parents=True, exist_ok=True)
     # The checkout must come out of a run as it went in (our hidden .dire/ aside).

@@ -120,3 +120,23 @@ def test_forwards_no_criterion_takes_are_let_go_at_the_step():
         assert seen and seen[0]() is None
     finally:
         sre2l.unpatch()
+
+
+def test_images_the_graph_cannot_tell_apart_join_the_memory_one_step_late():
+    # Two leaves behind the embeddings (no single tensor of images): the finished batch is committed
+    # at the first optimizer step of the next one, from its last step's embeddings.
+    bank, teacher = _bank(), _teacher(0)
+    sre2l.patch(RunConfig(method="sre2l", script="fixture.py", log_every=0), bank_factory=lambda *a: bank)
+    try:
+        runtime = current_runtime()
+        for batch in range(2):
+            images, shift = torch.randn(CLASSES, 3, 4, 4).requires_grad_(), torch.zeros(CLASSES, 3, 4, 4).requires_grad_()
+            optimizer = torch.optim.Adam([images, shift], lr=0.1)
+            for _ in range(2):
+                optimizer.zero_grad()
+                nn.CrossEntropyLoss()(teacher(images + shift), torch.arange(CLASSES)).backward()
+                optimizer.step()
+            assert len(runtime.memory) == batch * CLASSES
+        assert runtime.capture.rows["terms_rows_unknown"] == 0 and runtime.stats.terms_added == 4
+    finally:
+        sre2l.unpatch()

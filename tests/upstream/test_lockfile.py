@@ -145,7 +145,7 @@ def test_invalid_escapes_in_old_code_are_fine(tmp_path):
 
 def test_shipped_lock_parses_and_pins_every_method():
     locks = load_lock()
-    assert list(locks) == ["sre2l", "cda", "dwa", "mtt", "dm", "delt", "prism", "gvbsm", "edc"]
+    assert list(locks) == ["sre2l", "cda", "dwa", "mtt", "dm", "delt", "prism", "gvbsm", "edc", "infer"]
     for lock in locks.values():
         assert lock.repository.startswith("https://github.com/")
         assert len(lock.commit) == 40 and int(lock.commit, 16) >= 0

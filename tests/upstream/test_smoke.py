@@ -126,6 +126,7 @@ REAL_SMOKES = [
     ("prism", "recover/multi_gpu/data_synthesis.py"),
     ("dm", "methods/dc/main_DM.py"),
     ("mtt", "distill.py"),  # both variants: the mtt job installs kornia for --zca
+    ("infer", "ufc_generation/ufc_cifar.py"),  # CIFAR-100 and CIFAR-10: two and four teachers
 ]
 
 
