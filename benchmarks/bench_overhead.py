@@ -131,12 +131,9 @@ def run_block(models, bns, inputs, targets, iterations: int, device, lr: float =
     forward only ``inputs[rows]`` (DELT's rounds)."""
     optimizer = torch.optim.Adam([inputs], lr=lr, betas=(0.5, 0.9))
     criterion = nn.CrossEntropyLoss()
-    times = []
-    for it in range(iterations):
+
+    def iteration(it: int) -> None:
         model, bn = models[it % len(models)], bns[it % len(models)]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
         optimizer.zero_grad()
         taken = inputs if rows is None or it == 0 else inputs[rows]
         jit = torch.roll(taken, shifts=(it % 3, it % 2), dims=(2, 3))
@@ -147,6 +144,19 @@ def run_block(models, bns, inputs, targets, iterations: int, device, lr: float =
             loss = loss + extra(jit, step_targets)
         loss.backward()
         optimizer.step()
+
+    return median_seconds(iteration, iterations, device)
+
+
+def median_seconds(iteration, iterations: int, device: torch.device) -> float:
+    """Median wall seconds of ``iteration(i)`` for ``i`` in ``range(iterations)``, the device
+    synchronised around each."""
+    times = []
+    for it in range(iterations):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        iteration(it)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -289,11 +299,8 @@ def run_compensator_block(model: nn.Module, bn: BNStats, real: torch.Tensor, tar
     uni_perb = torch.zeros(1, 3, real.shape[2], real.shape[3], device=device, requires_grad=True)
     optimizer = torch.optim.Adam([uni_perb], lr=0.25, betas=(0.5, 0.9), eps=1e-8)
     criterion = nn.CrossEntropyLoss()
-    times = []
-    for it in range(iterations):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def iteration(it: int) -> None:
         jit = torch.roll(real + uni_perb, shifts=(it % 3, it % 2), dims=(2, 3))
         optimizer.zero_grad()
         outputs = model(jit)
@@ -301,10 +308,8 @@ def run_compensator_block(model: nn.Module, bn: BNStats, real: torch.Tensor, tar
         loss = criterion(outputs, targets) + 1.0 * (INFER_FIRST_BN * bn_terms[0] + sum(bn_terms[1:]))
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return median_seconds(iteration, iterations, device)
 
 
 INFER_FIRST_BN = 10.0

@@ -263,6 +263,12 @@ def test_a_failed_run_writes_nothing_into_the_checkout(env, tmp_path):
     assert dire_apply(["sre2l", str(root), "--real-data", str(env["data"])]) == 0  # not refused as dirty
 
 
+def _default_sigint():
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _dire_run(env, tmp_path, *options, args=ARGS, timeout=300, popen=False):
     script = env["root"] / SCRIPT
     cmd = [str(env["py"]), "-m", "dire_plugin.cli.run", "sre2l", str(script), *options, "--",
@@ -270,8 +276,10 @@ def _dire_run(env, tmp_path, *options, args=ARGS, timeout=300, popen=False):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DIRE_") or k == ENV_LOCK}
     environ.update(DIRE_CPU_SHIM="1", PYTHONUNBUFFERED="1")
     if popen:
+        # Ctrl-C as a terminal delivers it: a shell that started this suite in the background (`cmd &`)
+        # leaves SIGINT ignored, and an ignored signal stays ignored across exec.
         return subprocess.Popen(cmd, cwd=script.parent, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, preexec_fn=_default_sigint)
     return subprocess.run(cmd, cwd=script.parent, env=environ, capture_output=True, text=True, timeout=timeout)
 
 
