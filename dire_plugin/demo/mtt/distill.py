@@ -63,8 +63,7 @@ def main(args):
         expert_dir += "_NO_ZCA"
     expert_dir = os.path.join(expert_dir, args.model)
     buffer = torch.load(os.path.join(expert_dir, "replay_buffer_0.pt"), weights_only=True)
-    random.shuffle(buffer)
-    expert_idx = 0
+    experts = _in_turn(buffer)
 
     timer = LoopTimer()
     with timer.timing():  # CPU time of the synthesis loop (outputs.LoopTimer)
@@ -74,29 +73,21 @@ def main(args):
             student_net.train()
             num_params = sum([np.prod(p.size()) for p in (student_net.parameters())])
 
-            expert_trajectory = buffer[expert_idx]
-            expert_idx += 1
-            if expert_idx == len(buffer):
-                expert_idx = 0
-                random.shuffle(buffer)
+            expert_trajectory = next(experts)
 
             start_epoch = np.random.randint(0, args.max_start_epoch)
             starting_params = expert_trajectory[start_epoch]
             target_params = expert_trajectory[start_epoch + args.expert_epochs]
-            target_params = torch.cat([p.data.to(args.device).reshape(-1) for p in target_params], 0)
-            student_params = [torch.cat([p.data.to(args.device).reshape(-1) for p in starting_params], 0).requires_grad_(True)]
-            starting_params = torch.cat([p.data.to(args.device).reshape(-1) for p in starting_params], 0)
+            target_params = _flat(target_params, args.device)
+            starting_params = _flat(starting_params, args.device)
+            student_params = [starting_params.clone().requires_grad_(True)]
 
-            syn_images = image_syn
-            y_hat = label_syn.to(args.device)
-            indices_chunks = []
-            for step in range(args.syn_steps):
-                if not indices_chunks:
-                    indices = torch.randperm(len(syn_images))
-                    indices_chunks = list(torch.split(indices, args.batch_syn))
-                these_indices = indices_chunks.pop()
-                x = syn_images[these_indices]
-                this_y = y_hat[these_indices]
+            labels = label_syn.to(args.device)
+            batches = _minibatches(len(image_syn), args.batch_syn)
+            for _step in range(args.syn_steps):
+                these_indices = next(batches)
+                x = image_syn[these_indices]
+                this_y = labels[these_indices]
                 if args.dsa:
                     x = DiffAugment(x, args.dsa_strategy, param=args.dsa_param)
                 x = student_net(x, flat_param=student_params[-1])
@@ -114,8 +105,7 @@ def main(args):
             optimizer_img.step()
             optimizer_lr.step()
             timer.step()
-            for _ in student_params:
-                del _
+            del student_params
             if it % 20 == 0:
                 print("iter = %04d, loss = %.4f, syn_lr = %.5f" % (it, grand_loss.item(), syn_lr.item()), flush=True)
 
@@ -128,6 +118,24 @@ def main(args):
         torch.save(syn_lr.detach().cpu(), os.path.join(save_dir, "learning_rate_{}.pt".format(args.Iteration)))
         save_synthetic(save_dir, image_save, label_syn, timer, syn_lr=float(syn_lr))
 
+
+
+def _in_turn(buffer):
+    """The expert trajectories in a shuffled order, reshuffled each time all were used."""
+    while True:
+        random.shuffle(buffer)
+        yield from buffer
+
+
+def _minibatches(n: int, size: int):
+    """Index batches of ``size`` over ``n`` images, a fresh permutation once all were drawn."""
+    while True:
+        yield from reversed(torch.split(torch.randperm(n), size))
+
+
+def _flat(params, device) -> torch.Tensor:
+    """One flat vector of a trajectory's parameter tensors, on ``device``."""
+    return torch.cat([p.data.to(device).reshape(-1) for p in params])
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="MTT on the demo's digits")
