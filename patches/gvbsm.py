@@ -21,7 +21,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from dire_plugin.embeddings.realdata import RealDataSpec
 from dire_plugin.hooks.declare import ScriptSpec, Target, Weights, option_value
@@ -139,13 +139,21 @@ def write_teachers(script: Path, teachers: Teachers, root: Path, env: Dict[str, 
     :func:`build_in_checkout` (EDC's statistics)."""
     code = (f"from dire_plugin.patches.gvbsm import build_in_checkout; "
             f"build_in_checkout({json.dumps(asdict(teachers))!r}, {str(root)!r}, {extra or '{}'!r})")
-    run = subprocess.run([sys.executable, "-B", "-c", code], cwd=script.parent, capture_output=True, text=True,
+    run_in_checkout(code, script.parent, env, f"build the teachers of {script.name}")
+
+
+def run_in_checkout(code: str, cwd: Path, env: Mapping[str, str], what: str) -> None:
+    """Run ``code`` in a child interpreter in ``cwd``, a folder of the upstream checkout, so that
+    its own modules import (a smoke's made-up teachers built by the checkout's model code): our
+    ``DIRE_*`` variables left out, no bytecode written there. A failure is one line,
+    ``could not <what> with the checkout's code: <its last line>``."""
+    run = subprocess.run([sys.executable, "-B", "-c", code], cwd=cwd, capture_output=True, text=True,
                          env={**{k: v for k, v in env.items() if not k.startswith("DIRE_")}, "PYTHONDONTWRITEBYTECODE": "1"})
     if run.returncode != 0:
         from dire_plugin.errors import DiReInputError
 
         last = (run.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DiReInputError(f"could not build the teachers of {script.name} with the checkout's code: {last}")
+        raise DiReInputError(f"could not {what} with the checkout's code: {last}")
 
 
 def build_in_checkout(teachers: str, root: str, extra: str = "{}") -> None:

@@ -24,7 +24,6 @@ defect with file and line; with DiRe it stops where the vanilla script stops.
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -33,6 +32,7 @@ from dire_plugin.embeddings.realdata import RealDataSpec
 from dire_plugin.hooks.declare import REFERENCE_SHARE, ScriptSpec, Target, Weights, option_value
 from dire_plugin.hooks.patcher import method_patch
 
+from .gvbsm import run_in_checkout
 from .sre2l import IMAGENET
 
 METHOD = "infer"
@@ -169,13 +169,7 @@ def write_teachers(root: Path, dataset: str, folder: Path, env: Dict[str, str]) 
     interpreter in the checkout (``sys.path`` gets its ``models/``, no bytecode written there)."""
     code = (f"from dire_plugin.patches.infer import build_in_checkout; "
             f"build_in_checkout({dataset!r}, {str(folder)!r})")
-    run = subprocess.run([sys.executable, "-B", "-c", code], cwd=root, capture_output=True, text=True,
-                         env={**{k: v for k, v in env.items() if not k.startswith("DIRE_")}, "PYTHONDONTWRITEBYTECODE": "1"})
-    if run.returncode != 0:
-        from dire_plugin.errors import DiReInputError
-
-        last = (run.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DiReInputError(f"could not build the teachers of {SCRIPT} with the checkout's code: {last}")
+    run_in_checkout(code, root, env, f"build the teachers of {SCRIPT}")
 
 
 def build_in_checkout(dataset: str, folder: str) -> None:
