@@ -18,7 +18,9 @@ def start(world: int, target, *args, timeout: float = 180.0, env=None):
     """Run ``target(rank, world, init_file, *args)`` in ``world`` spawned processes; returns their
     exit codes (a process still alive after ``timeout`` is killed and reported as None)."""
     ctx = multiprocessing.get_context("spawn")
-    init = Path(args[0]) / "pg-init" if args else None
+    # A fresh rendezvous file per group: a second group in the same folder would otherwise read the
+    # first one's stale addresses and fail to connect ("Connection refused"), now and then.
+    init = Path(args[0]) / f"pg-init-{time.time_ns()}" if args else None
     procs = [ctx.Process(target=_entry, args=(target, r, world, str(init), env or {}, *args)) for r in range(world)]
     for p in procs:
         p.start()
